@@ -1,0 +1,225 @@
+"""The super-resolution network, its config, and loading/saving of shipped models.
+
+The network maps the SAD density on a coarse uniform grid (spacing ``config['spacing']``
+Bohr) to delta-rho = rho_converged - rho_SAD on the ``config['upsample']``-times finer grid
+of the same box. It is fully convolutional, so any box size works; large boxes run in
+overlapping tiles (:func:`predict`). This module never imports PySCF.
+
+A model on disk is two files side by side: ``NAME.pt`` (a plain ``state_dict``, loadable
+with ``torch.load(weights_only=True)``) and ``NAME.json`` (the config below plus metadata).
+"""
+
+import json
+import math
+import os
+import copy
+
+import numpy as np
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+MODEL_DIR = os.path.join(os.path.dirname(__file__), 'models')
+DEFAULT_MODEL = 'densr-small'
+
+DEFAULT_CONFIG = {
+    'arch': 'ResUpNet3d',
+    'channels': 16,         # feature channels of the body
+    'blocks': 6,            # residual blocks (two convolutions each)
+    'kernel': 3,            # cubic kernel edge, voxels
+    'upsample': 2,          # output grid is this many times finer than the input grid
+    'spacing': 0.4,         # input grid spacing, Bohr
+    'margin': 5.669,        # box margin around the atoms, Bohr (3 Angstrom)
+    'target_scale': 30.0,   # the network outputs delta-rho * target_scale
+    'rho_floor': 1e-6,      # e/Bohr^3, floor of the log-density input channel
+    'elements': [1, 6, 7, 8],   # atomic numbers seen in training
+    'auxbasis': 'def2-universal-jkfit',
+}
+
+
+class ModelError(RuntimeError):
+    """A model file is missing, corrupt, or does not match its config."""
+
+
+def input_features(rho, floor=1e-6):
+    """The network's input channels from a SAD density (e/Bohr^3), shape (..., X, Y, Z).
+
+    Two transformed scales of one density: rho^(1/4) resolves the valence region, a scaled
+    log resolves the tails; both stay O(1) at nuclear cusps.
+    """
+    rho = rho.clamp(min=0)
+    a = rho ** 0.25
+    b = (torch.log10(rho + floor) - math.log10(floor)) / 6.0
+    return torch.stack([a, b], dim=-4)
+
+
+def pixel_shuffle_3d(x, r):
+    """(B, C*r^3, X, Y, Z) -> (B, C, r*X, r*Y, r*Z)."""
+    b, c, nx, ny, nz = x.shape
+    c_out = c // r ** 3
+    x = x.view(b, c_out, r, r, r, nx, ny, nz)
+    x = x.permute(0, 1, 5, 2, 6, 3, 7, 4)
+    return x.reshape(b, c_out, nx * r, ny * r, nz * r)
+
+
+class ResBlock(nn.Module):
+    def __init__(self, channels, kernel):
+        super().__init__()
+        self.conv1 = nn.Conv3d(channels, channels, kernel, padding=kernel // 2)
+        self.conv2 = nn.Conv3d(channels, channels, kernel, padding=kernel // 2)
+        self.act = nn.SiLU()
+        nn.init.zeros_(self.conv2.weight)
+        nn.init.zeros_(self.conv2.bias)
+
+    def forward(self, x):
+        return x + self.conv2(self.act(self.conv1(x)))
+
+
+class ResUpNet3d(nn.Module):
+    """Residual 3D CNN at the coarse resolution followed by one 3D pixel shuffle."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = dict(config)
+        ch, k, r = config['channels'], config['kernel'], config['upsample']
+        self.head = nn.Conv3d(2, ch, k, padding=k // 2)
+        self.body = nn.Sequential(*[ResBlock(ch, k) for _ in range(config['blocks'])])
+        self.tail = nn.Conv3d(ch, ch, k, padding=k // 2)
+        self.up = nn.Conv3d(ch, r ** 3, k, padding=k // 2)
+        self.act = nn.SiLU()
+
+    @property
+    def halo(self):
+        """Receptive-field radius in coarse voxels: the overlap needed between tiles."""
+        k = self.config['kernel'] // 2
+        return k * (2 * self.config['blocks'] + 3)
+
+    def forward(self, rho_sad):
+        """rho_sad: (B, X, Y, Z) e/Bohr^3 -> delta-rho (B, rX, rY, rZ) e/Bohr^3."""
+        x = input_features(rho_sad, self.config['rho_floor'])
+        h = self.act(self.head(x))
+        h = h + self.tail(self.body(h))
+        out = pixel_shuffle_3d(self.up(self.act(h)), self.config['upsample'])
+        return out[:, 0] / self.config['target_scale']
+
+
+ARCHS = {'ResUpNet3d': ResUpNet3d}
+
+
+def build_model(config=None, **overrides):
+    """A freshly initialised network from ``config`` (defaults: :data:`DEFAULT_CONFIG`)."""
+    cfg = copy.deepcopy(DEFAULT_CONFIG)
+    cfg.update(config or {})
+    cfg.update(overrides)
+    if cfg['arch'] not in ARCHS:
+        raise ModelError('unknown architecture %r (known: %s)' % (cfg['arch'], sorted(ARCHS)))
+    return ARCHS[cfg['arch']](cfg)
+
+
+def _resolve(name_or_path):
+    """Paths of (weights, config) for a shipped model name or a path to either file."""
+    p = str(name_or_path)
+    if os.sep not in p and not p.endswith(('.pt', '.json')):
+        p = os.path.join(MODEL_DIR, p)
+    stem = p[:-3] if p.endswith('.pt') else p[:-5] if p.endswith('.json') else p
+    return stem + '.pt', stem + '.json'
+
+
+def available_models():
+    """Names of the models shipped inside the package."""
+    if not os.path.isdir(MODEL_DIR):
+        return []
+    return sorted(f[:-5] for f in os.listdir(MODEL_DIR)
+                  if f.endswith('.json') and os.path.exists(os.path.join(MODEL_DIR, f[:-5] + '.pt')))
+
+
+def from_pretrained(name_or_path=None, device='cpu'):
+    """Load a model: a shipped name (see :func:`available_models`) or a path to NAME.pt/.json.
+
+    Raises :class:`ModelError` naming the file when it is missing, corrupt or mismatched.
+    """
+    if name_or_path is None:
+        name_or_path = os.environ.get('PYSCF_DENSR_MODEL', DEFAULT_MODEL)
+    wpath, cpath = _resolve(name_or_path)
+    for p in (wpath, cpath):
+        if not os.path.exists(p):
+            raise ModelError('densr model file not found: %s (shipped models: %s)'
+                             % (p, ', '.join(available_models()) or 'none'))
+    try:
+        with open(cpath) as f:
+            meta = json.load(f)
+        config = meta['config'] if 'config' in meta else meta
+    except (ValueError, KeyError, OSError) as e:
+        raise ModelError('densr model config %s is not a valid model config: %s' % (cpath, e))
+    try:
+        state = torch.load(wpath, map_location='cpu', weights_only=True)
+    except Exception as e:
+        raise ModelError('densr model weights %s cannot be read (corrupt or not a '
+                         'state_dict): %s' % (wpath, e))
+    model = build_model(config)
+    try:
+        model.load_state_dict(state)
+    except Exception as e:
+        raise ModelError('densr model weights %s do not match the architecture in %s: %s'
+                         % (wpath, cpath, e))
+    for k, v in state.items():
+        if torch.is_floating_point(v) and not torch.isfinite(v).all():
+            raise ModelError('densr model weights %s contain NaN or inf in %s' % (wpath, k))
+    model.meta = meta
+    model.path = wpath
+    return model.to(device).eval()
+
+
+def save_model(model, path, meta=None):
+    """Write ``path``.pt (state_dict) and ``path``.json (config + ``meta``)."""
+    wpath, cpath = _resolve(path)
+    os.makedirs(os.path.dirname(os.path.abspath(wpath)), exist_ok=True)
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    torch.save(state, wpath)
+    doc = dict(meta or {})
+    doc['config'] = model.config
+    with open(cpath, 'w') as f:
+        json.dump(doc, f, indent=1, sort_keys=True)
+    return wpath, cpath
+
+
+def _tiles(n, size, halo):
+    """Start/stop of the tiles covering range(n): (core0, core1, pad0, pad1)."""
+    out = []
+    for c0 in range(0, n, size):
+        c1 = min(c0 + size, n)
+        out.append((c0, c1, max(0, c0 - halo), min(n, c1 + halo)))
+    return out
+
+
+@torch.no_grad()
+def predict(model, rho_sad, device=None, max_voxels=None):
+    """delta-rho on the fine grid (numpy float32) from rho_SAD on the coarse grid (numpy).
+
+    Boxes larger than ``max_voxels`` coarse voxels (default from env
+    ``PYSCF_DENSR_MAX_VOXELS`` or 2e6) run in overlapping tiles whose overlap covers the
+    receptive field, so the result equals the untiled one up to float rounding.
+    """
+    if device is None:
+        device = next(model.parameters()).device
+    if max_voxels is None:
+        max_voxels = int(float(os.environ.get('PYSCF_DENSR_MAX_VOXELS', 2e6)))
+    r = model.config['upsample']
+    x = torch.as_tensor(np.ascontiguousarray(rho_sad), dtype=torch.float32)
+    shape = x.shape
+    halo = model.halo
+    edge = max(8, int(round(max_voxels ** (1 / 3))) - 2 * halo)
+    out = np.empty([n * r for n in shape], dtype=np.float32)
+    if np.prod(shape) <= max_voxels:
+        tiles = [[(0, n, 0, n)] for n in shape]
+    else:
+        tiles = [_tiles(n, edge, halo) for n in shape]
+    for tx in tiles[0]:
+        for ty in tiles[1]:
+            for tz in tiles[2]:
+                sl = tuple(slice(t[2], t[3]) for t in (tx, ty, tz))
+                y = model(x[sl][None].to(device))[0].float().cpu().numpy()
+                core = tuple(slice((t[0] - t[2]) * r, (t[1] - t[2]) * r) for t in (tx, ty, tz))
+                dst = tuple(slice(t[0] * r, t[1] * r) for t in (tx, ty, tz))
+                out[dst] = y[core]
+    return out

@@ -1,0 +1,394 @@
+"""Training and fine-tuning: grids from labelled shards, random crops, checkpoints.
+
+``densr train CONFIG.yaml`` and ``densr finetune CONFIG.yaml`` run :func:`train`. The config
+(YAML or JSON) holds everything; see ``docs/training.md`` and ``examples/train_small.yaml``.
+
+Grids are made once per molecule from the shard's orbitals (the converged density) and
+PySCF's minao guess (the SAD density), with the same box rules as inference
+(:func:`pyscf_densr.grid.make_box`), and cached on disk as float32 ``.npy`` files. Training
+draws random crops with random 90-degree rotations and reflections of input and target
+together. Validation is the NMAE of full boxes of held-out molecules (normalised by the electron count,
+the integral of the reference density).
+"""
+
+import glob
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+from pyscf_densr import model as model_mod
+
+TRAIN_DEFAULTS = {
+    'data': ['../shared/data/qm9_pbe_def2svp_*.h5'],
+    'train_range': [0, 400],      # molecule indices (position in the SMILES list) to train on
+    'val_range': [400, 450],      # used to select the checkpoint
+    'test_range': [450, 500],     # never touched in training; reported
+    'max_val': 16,                # validation molecules evaluated per check
+    'cache': 'cache/grids',
+    'out': 'runs/default',
+    'model': {},                  # overrides of model.DEFAULT_CONFIG
+    'init': None,                 # a model to start from (fine-tuning)
+    'lr': 2e-3,
+    'min_lr': 5e-5,
+    'weight_decay': 0.0,
+    'steps': 20000,
+    'max_minutes': None,          # stop (and export) after this wall time
+    'batch': 4,
+    'crop': 16,                   # coarse voxels of the core of each crop (edge)
+    'crop_halo': 6,               # extra coarse voxels each side fed but not scored
+    'augment': True,
+    'val_every': 250,
+    'seed': 0,
+    'threads': None,
+    'precision': 'auto',          # 'auto' (bf16 autocast on CUDA), 'fp32'
+    'device': 'auto',
+}
+
+
+def load_config(path_or_dict):
+    """The training config: file (YAML/JSON) or dict, on top of :data:`TRAIN_DEFAULTS`."""
+    cfg = dict(TRAIN_DEFAULTS)
+    if isinstance(path_or_dict, dict):
+        user = path_or_dict
+        base = os.getcwd()
+    else:
+        with open(path_or_dict) as f:
+            text = f.read()
+        if str(path_or_dict).endswith('.json'):
+            user = json.loads(text)
+        else:
+            import yaml
+            user = yaml.safe_load(text) or {}
+        base = os.path.dirname(os.path.abspath(path_or_dict))
+    unknown = set(user) - set(TRAIN_DEFAULTS)
+    if unknown:
+        raise ValueError('unknown training options: %s' % ', '.join(sorted(unknown)))
+    cfg.update(user)
+    if isinstance(cfg['data'], str):
+        cfg['data'] = [cfg['data']]
+    cfg['_base'] = base
+    return cfg
+
+
+def _path(cfg, p):
+    return p if os.path.isabs(p) else os.path.normpath(os.path.join(cfg['_base'], p))
+
+
+def _shard_files(cfg):
+    files = []
+    for pat in cfg['data']:
+        files += sorted(glob.glob(_path(cfg, pat)))
+    if not files:
+        raise FileNotFoundError('no data shards match %s' % cfg['data'])
+    return files
+
+
+def list_molecules(files, lo, hi):
+    """(file, key) of complete molecules whose index is in [lo, hi)."""
+    import h5py
+    out = []
+    for fn in files:
+        with h5py.File(fn, 'r') as f:
+            for key in f.keys():
+                if key.isdigit() and lo <= int(key) < hi:
+                    out.append((fn, key))
+    return out
+
+
+def molecule_from_group(g, basis=None):
+    from pyscf import gto
+    numbers = g['numbers'][()].tolist()
+    coords = g['coords'][()]
+    basis = basis or g.file.attrs.get('basis', 'def2-svp')
+    return gto.M(atom=list(zip(numbers, coords)), unit='Bohr', basis=basis,
+                 charge=int(g.attrs.get('charge', 0)), spin=int(g.attrs.get('spin', 0)),
+                 verbose=0)
+
+
+def make_grids(mol, dm_conv, config):
+    """(rho_SAD on the coarse grid, delta-rho on the fine grid, coarse grid).
+
+    ``dm_conv`` is the converged density matrix (spin-summed); rho_SAD is PySCF's minao guess,
+    as at inference. delta-rho is evaluated in one pass from the difference of the matrices.
+    """
+    from pyscf.scf import hf
+    from pyscf_densr import grid
+    box = grid.make_box(mol.atom_coords(), config['spacing'], config['margin'])
+    fine = box.refine(config['upsample'])
+    dm_sad = hf.init_guess_by_minao(mol)
+    rho_sad = grid.eval_density(mol, dm_sad, box)
+    delta = grid.eval_density(mol, dm_conv - dm_sad, fine)
+    return rho_sad.astype(np.float32), delta.astype(np.float32), box
+
+
+def cache_dir(cfg, mcfg):
+    tag = 's%g_m%g_u%d' % (mcfg['spacing'], mcfg['margin'], mcfg['upsample'])
+    return os.path.join(_path(cfg, cfg['cache']), tag)
+
+
+def build_cache(cfg, ranges=None, progress=True):
+    """Compute and store the grids of every molecule in ``ranges`` (default: all three)."""
+    from pyscf import lib
+    import h5py
+    mcfg = _model_config(cfg)
+    cdir = cache_dir(cfg, mcfg)
+    os.makedirs(cdir, exist_ok=True)
+    files = _shard_files(cfg)
+    ranges = ranges or [cfg['val_range'], cfg['test_range'], cfg['train_range']]
+    todo = []
+    for lo, hi in ranges:
+        todo += list_molecules(files, lo, hi)
+    it = todo
+    if progress:
+        from tqdm import tqdm
+        it = tqdm(todo, desc='grids', file=sys.stderr)
+    for fn, key in it:
+        stem = os.path.join(cdir, key)
+        if os.path.exists(stem + '.json'):
+            continue
+        with h5py.File(fn, 'r') as f:
+            g = f[key]
+            mol = molecule_from_group(g)
+            c = g['mo_coeff_occ'][()].astype(float)
+        dm = 2 * c.dot(c.T)
+        rho_sad, delta, box = make_grids(mol, dm, mcfg)
+        np.save(stem + '.sad.npy', rho_sad)
+        np.save(stem + '.delta.npy', delta)
+        with open(stem + '.json', 'w') as f:  # written last: marks the entry complete
+            json.dump({'origin': box.origin.tolist(), 'spacing': box.spacing,
+                       'shape': box.shape, 'nelectron': mol.nelectron,
+                       'file': os.path.basename(fn)}, f)
+    return cdir
+
+
+def _model_config(cfg):
+    mcfg = dict(model_mod.DEFAULT_CONFIG)
+    if cfg.get('init'):
+        mcfg.update(model_mod.from_pretrained(_init_path(cfg)).config)
+    mcfg.update(cfg.get('model') or {})
+    return mcfg
+
+
+def _init_path(cfg):
+    p = cfg['init']
+    cand = _path(cfg, p)
+    return cand if os.path.exists(cand) or os.path.exists(cand + '.pt') else p
+
+
+def cached_keys(cdir, lo, hi):
+    keys = []
+    for fn in glob.glob(os.path.join(cdir, '*.json')):
+        k = os.path.basename(fn)[:-5]
+        if k.isdigit() and lo <= int(k) < hi:
+            keys.append(k)
+    return sorted(keys)
+
+
+def random_symmetry(rng):
+    """A random element of the 48 rotations/reflections of the cube: (axis order, flips)."""
+    return rng.permutation(3), rng.random(3) < 0.5
+
+
+def apply_symmetry(a, perm, flips):
+    a = np.transpose(a, perm)
+    for ax in range(3):
+        if flips[ax]:
+            a = np.flip(a, ax)
+    return np.ascontiguousarray(a)
+
+
+class CropSampler:
+    """Random crops (input with halo, scored target core) from the grid cache."""
+
+    def __init__(self, cdir, keys, crop, halo, upsample, augment=True, seed=0):
+        self.cdir, self.keys = cdir, list(keys)
+        self.crop, self.halo, self.r = crop, halo, upsample
+        self.augment = augment
+        self.rng = np.random.default_rng(seed)
+
+    def refresh(self, keys):
+        self.keys = list(keys)
+
+    def sample(self):
+        key = self.keys[self.rng.integers(len(self.keys))]
+        sad = np.load(os.path.join(self.cdir, key + '.sad.npy'), mmap_mode='r')
+        delta = np.load(os.path.join(self.cdir, key + '.delta.npy'), mmap_mode='r')
+        n_in = self.crop + 2 * self.halo
+        start = []
+        for n in sad.shape:
+            # the crop's core lies inside the box; halo voxels outside it are zero (vacuum)
+            c0 = self.rng.integers(0, max(1, n - self.crop + 1))
+            start.append(c0 - self.halo)
+        x = np.zeros((n_in,) * 3, dtype=np.float32)
+        src, dst = [], []
+        for s, n in zip(start, sad.shape):
+            a0, a1 = max(s, 0), min(s + n_in, n)
+            src.append(slice(a0, a1))
+            dst.append(slice(a0 - s, a1 - s))
+        x[tuple(dst)] = sad[tuple(src)]
+        r = self.r
+        y = np.zeros((self.crop * r,) * 3, dtype=np.float32)
+        src, dst = [], []
+        for s, n in zip(start, sad.shape):
+            c0 = s + self.halo
+            a0, a1 = c0, min(c0 + self.crop, n)
+            src.append(slice(a0 * r, a1 * r))
+            dst.append(slice(0, (a1 - a0) * r))
+        y[tuple(dst)] = delta[tuple(src)]
+        if self.augment:
+            perm, flips = random_symmetry(self.rng)
+            x, y = apply_symmetry(x, perm, flips), apply_symmetry(y, perm, flips)
+        return x, y
+
+    def batch(self, n):
+        xs, ys = zip(*[self.sample() for _ in range(n)])
+        return torch.from_numpy(np.stack(xs)), torch.from_numpy(np.stack(ys))
+
+
+@torch.no_grad()
+def evaluate_nmae(model, cdir, keys, device='cpu'):
+    """Mean over molecules of NMAE (%) of the model and of SAD alone, on full boxes."""
+    model.eval()
+    nm, ns = [], []
+    for k in keys:
+        sad = np.load(os.path.join(cdir, k + '.sad.npy'))
+        delta = np.load(os.path.join(cdir, k + '.delta.npy'))
+        with open(os.path.join(cdir, k + '.json')) as f:
+            meta = json.load(f)
+        dv = (meta['spacing'] / model.config['upsample']) ** 3
+        pred = model_mod.predict(model, sad, device=device)
+        nm.append(np.abs(pred - delta).sum() * dv / meta['nelectron'] * 100)
+        ns.append(np.abs(delta).sum() * dv / meta['nelectron'] * 100)
+    return float(np.mean(nm)), float(np.mean(ns))
+
+
+def _device(cfg):
+    if cfg['device'] != 'auto':
+        return torch.device(cfg['device'])
+    return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+
+
+def train(cfg, log=print):
+    """Train (or fine-tune, with ``init``) as described by ``cfg``; returns the exported path."""
+    if not isinstance(cfg, dict) or '_base' not in cfg:
+        cfg = load_config(cfg)
+    ddp = int(os.environ.get('WORLD_SIZE', '1')) > 1
+    rank = 0
+    if ddp:
+        import torch.distributed as dist
+        backend = 'nccl' if torch.cuda.is_available() else 'gloo'
+        dist.init_process_group(backend)
+        rank = dist.get_rank()
+    if cfg['threads']:
+        torch.set_num_threads(int(cfg['threads']))
+    device = _device(cfg)
+    if ddp and device.type == 'cuda':
+        device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0)))
+        torch.cuda.set_device(device)
+    torch.manual_seed(cfg['seed'] + rank)
+    mcfg = _model_config(cfg)
+    out = _path(cfg, cfg['out'])
+    os.makedirs(out, exist_ok=True)
+    cdir = cache_dir(cfg, mcfg)
+    if rank == 0:
+        build_cache(cfg, ranges=[cfg['val_range']], progress=False)
+    if ddp:
+        torch.distributed.barrier()
+    net = model_mod.build_model(mcfg)
+    if cfg.get('init'):
+        net.load_state_dict(model_mod.from_pretrained(_init_path(cfg)).state_dict())
+    net.to(device)
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg['lr'], weight_decay=cfg['weight_decay'])
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg['steps'], eta_min=cfg['min_lr'])
+    step, best = 0, float('inf')
+    ckpt = os.path.join(out, 'checkpoint.pt')
+    if os.path.exists(ckpt):
+        st = torch.load(ckpt, map_location='cpu', weights_only=True)
+        net.load_state_dict(st['model'])
+        opt.load_state_dict(st['opt'])
+        sched.load_state_dict(st['sched'])
+        step, best = int(st['step']), float(st['best'])
+        log('resumed from %s at step %d (best val NMAE %.3f%%)' % (ckpt, step, best))
+    model = net
+    if ddp:
+        model = torch.nn.parallel.DistributedDataParallel(
+            net, device_ids=[device.index] if device.type == 'cuda' else None)
+    amp = (cfg['precision'] == 'auto' and device.type == 'cuda')
+    halo, crop, r = cfg['crop_halo'], cfg['crop'], mcfg['upsample']
+    train_keys = cached_keys(cdir, *cfg['train_range'])
+    val_keys = cached_keys(cdir, *cfg['val_range'])[:cfg['max_val']]
+    if not train_keys:
+        raise RuntimeError('no cached training grids in %s: run `densr train --build-cache` '
+                           'or let a cache build run first' % cdir)
+    sampler = CropSampler(cdir, train_keys, crop, halo, r, cfg['augment'], cfg['seed'] + 1000 * rank + step)
+    t_start = time.time()
+    history = os.path.join(out, 'history.jsonl')
+    net.train()
+    while step < cfg['steps']:
+        x, y = sampler.batch(cfg['batch'])
+        x, y = x.to(device), y.to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            pred = model(x)
+        core = pred[:, halo * r:(halo + crop) * r, halo * r:(halo + crop) * r,
+                    halo * r:(halo + crop) * r].float()
+        loss = (core - y).abs().mean() * mcfg['target_scale']
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        step += 1
+        done = step >= cfg['steps'] or (cfg['max_minutes'] and
+                                         time.time() - t_start > 60 * cfg['max_minutes'])
+        if rank == 0 and (step % cfg['val_every'] == 0 or done):
+            nmae, nsad = evaluate_nmae(net, cdir, val_keys, device)
+            net.train()
+            rec = {'step': step, 'loss': float(loss), 'val_nmae': nmae, 'sad_nmae': nsad,
+                   'lr': sched.get_last_lr()[0], 'minutes': (time.time() - t_start) / 60,
+                   'ntrain': len(sampler.keys)}
+            log(json.dumps(rec))
+            with open(history, 'a') as f:
+                f.write(json.dumps(rec) + '\n')
+            if nmae < best:
+                best = nmae
+                model_mod.save_model(net, os.path.join(out, 'best'), {
+                    'val_nmae': nmae, 'val_sad_nmae': nsad, 'step': step,
+                    'train_range': cfg['train_range'], 'val_range': cfg['val_range'],
+                    'test_range': cfg['test_range'], 'data': cfg['data']})
+            torch.save({'model': net.state_dict(), 'opt': opt.state_dict(),
+                        'sched': sched.state_dict(), 'step': step, 'best': best}, ckpt + '.tmp')
+            os.replace(ckpt + '.tmp', ckpt)
+            sampler.refresh(cached_keys(cdir, *cfg['train_range']) or sampler.keys)
+        if done:
+            break
+    if ddp:
+        torch.distributed.destroy_process_group()
+    return os.path.join(out, 'best')
+
+
+def main(argv=None):
+    import argparse
+    p = argparse.ArgumentParser(prog='densr train', description=__doc__.split('\n')[0])
+    p.add_argument('config', help='training config (YAML or JSON)')
+    p.add_argument('--build-cache', action='store_true',
+                   help='only compute the grid cache of all ranges, then exit')
+    p.add_argument('--set', nargs='*', default=[], metavar='KEY=VALUE',
+                   help='override config entries (values parsed as YAML)')
+    a = p.parse_args(argv)
+    cfg = load_config(a.config)
+    import yaml
+    for kv in a.set:
+        k, v = kv.split('=', 1)
+        cfg[k] = yaml.safe_load(v)
+    if a.build_cache:
+        build_cache(cfg)
+        return
+    train(cfg)
+
+
+if __name__ == '__main__':
+    main()
