@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from pyscf_densr import model as model_mod
+from pyscf_densr import data
 
 TRAIN_DEFAULTS = {
     'data': ['../shared/data/qm9_pbe_def2svp_*.h5'],
@@ -99,16 +100,6 @@ def list_molecules(files, lo, hi):
     return out
 
 
-def molecule_from_group(g, basis=None):
-    from pyscf import gto
-    numbers = g['numbers'][()].tolist()
-    coords = g['coords'][()]
-    basis = basis or g.file.attrs.get('basis', 'def2-svp')
-    return gto.M(atom=list(zip(numbers, coords)), unit='Bohr', basis=basis,
-                 charge=int(g.attrs.get('charge', 0)), spin=int(g.attrs.get('spin', 0)),
-                 verbose=0)
-
-
 def make_grids(mol, dm_conv, config):
     """(rho_SAD on the coarse grid, delta-rho on the fine grid, coarse grid).
 
@@ -132,13 +123,15 @@ def cache_dir(cfg, mcfg):
 
 def build_cache(cfg, ranges=None, progress=True):
     """Compute and store the grids of every molecule in ``ranges`` (default: all three)."""
-    from pyscf import lib
     import h5py
     mcfg = _model_config(cfg)
     cdir = cache_dir(cfg, mcfg)
     os.makedirs(cdir, exist_ok=True)
     files = _shard_files(cfg)
-    ranges = ranges or [cfg['val_range'], cfg['test_range'], cfg['train_range']]
+    if ranges is None:  # what training needs first: the validation molecules it scores
+        v0, v1 = cfg['val_range']
+        ranges = [[v0, min(v1, v0 + cfg['max_val'])], cfg['train_range'], cfg['val_range'],
+                  cfg['test_range']]
     todo = []
     for lo, hi in ranges:
         todo += list_molecules(files, lo, hi)
@@ -151,10 +144,9 @@ def build_cache(cfg, ranges=None, progress=True):
         if os.path.exists(stem + '.json'):
             continue
         with h5py.File(fn, 'r') as f:
-            g = f[key]
-            mol = molecule_from_group(g)
-            c = g['mo_coeff_occ'][()].astype(float)
-        dm = 2 * c.dot(c.T)
+            mol, dm = data.read_molecule(f[key])
+        if dm.ndim == 3:
+            dm = dm.sum(axis=0)
         rho_sad, delta, box = make_grids(mol, dm, mcfg)
         np.save(stem + '.sad.npy', rho_sad)
         np.save(stem + '.delta.npy', delta)
@@ -209,6 +201,8 @@ class CropSampler:
         self.crop, self.halo, self.r = crop, halo, upsample
         self.augment = augment
         self.rng = np.random.default_rng(seed)
+        self.min_density = 0.01   # e/Bohr^3
+        self._centres = {}
 
     def refresh(self, keys):
         self.keys = list(keys)
@@ -218,10 +212,17 @@ class CropSampler:
         sad = np.load(os.path.join(self.cdir, key + '.sad.npy'), mmap_mode='r')
         delta = np.load(os.path.join(self.cdir, key + '.delta.npy'), mmap_mode='r')
         n_in = self.crop + 2 * self.halo
+        # Centre crops on the molecule, where delta-rho lives: a random voxel of appreciable
+        # SAD density, jittered; halo voxels outside the box are zero (vacuum).
+        if key not in self._centres:
+            self._centres[key] = np.argwhere(np.asarray(sad) > self.min_density)
+        centres = self._centres[key]
+        centre = centres[self.rng.integers(len(centres))] if len(centres) else \
+            np.array(sad.shape) // 2
         start = []
-        for n in sad.shape:
-            # the crop's core lies inside the box; halo voxels outside it are zero (vacuum)
-            c0 = self.rng.integers(0, max(1, n - self.crop + 1))
+        for c, n in zip(centre, sad.shape):
+            c0 = int(c) - self.crop // 2 + int(self.rng.integers(-self.crop // 4, self.crop // 4 + 1))
+            c0 = min(max(c0, 0), max(0, n - self.crop))
             start.append(c0 - self.halo)
         x = np.zeros((n_in,) * 3, dtype=np.float32)
         src, dst = [], []
@@ -295,7 +296,8 @@ def train(cfg, log=print):
     os.makedirs(out, exist_ok=True)
     cdir = cache_dir(cfg, mcfg)
     if rank == 0:
-        build_cache(cfg, ranges=[cfg['val_range']], progress=False)
+        v0, v1 = cfg['val_range']
+        build_cache(cfg, ranges=[[v0, min(v1, v0 + cfg['max_val'])]], progress=False)
     if ddp:
         torch.distributed.barrier()
     net = model_mod.build_model(mcfg)
@@ -347,7 +349,7 @@ def train(cfg, log=print):
         if rank == 0 and (step % cfg['val_every'] == 0 or done):
             nmae, nsad = evaluate_nmae(net, cdir, val_keys, device)
             net.train()
-            rec = {'step': step, 'loss': float(loss), 'val_nmae': nmae, 'sad_nmae': nsad,
+            rec = {'step': step, 'loss': float(loss.detach()), 'val_nmae': nmae, 'sad_nmae': nsad,
                    'lr': sched.get_last_lr()[0], 'minutes': (time.time() - t_start) / 60,
                    'ntrain': len(sampler.keys)}
             log(json.dumps(rec))

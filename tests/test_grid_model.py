@@ -1,0 +1,109 @@
+"""Uniform grids, the separable quadrature, the network's tiling and model files."""
+
+import numpy as np
+import pytest
+import torch
+from pyscf import gto, df
+from pyscf.dft import numint
+
+from pyscf_densr import grid, model as model_mod, project
+from conftest import WATER
+
+
+def test_refined_grid_subdivides_voxels():
+    box = grid.make_box(np.zeros((1, 3)), 0.4, 2.0)
+    fine = box.refine(2)
+    assert fine.shape == tuple(2 * n for n in box.shape)
+    # the mean of the 8 fine points of a voxel is the voxel centre
+    c = fine.coords().reshape(*fine.shape, 3)
+    mean = c.reshape(box.shape[0], 2, box.shape[1], 2, box.shape[2], 2, 3).mean(axis=(1, 3, 5))
+    assert np.allclose(mean, box.coords().reshape(*box.shape, 3))
+
+
+def test_box_errors():
+    with pytest.raises(ValueError, match='without atoms'):
+        grid.make_box(np.zeros((0, 3)), 0.4, 2.0)
+    with pytest.raises(ValueError, match='NaN'):
+        grid.make_box(np.array([[0, 0, np.nan]]), 0.4, 2.0)
+
+
+def test_density_integrates_to_electron_count():
+    mol = gto.M(atom=WATER, basis='def2-svp', verbose=0)
+    from pyscf.scf import hf
+    dm = hf.init_guess_by_minao(mol)
+    g = grid.make_box(mol.atom_coords(), 0.2, 8.0)
+    rho = grid.eval_density(mol, dm, g, max_memory=5)   # many chunks
+    ref = numint.eval_rho(mol, mol.eval_gto('GTOval', g.coords()), dm)
+    assert np.allclose(rho.ravel(), ref, atol=1e-12)
+    assert abs(rho.sum() * g.dv - mol.nelectron) < 0.2   # O 1s cusp is under-sampled at 0.2 Bohr
+
+
+def test_separable_quadrature_matches_dense():
+    mol = gto.M(atom=WATER, basis='def2-svp', verbose=0)
+    aux = project.make_auxmol(mol)
+    cart = aux.copy()
+    cart.cart = True
+    cart.build(False, False)
+    g = grid.make_box(mol.atom_coords(), 0.3, 4.0)
+    rng = np.random.default_rng(0)
+    field = rng.normal(size=g.shape)
+    chi = cart.eval_gto('GTOval_cart', g.coords())
+    assert np.allclose(grid.project_on_cartesian_gtos(cart, field, g),
+                       chi.T.dot(field.ravel()) * g.dv, atol=1e-10)
+    assert np.allclose(grid.gram_of_cartesian_gtos(cart, g), chi.T.dot(chi) * g.dv, atol=1e-9)
+
+
+def test_fit_conserves_charge_and_reproduces_aux_density():
+    mol = gto.M(atom=WATER, basis='def2-svp', verbose=0)
+    aux = project.make_auxmol(mol)
+    g = grid.make_box(mol.atom_coords(), 0.2, 5.0)
+    rng = np.random.default_rng(1)
+    c_true = rng.normal(size=aux.nao) * 1e-2
+    field = aux.eval_gto('GTOval_sph', g.coords()).dot(c_true).reshape(g.shape)
+    c = project.fit_delta_rho(aux, field, g, charge=0.25)
+    assert abs(project._s_integrals(aux).dot(c) - 0.25) < 1e-10
+    fitted = aux.eval_gto('GTOval_sph', g.coords()).dot(c)
+    # the constraint costs little: the fitted field is close to the original
+    assert np.abs(fitted - field.ravel()).sum() < 0.3 * np.abs(field).sum()
+
+
+def test_auxbasis_covers_unusual_elements():
+    mol = gto.M(atom='U 0 0 0; H 0 0 2.0', basis={'U': 'ano', 'H': 'sto-3g'}, spin=None,
+                verbose=0)
+    aux = project.make_auxmol(mol)
+    assert aux.nao > 0
+
+
+def test_tiled_prediction_equals_untiled():
+    torch.manual_seed(0)
+    net = model_mod.build_model(channels=4, blocks=2)
+    for p in net.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    rho = np.random.default_rng(0).random((23, 19, 17)).astype(np.float32)
+    full = model_mod.predict(net, rho, max_voxels=10**9)
+    tiled = model_mod.predict(net, rho, max_voxels=12**3)
+    assert full.shape == (46, 38, 34)
+    assert np.allclose(full, tiled, atol=1e-5)
+
+
+def test_pixel_shuffle_places_subvoxels():
+    x = torch.arange(8.).reshape(1, 8, 1, 1, 1)
+    y = model_mod.pixel_shuffle_3d(x, 2)[0, 0]
+    assert y[0, 0, 0] == 0 and y[0, 0, 1] == 1 and y[0, 1, 0] == 2 and y[1, 0, 0] == 4
+
+
+def test_save_and_load_roundtrip(tmp_path):
+    net = model_mod.build_model(channels=4, blocks=1)
+    model_mod.save_model(net, str(tmp_path / 'm'), {'val_nmae': 1.0})
+    state = torch.load(tmp_path / 'm.pt', weights_only=True)
+    assert set(state) == set(net.state_dict())
+    back = model_mod.from_pretrained(str(tmp_path / 'm.pt'))
+    assert back.config['channels'] == 4 and back.meta['val_nmae'] == 1.0
+    x = torch.rand(1, 6, 6, 6)
+    assert torch.allclose(back(x), net(x))
+
+
+def test_shipped_default_model_loads():
+    assert model_mod.DEFAULT_MODEL in model_mod.available_models()
+    net = model_mod.from_pretrained()
+    assert not net.training

@@ -1,0 +1,234 @@
+"""The densr guess end to end: same answers as PySCF's own guesses, for every SCF flavour."""
+
+import os
+import shutil
+
+import numpy as np
+import pytest
+from pyscf import gto, scf, dft, lib
+
+import pyscf_densr
+from pyscf_densr import grid, project, hook, model as model_mod
+from conftest import ETHANOL, WATER, random_rotation
+
+
+def _run(mf, guess):
+    mf.init_guess = guess
+    mf.kernel()
+    assert mf.converged
+    return mf
+
+
+def test_projection_of_exact_delta_rho_ethanol(ethanol):
+    """Projection alone (no network), fed the exact delta-rho: at most 6 cycles (minao 10)."""
+    ref = _run(dft.RKS(ethanol, xc='pbe'), 'minao')
+    mf = dft.RKS(ethanol, xc='pbe')
+    dm_sad = mf.init_guess_by_minao()
+    fine = grid.make_box(ethanol.atom_coords(), 0.4, 5.669).refine(2)
+    delta = grid.eval_density(ethanol, ref.make_rdm1() - dm_sad, fine)
+    dm0 = project.density_matrix_from_delta_rho(mf, delta, fine, dm_sad=dm_sad)
+    assert hasattr(dm0, 'mo_coeff') and hasattr(dm0, 'mo_occ')
+    s = mf.get_ovlp()
+    assert abs(np.einsum('ij,ji', dm0, s) - ethanol.nelectron) < 1e-8
+    mf.kernel(dm0=dm0)
+    assert mf.converged
+    assert abs(mf.e_tot - ref.e_tot) < 1e-6
+    assert mf.cycles <= 6 < ref.cycles
+
+
+@pytest.mark.parametrize('atom,charge,spin,kind', [
+    (WATER, 0, 0, 'rks'),
+    ('N 0 0 0; H 0 0.94 0.38; H 0.81 -0.47 0.38; H -0.81 -0.47 0.38', 0, 0, 'rks'),
+    ('C 0 0 0; O 0 0 1.205; H 0 0.94 -0.59; H 0 -0.94 -0.59', 0, 0, 'rks'),
+    ('C 0 0 0; H 1.08 0 0; H -0.54 0.935 0; H -0.54 -0.935 0', 0, 1, 'uks'),   # methyl radical
+    ('O 0 0 0; O 0 0 1.21', 0, 2, 'uks'),                                       # triplet O2
+    ('O 0 0 0; H 0 0 0.97', -1, 0, 'rks'),                                      # hydroxide
+])
+def test_default_model_same_energy_as_minao(atom, charge, spin, kind):
+    mol = gto.M(atom=atom, basis='def2-svp', charge=charge, spin=spin, verbose=0)
+    cls = dft.RKS if kind == 'rks' else dft.UKS
+    ref = _run(cls(mol, xc='pbe'), 'minao')
+    mf = _run(cls(mol, xc='pbe'), 'densr')
+    assert abs(mf.e_tot - ref.e_tot) < 1e-6
+    if spin:
+        assert abs(mf.spin_square()[0] - ref.spin_square()[0]) < 1e-3
+
+
+@pytest.mark.parametrize('make', [
+    lambda m: scf.RHF(m),
+    lambda m: scf.UHF(m),
+    lambda m: scf.ROHF(m),
+    lambda m: dft.ROKS(m, xc='pbe'),
+    lambda m: dft.RKS(m, xc='b3lyp'),
+    lambda m: dft.UKS(m, xc='tpss'),
+    lambda m: dft.RKS(m, xc='wb97x'),
+    lambda m: dft.RKS(m, xc='pbe').density_fit(),
+    lambda m: scf.UHF(m).density_fit(),
+], ids=['rhf', 'uhf', 'rohf', 'roks', 'b3lyp', 'tpss-uks', 'wb97x', 'df-rks', 'df-uhf'])
+def test_every_scf_flavour_converges_to_minao_state(make):
+    mol = gto.M(atom=WATER, basis='6-31g', verbose=0)
+    ref = _run(make(mol), 'minao')
+    mf = make(mol)
+    dm = mf.get_init_guess(mol, 'densr')
+    assert np.asarray(dm).shape == np.asarray(ref.make_rdm1()).shape
+    assert hasattr(dm, 'mo_coeff') and hasattr(dm, 'mo_occ')
+    mf = _run(make(mol), 'DENSR')
+    assert abs(mf.e_tot - ref.e_tot) < 1e-6
+
+
+def test_open_shell_projection_spin_state():
+    """Triplet O2 (UKS): the guess carries the right alpha/beta electron counts."""
+    mol = gto.M(atom='O 0 0 0; O 0 0 1.21', basis='def2-svp', spin=2, verbose=0)
+    mf = dft.UKS(mol, xc='pbe')
+    dm = pyscf_densr.init_guess(mf)
+    s = mf.get_ovlp()
+    na, nb = (np.einsum('ij,ji', d, s) for d in dm)
+    assert abs(na - 9) < 1e-8 and abs(nb - 7) < 1e-8
+
+
+def test_scanner():
+    mol = gto.M(atom=WATER, basis='6-31g', verbose=0)
+    mf = dft.RKS(mol, xc='pbe')
+    mf.init_guess = 'densr'
+    scanner = mf.as_scanner()
+    e1 = scanner(mol)
+    mol2 = mol.set_geom_(mol.atom_coords() * 1.01, unit='Bohr', inplace=False)
+    e2 = scanner(mol2)
+    ref = dft.RKS(mol2, xc='pbe').run()
+    assert abs(e2 - ref.e_tot) < 1e-6 and e1 != e2
+
+
+def test_other_keys_unchanged():
+    mol = gto.M(atom=WATER, basis='6-31g', verbose=0)
+    mf = scf.RHF(mol)
+    for key in ('minao', 'atom', 'huckel', '1e', 'sap'):
+        a = mf.get_init_guess(mol, key)
+        b = hook._orig_get_init_guess(mf, mol, key)
+        assert np.allclose(a, b)
+    dm = np.eye(mol.nao)
+    assert mf.get_init_guess(mol, dm) is dm
+
+
+def test_rotation_and_translation_invariance(ethanol):
+    """Rotated and translated copies: the same state as minao, cycles within one.
+
+    PySCF's DFT grids are not rotationally invariant (about 1e-5 Eh here), so each copy's
+    energy is compared with minao on that same copy.
+    """
+    def run(coords, guess):
+        mol = gto.M(atom=list(zip(ethanol.elements, coords)), unit='Bohr',
+                    basis='def2-svp', verbose=0)
+        return _run(dft.RKS(mol, xc='pbe'), guess)
+    x = ethanol.atom_coords()
+    ref = run(x, 'densr')
+    for seed in (1, 2):
+        y = x.dot(random_rotation(seed).T) + np.array([1.3, -2.1, 0.7]) * seed
+        mf = run(y, 'densr')
+        assert abs(mf.e_tot - run(y, 'minao').e_tot) < 1e-6
+        assert abs(mf.cycles - ref.cycles) <= 1
+
+
+def test_periodic_cell_is_an_error():
+    from pyscf.pbc import gto as pgto, scf as pscf
+    cell = pgto.M(atom='He 0 0 0', basis='gth-szv', pseudo='gth-pade', a=np.eye(3) * 4,
+                  verbose=0)
+    with pytest.raises(pyscf_densr.DensrError, match='periodic'):
+        pyscf_densr.init_guess(pscf.RHF(cell))
+
+
+def test_element_without_sad_data_is_an_error():
+    # Lr has no ANO data for PySCF's minao guess; a user basis makes the molecule valid
+    mol = gto.M(atom='Lr 0 0 0; H 0 0 2.0', basis={'H': 'sto-3g', 'Lr': [[0, [1.0, 1.0]]]},
+                spin=None, charge=0, verbose=0)
+    mol.spin = mol.nelectron % 2
+    mol.build()
+    with pytest.raises(pyscf_densr.DensrError, match='Lr'):
+        pyscf_densr.init_guess(scf.UHF(mol))
+
+
+def test_overlapping_atoms_is_an_error():
+    mol = gto.M(atom='O 0 0 0; H 0 0 0.01; H 0 0.76 -0.47', basis='sto-3g', verbose=0)
+    with pytest.raises(pyscf_densr.DensrError, match='apart'):
+        pyscf_densr.init_guess(scf.RHF(mol))
+
+
+def test_missing_and_corrupt_model_files(tmp_path, monkeypatch):
+    mol = gto.M(atom=WATER, basis='sto-3g', verbose=0)
+    with pytest.raises(model_mod.ModelError, match='not found'):
+        pyscf_densr.init_guess(scf.RHF(mol), model=str(tmp_path / 'nothing.pt'))
+    src_w, src_c = model_mod._resolve(model_mod.DEFAULT_MODEL)
+    shutil.copy(src_c, tmp_path / 'bad.json')
+    (tmp_path / 'bad.pt').write_bytes(b'not a torch file')
+    with pytest.raises(model_mod.ModelError, match='corrupt'):
+        pyscf_densr.init_guess(scf.RHF(mol), model=str(tmp_path / 'bad.pt'))
+    # a config that does not match the weights
+    shutil.copy(src_w, tmp_path / 'mism.pt')
+    cfg = model_mod.from_pretrained().config
+    (tmp_path / 'mism.json').write_text(
+        '{"config": %s}' % __import__('json').dumps(dict(cfg, channels=cfg['channels'] + 1)))
+    with pytest.raises(model_mod.ModelError, match='do not match'):
+        pyscf_densr.init_guess(scf.RHF(mol), model=str(tmp_path / 'mism.pt'))
+    # the environment variable selects the model, so a bad one there is an error too
+    monkeypatch.setenv('PYSCF_DENSR_MODEL', str(tmp_path / 'nothing'))
+    mf = scf.RHF(mol)
+    mf.init_guess = 'densr'
+    with pytest.raises(model_mod.ModelError, match='not found'):
+        mf.kernel()
+
+
+def test_fallback_to_minao_is_logged(tmp_path, monkeypatch):
+    mol = gto.M(atom=WATER, basis='sto-3g', verbose=0)
+    monkeypatch.setenv('PYSCF_DENSR_MODEL', str(tmp_path / 'nothing'))
+    monkeypatch.setenv('PYSCF_DENSR_FALLBACK', 'minao')
+    mf = scf.RHF(mol)
+    mf.verbose = 4
+    mf.stdout = open(tmp_path / 'log', 'w')
+    dm = mf.get_init_guess(mol, 'densr')
+    mf.stdout.close()
+    mf.verbose = 0
+    assert np.allclose(dm, mf.init_guess_by_minao())
+    assert 'falling back to the minao guess' in (tmp_path / 'log').read_text()
+
+
+def test_nan_from_network_is_an_error(monkeypatch):
+    mol = gto.M(atom=WATER, basis='sto-3g', verbose=0)
+    net = model_mod.from_pretrained()
+    monkeypatch.setattr(model_mod, 'predict', lambda *a, **k: np.full(
+        [n * 2 for n in grid.make_box(mol.atom_coords(), net.config['spacing'],
+                                      net.config['margin']).shape], np.nan, np.float32))
+    with pytest.raises(pyscf_densr.DensrError, match='NaN'):
+        pyscf_densr.init_guess(scf.RHF(mol), model=net)
+
+
+def test_verbose_logs_each_stage(tmp_path):
+    mol = gto.M(atom=WATER, basis='6-31g', verbose=0)
+    mf = dft.RKS(mol, xc='pbe')
+    mf.verbose = 4
+    mf.stdout = open(tmp_path / 'log', 'w')
+    mf.init_guess = 'densr'
+    mf.kernel()
+    mf.stdout.close()
+    text = (tmp_path / 'log').read_text()
+    for stage in ('SAD density on', 'network', 'fitted', 'Fock build', 'initial guess in'):
+        assert 'densr: ' + stage in text or stage in text, stage
+
+
+def test_unseen_element_falls_back_around_it(tmp_path):
+    """S is not in the default model's training set: logged, and the SCF lands where minao does."""
+    mol = gto.M(atom='S 0 0 0; H 0 0.96 0.93; H 0 -0.96 0.93', basis='def2-svp', verbose=0)
+    ref = _run(dft.RKS(mol, xc='pbe'), 'minao')
+    mf = dft.RKS(mol, xc='pbe')
+    mf.verbose = 4
+    mf.stdout = open(tmp_path / 'log', 'w')
+    _run(mf, 'densr')
+    mf.stdout.close()
+    assert 'were not in the model' in (tmp_path / 'log').read_text()
+    assert abs(mf.e_tot - ref.e_tot) < 1e-6
+
+
+def test_import_is_light():
+    import subprocess
+    import sys
+    code = 'import sys, pyscf_densr; print("torch" in sys.modules)'
+    out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == 'False'
