@@ -30,7 +30,9 @@ DEFAULT_CONFIG = {
     'upsample': 2,          # output grid is this many times finer than the input grid
     'spacing': 0.4,         # input grid spacing, Bohr
     'margin': 5.669,        # box margin around the atoms, Bohr (3 Angstrom)
-    'target_scale': 30.0,   # the network outputs delta-rho * target_scale
+    'output': 'relative',   # 'relative': delta-rho = m(rho_SAD upsampled) * output / scale
+    'rho_cap': 0.3,         # e/Bohr^3; m(rho) = rho * cap / (rho + cap)
+    'target_scale': 10.0,   # 'absolute': delta-rho = output / scale
     'rho_floor': 1e-6,      # e/Bohr^3, floor of the log-density input channel
     'elements': [1, 6, 7, 8],   # atomic numbers seen in training
     'auxbasis': 'def2-universal-jkfit',
@@ -86,6 +88,8 @@ class ResUpNet3d(nn.Module):
         self.body = nn.Sequential(*[ResBlock(ch, k) for _ in range(config['blocks'])])
         self.tail = nn.Conv3d(ch, ch, k, padding=k // 2)
         self.up = nn.Conv3d(ch, r ** 3, k, padding=k // 2)
+        nn.init.zeros_(self.up.weight)   # start from delta-rho = 0, i.e. from SAD
+        nn.init.zeros_(self.up.bias)
         self.act = nn.SiLU()
 
     @property
@@ -99,8 +103,17 @@ class ResUpNet3d(nn.Module):
         x = input_features(rho_sad, self.config['rho_floor'])
         h = self.act(self.head(x))
         h = h + self.tail(self.body(h))
-        out = pixel_shuffle_3d(self.up(self.act(h)), self.config['upsample'])
-        return out[:, 0] / self.config['target_scale']
+        r = self.config['upsample']
+        out = pixel_shuffle_3d(self.up(self.act(h)), r)[:, 0] / self.config['target_scale']
+        if self.config.get('output', 'absolute') == 'relative':
+            # a relative change of the SAD density: zero in vacuum by construction, the same
+            # O(0.1) scale in the valence region as in the tails; capped at nuclei, whose
+            # huge densities would otherwise dominate the gradients
+            rho = F.interpolate(rho_sad.clamp(min=0)[:, None], scale_factor=r,
+                                mode='trilinear', align_corners=False)[:, 0]
+            cap = self.config.get('rho_cap', 0.3)
+            out = out * (rho * cap / (rho + cap))
+        return out
 
 
 ARCHS = {'ResUpNet3d': ResUpNet3d}
