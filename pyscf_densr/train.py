@@ -380,9 +380,16 @@ def train(cfg, log=print):
     return os.path.join(out, 'best')
 
 
-def main(argv=None):
+def main_finetune(argv=None):
+    """``densr finetune CONFIG``: :func:`train` starting from ``init`` (default: the shipped
+    default model), whose architecture and grid settings are kept."""
+    return main(argv, finetune=True)
+
+
+def main(argv=None, finetune=False):
     import argparse
-    p = argparse.ArgumentParser(prog='densr train', description=__doc__.split('\n')[0])
+    prog = 'densr finetune' if finetune else 'densr train'
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split('\n')[0])
     p.add_argument('config', help='training config (YAML or JSON)')
     p.add_argument('--build-cache', action='store_true',
                    help='only compute the grid cache of all ranges, then exit')
@@ -394,6 +401,8 @@ def main(argv=None):
     for kv in a.set:
         k, v = kv.split('=', 1)
         cfg[k] = yaml.safe_load(v)
+    if finetune and not cfg.get('init'):
+        cfg['init'] = model_mod.DEFAULT_MODEL
     if a.build_cache:
         build_cache(cfg)
         return
