@@ -393,6 +393,9 @@ def main(argv=None, finetune=False):
     p.add_argument('config', help='training config (YAML or JSON)')
     p.add_argument('--build-cache', action='store_true',
                    help='only compute the grid cache of all ranges, then exit')
+    p.add_argument('--evaluate', metavar='MODEL', default=None,
+                   help='print the NMAE of MODEL (name or path) on the cached test range '
+                        '(and SAD\'s), building missing grids first; no training')
     p.add_argument('--set', nargs='*', default=[], metavar='KEY=VALUE',
                    help='override config entries (values parsed as YAML)')
     a = p.parse_args(argv)
@@ -405,6 +408,15 @@ def main(argv=None, finetune=False):
         cfg['init'] = model_mod.DEFAULT_MODEL
     if a.build_cache:
         build_cache(cfg)
+        return
+    if a.evaluate:
+        net = model_mod.from_pretrained(a.evaluate)
+        cfg['model'] = dict(net.config)
+        build_cache(cfg, ranges=[cfg['test_range']], progress=False)
+        keys = cached_keys(cache_dir(cfg, net.config), *cfg['test_range'])
+        nmae, nsad = evaluate_nmae(net, cache_dir(cfg, net.config), keys)
+        print('test range %s: %d molecules, NMAE %.2f%% (SAD %.2f%%)'
+              % (cfg['test_range'], len(keys), nmae, nsad))
         return
     train(cfg)
 
