@@ -6,6 +6,8 @@ and its ``r``-times finer companion (the network's output) share a box: fine vox
 produces.
 """
 
+import copy
+
 import numpy as np
 from pyscf import lib
 from pyscf.dft import numint
@@ -83,28 +85,47 @@ def eval_density(mol, dm, grid, max_memory=None, out=None):
     """Electron density (e/Bohr^3) of AO density matrix ``dm`` on every point of ``grid``.
 
     ``dm`` is (nao, nao) or a stack whose sum is taken (alpha + beta). Points are
-    evaluated in chunks so memory stays below ``max_memory`` MB (default: ``mol.max_memory``).
-    Returns an array of ``grid.shape`` (float64, or the dtype of ``out``).
+    evaluated in small cubic tiles, each with only the shells that reach it (and the
+    matching block of ``dm``), so the cost grows linearly with the size of a large molecule
+    and memory stays below ``max_memory`` MB (default: a quarter of ``mol.max_memory``, at
+    most 200). Returns an array of ``grid.shape`` (float64, or the dtype of ``out``).
     """
     dm = np.asarray(dm)
     if dm.ndim == 3:
         dm = dm.sum(axis=0)
-    # Guess and difference density matrices have low rank (minao's is the rank of the
-    # minimal basis): as signed "orbitals" they are cheaper to evaluate than nao^2 per point.
-    w, u = np.linalg.eigh((dm + dm.T) * .5)
-    keep = np.abs(w) > 1e-10 * max(np.abs(w).max(), 1e-300)
-    if keep.sum() < 0.7 * len(w):
-        return eval_orbital_density(mol, u[:, keep], w[keep], grid, max_memory, out)
-    return _eval(mol, grid, max_memory, out, lambda ao, mask: numint.eval_rho(
-        mol, ao, dm, non0tab=mask, xctype='LDA', hermi=1))
+    dm = (dm + dm.T) * .5
+    # Guess and difference density matrices of small molecules often have low rank
+    # (minao's is the rank of the minimal basis): as signed "orbitals" they are cheaper.
+    if mol.nao <= 1000:
+        w, u = np.linalg.eigh(dm)
+        keep = np.abs(w) > 1e-10 * max(np.abs(w).max(), 1e-300)
+        if keep.sum() < 0.7 * len(w):
+            return eval_orbital_density(mol, u[:, keep], w[keep], grid, max_memory, out)
+    return _eval(mol, grid, max_memory, out, lambda sub, ao, mask, idx: numint.eval_rho(
+        sub, ao, dm[np.ix_(idx, idx)], non0tab=mask, xctype='LDA', hermi=1))
 
 
 def eval_orbital_density(mol, mo_coeff, mo_occ, grid, max_memory=None, out=None):
     """Density sum_i occ_i |phi_i|^2 of orbitals ``mo_coeff`` (nao, nmo) on ``grid``."""
     mo_coeff = np.asarray(mo_coeff, dtype=float)
     mo_occ = np.asarray(mo_occ, dtype=float)
-    return _eval(mol, grid, max_memory, out, lambda ao, mask: numint.eval_rho2(
-        mol, ao, mo_coeff, mo_occ, non0tab=mask, xctype='LDA'))
+    return _eval(mol, grid, max_memory, out, lambda sub, ao, mask, idx: numint.eval_rho2(
+        sub, ao, mo_coeff[idx], mo_occ, non0tab=mask, xctype='LDA'))
+
+
+def submol(mol, shls):
+    """A shallow copy of ``mol`` with only shells ``shls`` (for evaluating a subset of AOs)."""
+    sub = copy.copy(mol)
+    sub._bas = np.asarray(mol._bas[shls], dtype=np.int32, order='C')
+    return sub
+
+
+def shell_ao_index(mol, shls):
+    """AO indices (in ``mol``) of the functions of shells ``shls``."""
+    ao_loc = mol.ao_loc_nr()
+    if len(shls) == 0:
+        return np.zeros(0, dtype=int)
+    return np.concatenate([np.arange(ao_loc[i], ao_loc[i + 1]) for i in shls])
 
 
 def _eval(mol, grid, max_memory, out, kernel):
@@ -112,14 +133,28 @@ def _eval(mol, grid, max_memory, out, kernel):
         max_memory = min(getattr(mol, 'max_memory', 4000) * 0.25, 200)
     if out is None:
         out = np.empty(grid.shape)
-    flat = out.reshape(-1)
     chunk = _chunk_size(mol.nao, max_memory)
-    for p0 in range(0, grid.size, chunk):
-        p1 = min(p0 + chunk, grid.size)
-        coords = grid.coords(p0, p1)
-        mask = numint.make_mask(mol, coords)
-        ao = mol.eval_gto('GTOval', coords, non0tab=mask)
-        flat[p0:p1] = kernel(ao, mask)
+    edge = max(4, min(16, int(chunk ** (1 / 3.))))
+    ax = grid.axes()
+    nx, ny, nz = grid.shape
+    for x0 in range(0, nx, edge):
+        for y0 in range(0, ny, edge):
+            for z0 in range(0, nz, edge):
+                x1, y1, z1 = min(x0 + edge, nx), min(y0 + edge, ny), min(z0 + edge, nz)
+                coords = lib.cartesian_prod([ax[0][x0:x1], ax[1][y0:y1], ax[2][z0:z1]])
+                mask = numint.make_mask(mol, coords)
+                shls = np.nonzero(mask.any(axis=0))[0]
+                if len(shls) == 0:
+                    out[x0:x1, y0:y1, z0:z1] = 0
+                    continue
+                if len(shls) == mol.nbas:
+                    sub, idx = mol, np.arange(mol.nao)
+                else:
+                    sub, idx = submol(mol, shls), shell_ao_index(mol, shls)
+                    mask = np.asarray(mask[:, shls], order='C')
+                ao = sub.eval_gto('GTOval', coords, non0tab=mask)
+                out[x0:x1, y0:y1, z0:z1] = kernel(sub, ao, mask, idx).reshape(
+                    x1 - x0, y1 - y0, z1 - z0)
     return out
 
 
@@ -161,35 +196,152 @@ def cartesian_gto_factors(mol, axes):
     return (np.array(fx), np.array(fy), np.array(fz), np.array(coef), np.array(owner))
 
 
-def project_on_cartesian_gtos(mol, field, grid):
+PRIM_CUTOFF = 1e-15  # a 1D factor below this fraction of its own maximum counts as zero
+BLOCK_PRIMS = 256     # primitive terms per block of the blocked quadratures
+
+
+def _default_memory(max_memory):
+    """Working memory (MB) of the blocked quadratures."""
+    if max_memory is None:
+        import os
+        max_memory = float(os.environ.get('PYSCF_DENSR_BLOCK_MEMORY', 200))
+    return max(1.0, float(max_memory))
+
+
+def _support(f, cutoff=PRIM_CUTOFF):
+    """Index ranges [lo, hi) on which each row of ``f`` (nprim, n) is not negligible."""
+    n = f.shape[1]
+    lo = np.zeros(len(f), dtype=int)
+    hi = np.zeros(len(f), dtype=int)
+    for p0 in range(0, len(f), 4096):
+        a = np.abs(f[p0:p0 + 4096])
+        m = a.max(axis=1) if n else np.zeros(len(a))
+        big = a > (cutoff * m)[:, None]
+        has = big.any(axis=1) & (m > 0)
+        lo[p0:p0 + 4096] = np.where(has, np.argmax(big, axis=1), 0)
+        hi[p0:p0 + 4096] = np.where(has, n - np.argmax(big[:, ::-1], axis=1), 0)
+    return lo, hi
+
+
+def _prim_blocks(supports, nmax=BLOCK_PRIMS):
+    """Groups of primitive terms that are close in space and alike in extent.
+
+    ``supports`` are the (lo, hi) index ranges on the three axes. Terms are binned by
+    the length of their widest range (powers of two) and, within a bin, by a spatial cell
+    of that size, so a block's bounding box is not much larger than its members'.
+    Returns a list of index arrays (terms with an empty range on any axis are left out).
+    """
+    (lx, hx), (ly, hy), (lz, hz) = supports
+    ext = np.stack([hx - lx, hy - ly, hz - lz], axis=1)
+    live = np.nonzero(ext.min(axis=1) > 0)[0]
+    if len(live) == 0:
+        return []
+    size = 8 * 2 ** np.maximum(0, np.ceil(np.log2(np.maximum(ext[live].max(axis=1), 1) / 8.)))
+    size = size.astype(np.int64)
+    centre = np.stack([lx + hx, ly + hy, lz + hz], axis=1)[live] // 2
+    cell = centre // size[:, None]
+    order = np.lexsort((cell[:, 2], cell[:, 1], cell[:, 0], size))
+    keys = np.stack([size, cell[:, 0], cell[:, 1], cell[:, 2]], axis=1)[order]
+    brk = np.nonzero(np.any(np.diff(keys, axis=0) != 0, axis=1))[0] + 1
+    blocks = []
+    for grp in np.split(live[order], brk):
+        for i in range(0, len(grp), nmax):
+            blocks.append(grp[i:i + nmax])
+    return blocks
+
+
+def _bbox(supports, idx):
+    return [(int(lo[idx].min()), int(hi[idx].max())) for lo, hi in supports]
+
+
+def project_on_cartesian_gtos(mol, field, grid, max_memory=None):
     """Quadrature ``sum_r chi_k(r) field(r) dV`` over ``grid`` for every Cartesian AO of ``mol``.
 
-    ``field`` has ``grid.shape``. Uses the separability of Gaussians: the cost is one
-    (nx*ny, nz) x (nz, nprim) matrix product, not an evaluation of every function on every point.
+    ``field`` has ``grid.shape``. Uses the separability of Gaussians and their locality:
+    primitive terms are taken in blocks of neighbours of similar extent, and each block is
+    contracted with the part of ``field`` inside its bounding box only, one slab of
+    x-planes at a time, so the working memory stays below ``max_memory`` MB (default
+    ``PYSCF_DENSR_BLOCK_MEMORY`` or 200) whatever the size of the molecule.
     """
     fx, fy, fz, coef, owner = cartesian_gto_factors(mol, grid.axes())
-    nx, ny, nz = grid.shape
-    f = np.asarray(field, dtype=float).reshape(nx * ny, nz)
-    t = lib.dot(f, fz.T).reshape(nx, ny, -1)            # (nx, ny, nprim)
-    t = lib.einsum('xyp,py->xp', t, fy)                  # (nx, nprim)
-    t = lib.einsum('xp,px->p', t, fx) * coef
-    out = np.zeros(mol.nao_cart())
-    np.add.at(out, owner, t)
+    field = np.asarray(field).reshape(grid.shape)
+    budget = _default_memory(max_memory) * 1e6 / 8
+    sup = [_support(f) for f in (fx, fy, fz)]
+    t = np.zeros(len(coef))
+    for blk in _prim_blocks(sup):
+        (x0, x1), (y0, y1), (z0, z1) = _bbox(sup, blk)
+        nb, ly, lz = len(blk), y1 - y0, z1 - z0
+        fyb = fy[blk, y0:y1].T            # (ly, nb)
+        fzb = fz[blk, z0:z1].T            # (lz, nb)
+        cx = max(1, int(budget // (ly * (nb + lz) * 2)))
+        acc = np.zeros(nb)
+        for xa in range(x0, x1, cx):
+            xb = min(xa + cx, x1)
+            sub = np.asarray(field[xa:xb, y0:y1, z0:z1], dtype=float).reshape(-1, lz)
+            tt = lib.dot(sub, fzb).reshape(xb - xa, ly, nb)
+            tt = np.einsum('xyp,yp->xp', tt, fyb)
+            acc += np.einsum('xp,px->p', tt, fx[blk, xa:xb])
+        t[blk] = acc
+    out = np.bincount(owner, weights=t * coef, minlength=mol.nao_cart())
     return out * grid.dv
 
 
-def gram_of_cartesian_gtos(mol, grid):
+def gram_of_cartesian_gtos(mol, grid, transform=None, max_memory=None):
     """Discrete Gram matrix ``sum_r chi_k(r) chi_l(r) dV`` over ``grid`` (Cartesian AOs of ``mol``).
 
     The least-squares fit to values on the grid uses this, not the analytic overlap: the
     quadrature error of tight functions then cancels between the two sides of the fit.
+
+    With ``transform`` (a dense or scipy.sparse (nao_cart, m) matrix, e.g. the
+    Cartesian-to-spherical map) the result is ``transform.T @ G @ transform``, accumulated
+    block by block without the Cartesian matrix. The Gram of two primitive terms is a product
+    of three 1D sums, zero when their supports do not meet; it is computed for pairs of blocks
+    of neighbouring terms whose bounding boxes overlap, so the working memory beyond the
+    (m, m) result stays below ``max_memory`` MB.
     """
+    import scipy.sparse as sp
     fx, fy, fz, coef, owner = cartesian_gto_factors(mol, grid.axes())
-    g = lib.dot(fx, fx.T)
-    g *= lib.dot(fy, fy.T)
-    g *= lib.dot(fz, fz.T)
-    g *= coef[:, None] * coef
-    nao = mol.nao_cart()
-    b = np.zeros((len(owner), nao))
-    b[np.arange(len(owner)), owner] = 1
-    return b.T.dot(g).dot(b) * grid.dv
+    nprim, nao = len(coef), mol.nao_cart()
+    m_map = sp.csr_matrix((coef, (np.arange(nprim), owner)), shape=(nprim, nao))
+    if transform is not None:
+        m_map = sp.csr_matrix(m_map.dot(sp.csr_matrix(transform)))
+    nout = m_map.shape[1]
+    gram = np.zeros((nout, nout))
+    budget = _default_memory(max_memory) * 1e6 / 8
+    sup = [_support(f) for f in (fx, fy, fz)]
+    blocks = _prim_blocks(sup)
+    boxes = np.array([_bbox(sup, b) for b in blocks]).reshape(-1, 3, 2)
+    for ib, blk in enumerate(blocks):
+        box = boxes[ib]
+        later = boxes[ib:]
+        meet = np.all((later[:, :, 0] < box[:, 1]) & (later[:, :, 1] > box[:, 0]), axis=1)
+        cols = [blocks[ib + j] for j in np.nonzero(meet)[0]]
+        # cols[0] is blk itself: its pairs are counted once, the others twice (G and G.T)
+        ncol_max = max(len(blk), int(budget // (4 * len(blk))))
+        m_a = m_map[blk]
+        rows = np.unique(m_a.indices)
+        m_a = m_a[:, rows].T.tocsr()                       # (len(rows), nb)
+        (x0, x1), (y0, y1), (z0, z1) = box
+        fa = (fx[blk, x0:x1], fy[blk, y0:y1], fz[blk, z0:z1])
+        j = 0
+        while j < len(cols):
+            grp = [cols[j]]
+            n = len(cols[j])
+            j += 1
+            while j < len(cols) and n + len(cols[j]) <= ncol_max:
+                grp.append(cols[j])
+                n += len(cols[j])
+                j += 1
+            q = np.concatenate(grp)
+            g = lib.dot(fa[0], fx[q, x0:x1].T)
+            g *= lib.dot(fa[1], fy[q, y0:y1].T)
+            g *= lib.dot(fa[2], fz[q, z0:z1].T)
+            if grp[0] is blk:
+                g[:, :len(blk)] *= .5
+            m_q = m_map[q]
+            cq = np.unique(m_q.indices)
+            c = m_a.dot(sp.csr_matrix(m_q[:, cq]).T.dot(g.T).T)   # (len(rows), len(cq))
+            gram[np.ix_(rows, cq)] += c
+            gram[np.ix_(cq, rows)] += c.T
+    gram *= grid.dv
+    return gram

@@ -10,9 +10,28 @@ Options without code changes (environment variables):
 ``PYSCF_DENSR_MODEL``     shipped model name or path to NAME.pt (default ``densr-small``)
 ``PYSCF_DENSR_DEVICE``    ``cpu``, ``cuda``, ``cuda:1``... (default: CUDA if available)
 ``PYSCF_DENSR_FALLBACK``  ``error`` (default) or ``minao``: what to do when the guess
-                          cannot be made (bad model file, NaN from the network, out of
-                          memory). ``minao`` logs a warning and returns PySCF's minao guess.
+                          cannot be made (any :class:`DensrError` or ``ModelError``: bad
+                          model file, NaN or absurd network output, out of memory, a box
+                          over the limit). ``minao`` logs a warning and returns PySCF's
+                          minao guess. Input that is no molecule at all (a periodic cell,
+                          no atoms, only ghosts, no electrons, overlapping atoms) is an
+                          error either way.
 ``PYSCF_DENSR_EXCHANGE``  ``auto`` (default), ``sad`` or ``iterate``; see :mod:`project`.
+``PYSCF_DENSR_MAX_VOXELS`` coarse voxels the network takes in one piece (default 2e6);
+                          larger boxes run in overlapping tiles (see :func:`model.predict`).
+``PYSCF_DENSR_MAX_BOX_VOXELS`` the largest box, in coarse voxels, the guess accepts (default
+                          2e7: a cube of about 108 Bohr at 0.4 Bohr; its grids alone take
+                          about 1 GB); a larger one (atoms far apart, wrong units) is a
+                          :class:`DensrError` raised before anything is allocated.
+``PYSCF_DENSR_BLOCK_MEMORY`` working memory in MB of the blocked grid quadratures and
+                          auxiliary-function evaluations (default 200).
+``PYSCF_DENSR_METALS``    ``minao`` (default) or ``densr``: the guess for molecules with
+                          open-d/f-shell metals (groups 3-11, lanthanides, actinides). A
+                          guess made by one Fock build and an aufbau occupation sends
+                          PySCF's DIIS astray for such complexes (Fe(CO)5, PBE/def2-SVP: no
+                          convergence in 50 cycles or 32 cycles, even with delta-rho = 0,
+                          where minao needs 17), so by default they get minao's guess, with a
+                          warning in the log; ``densr`` makes the densr guess anyway.
 """
 
 import os
@@ -29,6 +48,7 @@ from pyscf_densr import grid as grid_mod
 KEY = 'densr'
 MIN_DISTANCE = 0.2  # Bohr; closer atoms are an error, not a molecule
 UNSEEN_RADIUS = 3.0  # Bohr; delta-rho is switched off within this distance of unseen elements
+MAX_BOX_VOXELS = 2e7  # coarse voxels; default of PYSCF_DENSR_MAX_BOX_VOXELS
 
 _models = {}
 _models_lock = threading.Lock()
@@ -73,33 +93,81 @@ def check_molecule(mol):
     real = [i for i in range(mol.natm) if mol.atom_charge(i) > 0]
     if not real:
         raise DensrError('densr guess: the molecule has only ghost atoms')
+    if mol.nelectron <= 0:
+        raise DensrError('densr guess: the molecule has %d electrons (charge %s); there is '
+                         'no density to guess' % (mol.nelectron, mol.charge))
     if len(real) > 1:
-        from scipy.spatial.distance import pdist, squareform
-        d = squareform(pdist(coords[real]))
-        np.fill_diagonal(d, np.inf)
-        i, j = np.unravel_index(np.argmin(d), d.shape)
-        if d[i, j] < MIN_DISTANCE:
+        # nearest neighbours by a k-d tree: O(N log N) time and O(N) memory for any size
+        from scipy.spatial import cKDTree
+        d, nn = cKDTree(coords[real]).query(coords[real], k=2)
+        i = int(np.argmin(d[:, 1]))
+        j = int(nn[i, 1])
+        if d[i, 1] < MIN_DISTANCE:
+            i, j = min(i, j), max(i, j)
             raise DensrError('densr guess: atoms %d (%s) and %d (%s) are %.3f Bohr apart; '
                              'check the geometry and its units' % (
                                  real[i], mol.atom_symbol(real[i]),
-                                 real[j], mol.atom_symbol(real[j]), d[i, j]))
+                                 real[j], mol.atom_symbol(real[j]), d[i, 1]))
 
 
-def _unseen_mask(mol, fine, elements):
-    """Weights in [0, 1] on ``fine`` that switch delta-rho off around unseen elements."""
+def open_shell_metals(mol):
+    """Symbols of the real atoms of groups 3-11 and of the f block (see PYSCF_DENSR_METALS)."""
+    out = set()
+    for i in range(mol.natm):
+        z = int(mol.atom_charge(i) and gto.charge(mol.atom_pure_symbol(i)))
+        if 21 <= z <= 29 or 39 <= z <= 47 or 57 <= z <= 79 or 89 <= z <= 111:
+            out.add(mol.atom_pure_symbol(i))
+    return sorted(out)
+
+
+def _unseen_atoms(mol, elements):
+    """Real atoms whose element the model has not seen, or that carry an ECP.
+
+    An ECP removes the core from PySCF's SAD density, an input the network never saw
+    (it is trained on all-electron densities), so such atoms are treated as unseen.
+    """
     seen = set(int(z) for z in elements)
-    atoms = [i for i in range(mol.natm)
-             if mol.atom_charge(i) > 0 and int(gto.charge(mol.atom_pure_symbol(i))) not in seen]
+    return [i for i in range(mol.natm) if mol.atom_charge(i) > 0 and (
+        int(gto.charge(mol.atom_pure_symbol(i))) not in seen or mol.atom_nelec_core(i) > 0)]
+
+
+def _unseen_mask(mol, fine, elements, out=None):
+    """Weights in [0, 1] on ``fine`` that switch delta-rho off around unseen elements.
+
+    With ``out`` (an array of ``fine.shape``) the weights multiply it in place, one
+    x-plane at a time; without, the weights are returned. Returns (weights or out, atoms).
+    """
+    atoms = _unseen_atoms(mol, elements)
     if not atoms:
         return None, []
-    w = np.ones(fine.shape)
+    if out is None:
+        out = np.ones(fine.shape)
     ax = fine.axes()
+    cut = UNSEEN_RADIUS * 2.0  # beyond twice the radius the weight is 1 - exp(-256)
     for i in atoms:
         R = mol.atom_coord(i)
-        r2 = ((ax[0][:, None, None] - R[0]) ** 2 + (ax[1][None, :, None] - R[1]) ** 2
-              + (ax[2][None, None, :] - R[2]) ** 2)
-        w *= 1 - np.exp(-(r2 / UNSEEN_RADIUS ** 2) ** 4)
-    return w, atoms
+        sel = [np.nonzero(np.abs(a - r) < cut)[0] for a, r in zip(ax, R)]
+        if any(len(s) == 0 for s in sel):
+            continue
+        (y0, y1), (z0, z1) = [(s[0], s[-1] + 1) for s in sel[1:]]
+        ryz = ((ax[1][y0:y1, None] - R[1]) ** 2 + (ax[2][None, z0:z1] - R[2]) ** 2)
+        for ix in sel[0]:
+            r2 = ryz + (ax[0][ix] - R[0]) ** 2
+            out[ix, y0:y1, z0:z1] *= 1 - np.exp(-(r2 / UNSEEN_RADIUS ** 2) ** 4)
+    return out, atoms
+
+
+def max_box_voxels():
+    """The largest box (coarse voxels) the guess accepts: ``PYSCF_DENSR_MAX_BOX_VOXELS``."""
+    return float(os.environ.get('PYSCF_DENSR_MAX_BOX_VOXELS', MAX_BOX_VOXELS))
+
+
+def _is_oom(e):
+    if isinstance(e, MemoryError):
+        return True
+    msg = str(e).lower()
+    return ('out of memory' in msg or "can't allocate memory" in msg
+            or 'defaultcpuallocator' in msg or 'failed to allocate' in msg)
 
 
 def predict_delta_rho(mol, dm_sad, model=None, device=None, log=None):
@@ -115,6 +183,16 @@ def predict_delta_rho(mol, dm_sad, model=None, device=None, log=None):
     cfg = net.config
     t0 = time.perf_counter()
     box = grid_mod.make_box(mol.atom_coords(), cfg['spacing'], cfg['margin'])
+    limit = max_box_voxels()
+    if box.size > limit:
+        ext = (np.asarray(box.shape) - 1) * box.spacing
+        raise DensrError(
+            'densr guess: the grid box around the atoms would be %s = %.3g voxels at %.2f Bohr '
+            '(%.0f x %.0f x %.0f Bohr, %.3g voxels on the %dx finer output grid), more than '
+            'the limit of %d (PYSCF_DENSR_MAX_BOX_VOXELS). Check the geometry and its units; '
+            'raise the limit if the system really is that large.' % (
+                'x'.join(map(str, box.shape)), box.size, box.spacing, ext[0], ext[1], ext[2],
+                box.size * cfg['upsample'] ** 3, cfg['upsample'], int(limit)))
     rho_sad = grid_mod.eval_density(mol, dm_sad, box)
     t1 = time.perf_counter()
     log.info('densr: SAD density on %s grid (%d voxels, %.2f Bohr) in %.2f s',
@@ -125,11 +203,14 @@ def predict_delta_rho(mol, dm_sad, model=None, device=None, log=None):
         torch.set_num_threads(max(1, lib.num_threads()))
     try:
         delta = model_mod.predict(net, rho_sad, device=dev)
-    except RuntimeError as e:
-        if 'out of memory' in str(e).lower():
-            raise DensrError('densr guess: the network ran out of memory on %s for a %s box; '
-                             'set PYSCF_DENSR_MAX_VOXELS lower to run it in smaller tiles, '
-                             'or PYSCF_DENSR_DEVICE=cpu' % (dev, box.shape)) from e
+    except (RuntimeError, MemoryError) as e:
+        if _is_oom(e):
+            raise DensrError('densr guess: the network ran out of memory on %s for a %s box '
+                             '(%s); set PYSCF_DENSR_MAX_VOXELS lower (now %s) to run it in '
+                             'smaller tiles, or PYSCF_DENSR_DEVICE=cpu' % (
+                                 dev, 'x'.join(map(str, box.shape)),
+                                 str(e).splitlines()[0][:200] if str(e) else type(e).__name__,
+                                 os.environ.get('PYSCF_DENSR_MAX_VOXELS', '2e6'))) from e
         raise
     finally:
         torch.set_num_threads(nthreads)
@@ -140,13 +221,70 @@ def predict_delta_rho(mol, dm_sad, model=None, device=None, log=None):
         raise DensrError('densr guess: the network returned NaN or inf (model %s)'
                          % getattr(net, 'path', '?'))
     fine = box.refine(cfg['upsample'])
-    mask, unseen = _unseen_mask(mol, fine, cfg.get('elements', []))
+    if tuple(delta.shape) != fine.shape:
+        raise DensrError('densr guess: the network returned a %s grid for a %s box (expected '
+                         '%s); model %s does not match its config' % (
+                             delta.shape, box.shape, fine.shape, getattr(net, 'path', '?')))
+    unseen = _unseen_atoms(mol, cfg.get('elements', []))
     if unseen:
-        syms = sorted(set(mol.atom_pure_symbol(i) for i in unseen))
-        log.warn('densr: elements %s were not in the model\'s training data; the plain SAD '
-                 'density is used around those %d atoms', ','.join(syms), len(unseen))
-        delta = delta * mask
+        seen = set(int(z) for z in cfg.get('elements', []))
+        syms = sorted(set(mol.atom_pure_symbol(i) for i in unseen
+                          if int(gto.charge(mol.atom_pure_symbol(i))) not in seen))
+        ecp = sorted(set(mol.atom_pure_symbol(i) for i in unseen if mol.atom_nelec_core(i) > 0))
+        if syms:
+            log.warn('densr: elements %s were not in the model\'s training data; the plain '
+                     'SAD density is used around those atoms', ','.join(syms))
+        if ecp:
+            log.warn('densr: atoms of %s carry an ECP (no core density, unlike the model\'s '
+                     'training data); the plain SAD density is used around them', ','.join(ecp))
+        log.info('densr: delta-rho switched off near %d of %d atoms', len(unseen), mol.natm)
+        delta = np.array(delta, copy=True) if not delta.flags.writeable else delta
+        _unseen_mask(mol, fine, cfg.get('elements', []), out=delta)
     return delta, fine
+
+
+def fit_charge(mol, dm_sad, s1e, log=None):
+    """Electrons the fitted delta-rho must carry: N - Tr(P_SAD S), as a rule.
+
+    PySCF's minao SAD superposes neutral atoms and loses a little in the projection onto
+    the basis (0.02 e for ethanol/def2-SVP, 0.2 for sto-3g, about 1.7 for an iodine ECP), so
+    delta-rho carries the ionic charge plus that loss and the guess density holds exactly N
+    electrons. When the SAD lacks far more (more than 2 + 0.1 per atom: typically a
+    valence-only basis such as def2-SVP on I or Ag used without its ECP, so that the core
+    has no functions), spreading that many electrons over the fit would make an absurd
+    density: delta-rho then carries the ionic charge only, and the aufbau occupation of the
+    Fock build fills N electrons, as it does after minao's own first Fock build.
+    """
+    nsad = float(np.einsum('ij,ji->', dm_sad, s1e))
+    deficit = mol.nelectron + mol.charge - nsad
+    nreal = sum(1 for i in range(mol.natm) if mol.atom_charge(i) > 0)
+    if abs(deficit) > 2 + 0.1 * nreal:
+        if log is not None:
+            log.warn('densr: the minao SAD density holds %.2f electrons, %.2f fewer than the '
+                     'neutral atoms (a valence-only basis without its ECP?); delta-rho carries '
+                     'the ionic charge only', nsad, deficit)
+        return -float(mol.charge)
+    return mol.nelectron - nsad
+
+
+def check_delta_rho(mol, delta, fine, expected, log=None):
+    """Guard against absurd network output: its electron count, before the fit.
+
+    ``expected`` is the number of electrons delta-rho should carry, N - Tr(P_SAD S). The
+    fit conserves that number exactly whatever the network says, so an output whose own
+    integral is far off (more than a quarter of the electrons plus two) would be forced
+    into shape rather than corrected: that is a :class:`DensrError`. Returns the integral.
+    """
+    q = float(np.sum(delta, dtype=np.float64)) * fine.dv
+    nelec = mol.nelectron
+    if not np.isfinite(q) or abs(q - expected) > 0.25 * nelec + 2 or nelec + q - expected <= 0:
+        raise DensrError('densr guess: the network\'s delta-rho integrates to %.4g electrons '
+                         'where %.4g are expected (total %.4g of %d electrons): an absurd '
+                         'density, so the model is not fit for this molecule' % (
+                             q, expected, nelec + q - expected, nelec))
+    if log is not None:
+        log.debug('densr: delta-rho integrates to %.4f electrons (expected %.4f)', q, expected)
+    return q
 
 
 def init_guess(mf, mol=None, model=None, device=None, exchange=None, fallback=None):
@@ -180,18 +318,31 @@ def init_guess(mf, mol=None, model=None, device=None, exchange=None, fallback=No
         raise DensrError('densr guess needs PySCF\'s superposition of atomic densities '
                          '(minao), which failed for this molecule (elements %s): %s: %s' % (
                              ','.join(sorted(set(mol.elements))), type(e).__name__, e)) from e
+    metals = open_shell_metals(mol)
+    if metals and os.environ.get('PYSCF_DENSR_METALS', 'minao').lower() != 'densr':
+        log.warn('densr: %s: open-shell d/f metals; a guess made by one Fock build and an '
+                 'aufbau occupation sends PySCF\'s SCF astray for such complexes, so the '
+                 'minao guess is used (PYSCF_DENSR_METALS=densr overrides)', ','.join(metals))
+        return dm_sad
     dm_sad_tot = np.asarray(dm_sad)
     if dm_sad_tot.ndim == 3:
         dm_sad_tot = dm_sad_tot.sum(axis=0)
     try:
-        delta, fine = predict_delta_rho(mol, dm_sad_tot, model, device, log)
-        net = load_model(model, device)
-        t0 = time.perf_counter()
-        dm = project.density_matrix_from_delta_rho(
-            mf, delta, fine, dm_sad=dm_sad, auxbasis=net.config.get('auxbasis'),
-            exchange=exchange, log=log)
-        log.info('densr: projection to a density matrix in %.2f s', time.perf_counter() - t0)
-    except (DensrError, ModelError, MemoryError) as e:
+        try:
+            delta, fine = predict_delta_rho(mol, dm_sad_tot, model, device, log)
+            expected = fit_charge(mol, dm_sad_tot, mf.get_ovlp(mol), log)
+            check_delta_rho(mol, delta, fine, expected, log)
+            net = load_model(model, device)
+            t0 = time.perf_counter()
+            dm = project.density_matrix_from_delta_rho(
+                mf, delta, fine, dm_sad=dm_sad, auxbasis=net.config.get('auxbasis'),
+                exchange=exchange, log=log, charge=expected)
+            log.info('densr: projection to a density matrix in %.2f s', time.perf_counter() - t0)
+        except MemoryError as e:
+            raise DensrError('densr guess ran out of memory (%s); lower PYSCF_DENSR_BLOCK_MEMORY '
+                             'or mf.max_memory, or set PYSCF_DENSR_FALLBACK=minao' % (
+                                 str(e) or type(e).__name__)) from e
+    except (DensrError, ModelError) as e:
         if fallback == 'minao':
             log.warn('densr guess failed (%s); falling back to the minao guess as '
                      'PYSCF_DENSR_FALLBACK/fallback asks', e)

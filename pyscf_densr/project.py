@@ -29,26 +29,48 @@ from pyscf import gto, df, lib
 from pyscf.lib import logger
 from pyscf.dft import numint
 
+BLKSIZE = numint.BLKSIZE
+
 from pyscf_densr import grid as grid_mod
 
 DEFAULT_AUXBASIS = 'def2-universal-jkfit'
+
+
+def _element_of(symbol):
+    """'O', 'O1', 'GHOST-O', 'ghost_O2', 'X-O' -> 'O'; a bare dummy 'X' -> ''."""
+    s = str(symbol).strip()
+    up = s.upper()
+    if up.startswith('GHOST'):
+        s = s[5:].lstrip('-_:')
+    elif up.startswith('X-') or up.startswith('X_') or up.startswith('X:'):
+        s = s[2:]
+    s = ''.join(ch for ch in s if not ch.isdigit()).strip()
+    if not s or s.upper() == 'X':
+        return ''
+    return gto.mole._std_symbol(s)
 
 
 def make_auxmol(mol, auxbasis=DEFAULT_AUXBASIS):
     """The auxiliary (fitting) molecule, spherical functions, same atoms as ``mol``.
 
     Elements that ``auxbasis`` does not cover get PySCF's even-tempered basis
-    (``df.aug_etb``) instead, so any element PySCF can handle can be fitted.
+    (``df.aug_etb``) instead, so any element PySCF can handle can be fitted. Ghost atoms
+    ('ghost-O', 'X-O') get their element's functions: the density near them is fitted
+    like anywhere else. Bare dummy atoms without a basis get none.
     """
     if isinstance(auxbasis, str):
         basis = {}
         etb = None
-        for symb in set(mol.atom_pure_symbol(i) for i in range(mol.natm)):
+        for symb in set(a[0] for a in mol._atom):
+            elem = _element_of(symb)
+            if not elem or not mol._basis.get(symb, mol._basis.get(elem)):
+                basis[symb] = []
+                continue
             try:
-                basis[symb] = gto.basis.load(auxbasis, symb)
+                basis[symb] = gto.basis.load(auxbasis, elem)
             except Exception:
                 etb = etb or df.aug_etb(mol)
-                basis[symb] = etb[symb]
+                basis[symb] = etb.get(symb) or etb.get(elem)
         auxbasis = basis
     return df.make_auxmol(mol, auxbasis)
 
@@ -67,7 +89,48 @@ def _s_integrals(auxmol):
     return n
 
 
-def fit_delta_rho(auxmol, delta_rho, grid, charge=0.0, metric=None, cond=1e-10):
+def _cart2sph_sparse(auxmol):
+    """``auxmol.cart2sph_coeff()`` as a scipy.sparse matrix (block diagonal by shells)."""
+    import scipy.sparse as sp
+    c2s_l = {}
+    blocks = []
+    for ib in range(auxmol.nbas):
+        l = auxmol.bas_angular(ib)
+        if l not in c2s_l:
+            c2s_l[l] = sp.csr_matrix(gto.cart2sph(l, normalized='sp'))
+        blocks.extend([c2s_l[l]] * auxmol.bas_nctr(ib))
+    return sp.block_diag(blocks, format='csr')
+
+
+EIGH_MAX = 2500  # auxiliary functions up to which the fit uses a full eigendecomposition
+
+
+def _solve_metric(metric, rhs, cond, solver='auto', overwrite=False):
+    """``metric^-1 rhs`` for a symmetric positive semi-definite ``metric``.
+
+    'eigh' inverts in the subspace of eigenvalues above ``cond`` times the largest; 'cholesky'
+    adds ``cond`` times the largest diagonal element to the diagonal (Tikhonov) and solves by
+    Cholesky, about 20 times faster for large metrics and without a second (n, n) matrix when
+    ``overwrite``. 'auto' takes 'eigh' up to :data:`EIGH_MAX` functions.
+    """
+    n = len(metric)
+    if solver == 'auto':
+        solver = 'eigh' if n <= EIGH_MAX else 'cholesky'
+    if solver == 'eigh':
+        w, u = scipy.linalg.eigh(metric)
+        keep = w > cond * w[-1]
+        u, w = u[:, keep], w[keep]
+        return u.dot(u.T.dot(rhs) / w[:, None])
+    if solver != 'cholesky':
+        raise ValueError('solver must be auto, eigh or cholesky, not %r' % solver)
+    a = metric if overwrite else metric.copy()
+    a[np.diag_indices(n)] += cond * max(float(np.max(np.diag(a))), 1e-300)
+    low = scipy.linalg.cho_factor(a, lower=True, overwrite_a=True, check_finite=False)
+    return scipy.linalg.cho_solve(low, rhs, check_finite=False)
+
+
+def fit_delta_rho(auxmol, delta_rho, grid, charge=0.0, metric=None, cond=1e-10,
+                  solver='auto', max_memory=None):
     """Fit coefficients ``c`` so that sum_k c_k chi_k(r) ~ ``delta_rho`` on ``grid``.
 
     Args:
@@ -77,6 +140,10 @@ def fit_delta_rho(auxmol, delta_rho, grid, charge=0.0, metric=None, cond=1e-10):
         charge: the number of electrons the fitted density must integrate to exactly.
         metric: the metric of the fit; default the discrete Gram matrix of the auxiliary
             functions on ``grid`` (an unweighted least-squares fit to the grid values).
+        cond: relative threshold of the (near) null space of the metric that is left out.
+        solver: 'auto', 'eigh' or 'cholesky' (see :func:`_solve_metric`).
+        max_memory: working memory (MB) of the blocked quadratures beyond the (naux, naux)
+            metric itself (see :mod:`grid`).
 
     Returns:
         c, (naux,) array.
@@ -84,27 +151,76 @@ def fit_delta_rho(auxmol, delta_rho, grid, charge=0.0, metric=None, cond=1e-10):
     cmol = auxmol.copy()
     cmol.cart = True
     cmol.build(False, False)
-    c2s = auxmol.cart2sph_coeff()
-    b = c2s.T.dot(grid_mod.project_on_cartesian_gtos(cmol, delta_rho, grid))
-    if metric is None:
-        metric = c2s.T.dot(grid_mod.gram_of_cartesian_gtos(cmol, grid)).dot(c2s)
+    c2s = _cart2sph_sparse(auxmol)
+    b = c2s.T.dot(grid_mod.project_on_cartesian_gtos(cmol, delta_rho, grid, max_memory))
+    own = metric is None
+    if own:
+        metric = grid_mod.gram_of_cartesian_gtos(cmol, grid, transform=c2s,
+                                                 max_memory=max_memory)
     n = _s_integrals(auxmol)
     # Solve S c = b - lambda n, n.c = charge, in the well-conditioned subspace of S.
-    w, u = scipy.linalg.eigh(metric)
-    keep = w > cond * w[-1]
-    u, w = u[:, keep], w[keep]
-    sinv_b = u.dot(u.T.dot(b) / w)
-    sinv_n = u.dot(u.T.dot(n) / w)
+    rhs = np.stack([b, n], axis=1)
+    try:
+        x = _solve_metric(metric, rhs, cond, solver, overwrite=own)
+    except np.linalg.LinAlgError:
+        # Cholesky met a numerically indefinite metric (only for nearly linearly dependent
+        # auxiliary sets): the eigendecomposition drops the offending directions instead
+        if own:
+            metric = grid_mod.gram_of_cartesian_gtos(cmol, grid, transform=c2s,
+                                                     max_memory=max_memory)
+        x = _solve_metric(metric, rhs, cond, 'eigh')
+    sinv_b, sinv_n = x[:, 0], x[:, 1]
     lam = (n.dot(sinv_b) - charge) / n.dot(sinv_n)
     return sinv_b - lam * sinv_n
 
 
-def coulomb_of_aux(mol, auxmol, c, max_memory=2000):
-    """J_{mu nu} = sum_k (mu nu|k) c_k (Hartree), in blocks of auxiliary shells."""
+def coulomb_of_aux(mol, auxmol, c, max_memory=2000, direct_scf_tol=1e-13):
+    """J_{mu nu} = sum_k (mu nu|k) c_k (Hartree).
+
+    Uses PySCF's screened 3-centre J driver (the second pass of its direct DF-J,
+    ``df.df_jk.get_j``): Schwarz bounds of the AO pairs times the largest coefficient of each
+    auxiliary shell skip negligible triples, which for hundreds of atoms is most of them.
+    Falls back to plain integrals in blocks of auxiliary shells (:func:`_coulomb_of_aux_blocks`)
+    where that private driver is unavailable.
+    """
+    try:
+        return _coulomb_of_aux_direct(mol, auxmol, c, direct_scf_tol)
+    except (ImportError, AttributeError, TypeError, OSError):
+        return _coulomb_of_aux_blocks(mol, auxmol, c, max_memory)
+
+
+def _coulomb_of_aux_direct(mol, auxmol, c, direct_scf_tol=1e-13):
+    from pyscf.scf import _vhf, jk
+    c = np.asarray(c, dtype=np.float64)
+    opt = _vhf._VHFOpt(mol, 'int3c2e', 'CVHFnr3c2e_schwarz_cond',
+                       dmcondname='CVHFnr_dm_cond', direct_scf_tol=direct_scf_tol)
+    opt.init_cvhf_direct(mol, 'int2e', 'CVHFnr_int2e_q_cond')
+    aux_loc = auxmol.ao_loc_nr()
+    # sqrt (k|k) per auxiliary shell, from the shell's own diagonal block
+    q_aux = np.array([np.sqrt(abs(np.diag(auxmol.intor(
+        'int2c2e', shls_slice=(i, i + 1, i, i + 1)))).max()) for i in range(auxmol.nbas)])
+    opt.q_cond = np.hstack((opt.q_cond.ravel(), q_aux))
+    bas_placeholder = np.array([0, 0, 1, 1, 0, 0, 0, 0], dtype=np.int32)
+    fakemol = mol + auxmol
+    fakemol._bas = np.vstack((fakemol._bas, bas_placeholder))
+    nbas = mol.nbas
+    nbas1 = mol.nbas + auxmol.nbas
+    shls_slice = (0, nbas, 0, nbas, nbas, nbas1, nbas1, nbas1 + 1)
+    rho = c.reshape(1, 1, -1)
+    with lib.temporary_env(opt, prescreen='CVHFnr3c2e_vj_pass2_prescreen', _dmcondname=None):
+        opt.dm_cond = np.array([abs(c[i0:i1]).max() if i1 > i0 else 0.
+                                for i0, i1 in zip(aux_loc[:-1], aux_loc[1:])])
+        vj = jk.get_jk(fakemol, rho, ['ijkl,lk->ij'], 'int3c2e', aosym='s2ij', hermi=1,
+                       shls_slice=shls_slice, vhfopt=opt)
+    return np.asarray(vj).reshape(mol.nao, mol.nao)
+
+
+def _coulomb_of_aux_blocks(mol, auxmol, c, max_memory=2000):
+    """J_{mu nu} = sum_k (mu nu|k) c_k (Hartree), unscreened, in blocks of auxiliary shells."""
     nao = mol.nao
     out = np.zeros((nao, nao))
     ao_loc = auxmol.ao_loc_nr()
-    blk = max(1, int(max_memory * 1e6 / 8 / (nao * nao)))
+    blk = max(1, int(max_memory * 1e6 / 8 / (nao * (nao + 1) // 2)))
     pmol = mol + auxmol
     b0 = 0
     while b0 < auxmol.nbas:
@@ -118,6 +234,33 @@ def coulomb_of_aux(mol, auxmol, c, max_memory=2000):
         out_tril = ints.dot(c[ao_loc[b0]:ao_loc[b1]])
         out += lib.unpack_tril(out_tril)
         b0 = b1
+    return out
+
+
+def aux_density(auxmol, c, coords, deriv=0, max_memory=None):
+    """sum_k c_k chi_k at ``coords`` ((1, n) values, or (4, n) with the gradient for deriv=1).
+
+    Points are taken in chunks (PySCF's molecular grids come grouped in space), and each
+    chunk evaluates only the auxiliary shells that reach it, so the cost grows linearly
+    with the size of a large molecule and the values never exceed ``max_memory`` MB
+    (default ``PYSCF_DENSR_BLOCK_MEMORY`` or 200).
+    """
+    comp = 4 if deriv else 1
+    intor = 'GTOval_sph_deriv1' if deriv else 'GTOval_sph'
+    naux = auxmol.nao
+    budget = grid_mod._default_memory(max_memory) * 1e6 / 8
+    blk = max(BLKSIZE, min(int(budget // (comp * naux)), 2048) // BLKSIZE * BLKSIZE)
+    out = np.zeros((comp, len(coords)))
+    for p0 in range(0, len(coords), blk):
+        p1 = min(p0 + blk, len(coords))
+        mask = numint.make_mask(auxmol, coords[p0:p1])
+        shls = np.nonzero(mask.any(axis=0))[0]
+        if len(shls) == 0:
+            continue
+        sub = grid_mod.submol(auxmol, shls)
+        idx = grid_mod.shell_ao_index(auxmol, shls)
+        ao = sub.eval_gto(intor, coords[p0:p1], non0tab=np.asarray(mask[:, shls], order='C'))
+        out[:, p0:p1] = np.dot(ao.reshape(-1, len(idx)), c[idx]).reshape(comp, -1)
     return out
 
 
@@ -143,17 +286,13 @@ def xc_potential(mf, dm_sad, auxmol, c, grids=None):
     nset = len(dms)
     nao = mol.nao
     ao_deriv = 0 if xctype == 'LDA' else 1
-    comp = 1 if xctype == 'LDA' else 4
-    intor = 'GTOval_sph_deriv1' if ao_deriv else 'GTOval_sph'
     vmat = np.zeros((nset, nao, nao))
     excsum = 0.0
     max_memory = max(500, mf.max_memory - lib.current_memory()[0])
     for ao, mask, weight, coords in ni.block_loop(mol, grids, nao, ao_deriv,
                                                    max_memory=max_memory * .5):
         rho = [ni.eval_rho(mol, ao, d, mask, xctype, hermi=1) for d in dms]
-        amask = numint.make_mask(auxmol, coords)
-        aux_ao = auxmol.eval_gto(intor, coords, non0tab=amask)
-        drho = np.dot(aux_ao.reshape(-1, auxmol.nao), c).reshape(comp, -1) / nset
+        drho = aux_density(auxmol, c, coords, deriv=ao_deriv) / nset
         for r in rho:
             if xctype == 'LDA':
                 r += drho[0]
@@ -235,15 +374,42 @@ def add_exchange(mf, v_local, dm):
     return v_local - (vk if np.asarray(dm).ndim == 3 else 0.5 * vk)
 
 
-def density_matrix_from_veff(mf, veff, dm_sad, h1e=None, s1e=None):
-    """Diagonalise F = h + veff with the SCF object's own machinery; the aufbau density matrix."""
+def orthogonalizer(mf, s1e):
+    """The SCF's own orthogonalizer of the overlap (canonical, dropping near-zero
+    eigenvalues as PySCF's kernel does), or None where the SCF class has none."""
+    check = getattr(mf, 'check_linear_dependency', None)
+    if check is None:
+        return None
+    try:
+        return check(s1e)
+    except TypeError:
+        return None
+
+
+def _eig(mf, fock, s1e, x):
+    if x is not None:
+        try:
+            return mf.eig(fock, s1e, x=x)
+        except TypeError:  # an eig without the x keyword (older PySCF, custom classes)
+            pass
+    return mf.eig(fock, s1e)
+
+
+def density_matrix_from_veff(mf, veff, dm_sad, h1e=None, s1e=None, x=None):
+    """Diagonalise F = h + veff with the SCF object's own machinery; the aufbau density matrix.
+
+    ``x`` is the orthogonalizer of the overlap (:func:`orthogonalizer`); with it a nearly
+    linearly dependent basis is handled exactly as PySCF's SCF kernel handles it.
+    """
     mol = mf.mol
     if h1e is None:
         h1e = mf.get_hcore(mol)
     if s1e is None:
         s1e = mf.get_ovlp(mol)
+    if x is None:
+        x = orthogonalizer(mf, s1e)
     fock = mf.get_fock(h1e, s1e, veff, dm_sad)
-    mo_energy, mo_coeff = mf.eig(fock, s1e)
+    mo_energy, mo_coeff = _eig(mf, fock, s1e, x)
     mo_occ = mf.get_occ(mo_energy, mo_coeff)
     dm = mf.make_rdm1(mo_coeff, mo_occ)
     return lib.tag_array(dm, mo_coeff=mo_coeff, mo_occ=mo_occ, mo_energy=mo_energy)
@@ -271,7 +437,7 @@ def guess_grids(mf, level=1):
 
 
 def density_matrix_from_delta_rho(mf, delta_rho, grid, dm_sad=None, auxbasis=DEFAULT_AUXBASIS,
-                                  exchange='auto', grids_level=1, log=None):
+                                  exchange='auto', grids_level=1, log=None, charge=None):
     """The whole projection: delta-rho on ``grid`` -> guess density matrix for ``mf``.
 
     Args:
@@ -282,6 +448,8 @@ def density_matrix_from_delta_rho(mf, delta_rho, grid, dm_sad=None, auxbasis=DEF
             the first diagonalisation (one more K build); 'auto' iterates when the method
             has exact exchange.
         grids_level: level of the molecular grids for the guess's XC (see :func:`guess_grids`).
+        charge: electrons the fitted delta-rho carries; default N - Tr(P_SAD S), so that the
+            guess density holds exactly N electrons.
     Returns:
         dm with ``mo_coeff``/``mo_occ`` attached.
     """
@@ -295,12 +463,14 @@ def density_matrix_from_delta_rho(mf, delta_rho, grid, dm_sad=None, auxbasis=DEF
     h1e = mf.get_hcore(mol)
     t0 = time.perf_counter()
     auxmol = make_auxmol(mol, auxbasis or DEFAULT_AUXBASIS)
-    charge = mol.nelectron - float(np.einsum('ij,ji->', dm_tot, s1e))
+    if charge is None:
+        charge = mol.nelectron - float(np.einsum('ij,ji->', dm_tot, s1e))
     c = fit_delta_rho(auxmol, delta_rho, grid, charge=charge)
     t1 = time.perf_counter()
     log.info('densr: delta-rho fitted with %d auxiliary functions in %.2f s', auxmol.nao, t1 - t0)
     v_local = local_potential(mf, dm_sad, auxmol, c, guess_grids(mf, grids_level))
-    dm = density_matrix_from_veff(mf, add_exchange(mf, v_local, dm_sad), dm_sad, h1e, s1e)
+    x = orthogonalizer(mf, s1e)
+    dm = density_matrix_from_veff(mf, add_exchange(mf, v_local, dm_sad), dm_sad, h1e, s1e, x)
     t2 = time.perf_counter()
     log.info('densr: Coulomb + XC of the guess density, Fock build and diagonalisation '
              'in %.2f s', t2 - t1)
@@ -311,7 +481,7 @@ def density_matrix_from_delta_rho(mf, delta_rho, grid, dm_sad=None, auxbasis=DEF
         raise ValueError("exchange must be 'auto', 'sad' or 'iterate', not %r" % exchange)
     if exchange == 'iterate':
         dm = density_matrix_from_veff(mf, add_exchange(mf, v_local, np.asarray(dm)),
-                                      dm_sad, h1e, s1e)
+                                      dm_sad, h1e, s1e, x)
         log.info('densr: exchange rebuilt from the first diagonalisation in %.2f s',
                  time.perf_counter() - t2)
     return dm

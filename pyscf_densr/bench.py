@@ -1,0 +1,977 @@
+"""The benchmark: SCF cycles, wall time and guess quality of densr against PySCF's guesses.
+
+    densr bench ../shared/molecules --levels pbe/def2-svp --guesses minao sap densr
+    densr bench --heldout ../shared/data --range 450 500 --limit 10 --csv heldout.csv
+    densr bench --drugs --levels pbe/def2-svp --guesses minao densr control --plots plots/
+    python -m pyscf_densr.bench --smiles CCO --levels hf/cc-pvdz b3lyp/def2-tzvp+df
+
+For every molecule x level x guess one SCF runs from a fresh SCF object (PySCF's default
+convergence settings unless ``--conv-tol``/``--max-cycle``/``--grids-level`` say otherwise);
+all guesses of one molecule and level run one after another in this process, so their times
+are comparable. ``minao`` always runs first: its converged solution is the reference
+(energy ``E_conv``, density matrix ``P_conv``) of every other row.
+
+Guesses: PySCF's own (``minao atom huckel mod_huckel sap vsap 1e``; ``vsap`` needs a DFT
+level), ``densr`` (:func:`pyscf_densr.init_guess`, the public path), and two references
+that use the same projection (:func:`project.density_matrix_from_delta_rho`) on the model's
+fine grid:
+
+``oracle``   fed the exact delta-rho = rho[P_conv] - rho[P_SAD]: what a perfect network
+             would give; the limit of the projection.
+``control``  fed delta-rho = 0: only the projection's Fock build of the SAD density acts;
+             what densr gains over this is the network's contribution.
+
+Columns of a row (:data:`COLUMNS`; energies in Hartree, times in seconds, NMAE in percent):
+
+``molecule level guess``     the key (``--resume`` skips rows whose key is in the CSV)
+``natm nao nelectron charge spin``
+``converged cycles e_tot``   ``mf.converged``, ``mf.cycles``, ``mf.e_tot``
+``dE``                       e_tot - e_tot(minao)
+``same_state``               converged and |dE| < 1e-6 (:data:`SAME_STATE_TOL`)
+``guess_time scf_time total_time``  wall times of making dm0, of ``mf.kernel(dm0)``, and
+                             their sum. One-time work that the guess triggers and the SCF
+                             then reuses (the 4-centre integrals or DF tensor of its J
+                             build, DFT grids) counts in the guess time; total_time is the
+                             fair comparison. Loading the network (torch import, weights)
+                             happens once per process before any timing.
+``proj_score``               Tr(P_conv S P_guess S) / N_electrons (Lehtola, JCTC 2019), spin
+                             blocks summed (a restricted P counts as P/2 per spin), so 1 is
+                             the exact answer
+``dE_guess``                 E[P_guess] - E_conv (``mf.energy_tot(dm0)``; not timed)
+``nmae_sad``                 NMAE of rho[P_SAD] against rho[P_conv] on the model's fine grid
+``nmae_pred``                NMAE of the grid density the projection was fed, rho_SAD +
+                             delta-rho: densr (the network), oracle (0 by construction),
+                             control (= nmae_sad); blank for PySCF's guesses
+``nmae_dm``                  NMAE of rho[P_guess] (after projection/diagonalisation), every
+                             guess; only with ``--nmae-dm`` (one density evaluation per row)
+``voxels``                   points of the model's fine grid for this molecule
+``threads``                  ``pyscf.lib.num_threads()`` during the run
+``error``                    why the row has no result (the guess or the SCF raised)
+
+NMAE = sum |rho - rho_ref| / sum rho_ref * 100 on the fine grid (design.md). The grids are
+evaluated only when a densr/oracle/control row or ``--nmae-dm`` needs them (``--no-nmae``
+skips the NMAE columns of densr rows; oracle and control still need rho[P_conv]).
+
+Summaries per level and guess (:func:`summarize`): mean and median cycles, cycle reduction
+against minao (100 (1 - sum cycles / sum cycles of minao) over the molecules both have),
+wall-time speedup against minao (median over molecules of t_minao / t_guess, and
+sum t_minao / sum t_guess, total times), same-state rate, guess-time fraction
+(sum guess_time / sum total_time), mean projection score, median E[P_guess] - E_conv and
+mean NMAE.
+"""
+
+import argparse
+import contextlib
+import csv
+import glob
+import math
+import os
+import sys
+import time
+
+import numpy as np
+from pyscf import gto, lib
+
+SAME_STATE_TOL = 1e-6   # Hartree
+PYSCF_GUESSES = {
+    'minao': 'init_guess_by_minao',
+    'atom': 'init_guess_by_atom',
+    'huckel': 'init_guess_by_huckel',
+    'mod_huckel': 'init_guess_by_mod_huckel',
+    'sap': 'init_guess_by_sap',
+    'vsap': 'init_guess_by_vsap',
+    '1e': 'init_guess_by_1e',
+    'hcore': 'init_guess_by_1e',
+}
+GRID_GUESSES = ('densr', 'oracle', 'control')
+GUESSES = tuple(PYSCF_GUESSES) + GRID_GUESSES
+DEFAULT_GUESSES = ('minao', 'atom', 'huckel', 'sap', 'vsap', '1e', 'densr', 'oracle', 'control')
+HELDOUT_RANGE = (450, 500)  # test split of the shipped models (shared/data shard 000450)
+
+COLUMNS = ['molecule', 'level', 'guess', 'natm', 'nao', 'nelectron', 'charge', 'spin',
+           'converged', 'cycles', 'e_tot', 'dE', 'same_state',
+           'guess_time', 'scf_time', 'total_time',
+           'proj_score', 'dE_guess', 'nmae_sad', 'nmae_pred', 'nmae_dm',
+           'voxels', 'threads', 'error']
+_INT = ('natm', 'nao', 'nelectron', 'charge', 'spin', 'cycles', 'voxels', 'threads')
+_BOOL = ('converged', 'same_state')
+_STR = ('molecule', 'level', 'guess', 'error')
+
+# Well-known drug molecules (C, H, N, O only: the elements the shipped models were trained
+# on), 20 to 57 atoms with hydrogens; ``--drugs`` benchmarks them.
+DRUGS = {
+    'paracetamol': 'CC(=O)Nc1ccc(O)cc1',
+    'aspirin': 'CC(=O)Oc1ccccc1C(=O)O',
+    'caffeine': 'Cn1cnc2c1c(=O)n(C)c(=O)n2C',
+    'nicotine': 'CN1CCC[C@H]1c1cccnc1',
+    'ibuprofen': 'CC(C)Cc1ccc(cc1)C(C)C(=O)O',
+    'morphine': 'CN1CC[C@]23c4c5ccc(O)c4O[C@H]2[C@@H](O)C=C[C@H]3[C@H]1C5',
+    'testosterone': 'C[C@]12CC[C@H]3[C@@H](CCC4=CC(=O)CC[C@]34C)[C@@H]1CC[C@@H]2O',
+    'tamoxifen': 'CC/C(=C(\\c1ccccc1)c1ccc(OCCN(C)C)cc1)c1ccccc1',
+}
+
+
+# --------------------------------------------------------------------------------------------
+# molecules: dicts with name, numbers, coords (Bohr), charge, spin (None: by electron parity)
+
+def _spin_of(numbers, charge, spin):
+    return (int(sum(numbers)) - int(charge)) % 2 if spin is None else int(spin)
+
+
+def molecules_from_xyz(paths, charge=0, spin=None):
+    """Molecules of xyz files (Angstrom): files, folders (their ``*.xyz``) or glob patterns.
+
+    A comment line ``charge=Q spin=S`` (or ``multiplicity=M``) sets the molecule's charge and
+    spin; else ``charge``/``spin`` apply (spin None: 0 or 1 by electron count). A file with
+    several frames gives ``name:k`` per frame.
+    """
+    from pyscf_densr import data
+    out = []
+    for p in ([paths] if isinstance(paths, str) else paths):
+        files = data.xyz_files(p)
+        if not files:
+            raise FileNotFoundError('no xyz files at %s' % p)
+        for path in files:
+            frames = data.read_xyz(path)
+            stem = os.path.splitext(os.path.basename(path))[0]
+            for k, fr in enumerate(frames):
+                info = fr['info']
+                s = info.get('spin')
+                if s is None and 'multiplicity' in info:
+                    s = int(info['multiplicity']) - 1
+                s = spin if s is None else s
+                q = int(info.get('charge', charge) or 0)
+                out.append({'name': stem if len(frames) == 1 else '%s:%d' % (stem, k),
+                            'numbers': list(fr['numbers']), 'coords': fr['coords'],
+                            'charge': q, 'spin': _spin_of(fr['numbers'], q, s)})
+    return out
+
+
+def molecules_from_smiles(smiles, names=None, seed=0):
+    """Molecules from SMILES: RDKit ETKDG (``randomSeed=seed``) + MMFF94, hydrogens added.
+
+    Charge and spin come from the SMILES (formal charges, radical electrons).
+    """
+    from pyscf_densr import data
+    from pyscf.data.nist import BOHR
+    out = []
+    for i, smi in enumerate(smiles):
+        numbers, xyz, charge, spin = data.geometry_from_smiles(smi, seed)
+        name = names[i] if names and names[i] else smi
+        out.append({'name': name, 'numbers': list(numbers),
+                    'coords': np.asarray(xyz) / BOHR, 'charge': int(charge),
+                    'spin': _spin_of(numbers, charge, spin)})
+    return out
+
+
+def molecules_from_heldout(folder, start=HELDOUT_RANGE[0], stop=HELDOUT_RANGE[1],
+                           limit=None):
+    """Molecules of the training shards (``*.h5`` in ``folder``) with index in [start, stop).
+
+    Only the geometry, charge and spin are used; every level recomputes its own reference.
+    Names are ``{set}_{index}``, e.g. ``qm9_000450``. ``limit`` keeps the first N by index.
+    """
+    import h5py
+    found = []
+    files = sorted(glob.glob(os.path.join(folder, '*.h5')))
+    if not files:
+        raise FileNotFoundError('no *.h5 shards in %s' % folder)
+    for path in files:
+        prefix = os.path.basename(path).split('_')[0]
+        with h5py.File(path, 'r') as f:
+            for key in f:
+                if not key.isdigit() or not start <= int(key) < stop:
+                    continue
+                g = f[key]
+                if 'numbers' not in g or 'coords' not in g:
+                    continue
+                numbers = [int(z) for z in g['numbers'][()]]
+                q = int(g.attrs.get('charge', 0))
+                found.append((int(key), {
+                    'name': '%s_%s' % (prefix, key), 'numbers': numbers,
+                    'coords': np.asarray(g['coords'][()], dtype=float), 'charge': q,
+                    'spin': _spin_of(numbers, q, g.attrs.get('spin'))}))
+    found.sort(key=lambda t: t[0])
+    out = [m for _, m in found]
+    return out[:limit] if limit else out
+
+
+def _unique_names(molecules):
+    seen = {}
+    for m in molecules:
+        n = m['name']
+        if n in seen:
+            seen[n] += 1
+            m['name'] = '%s#%d' % (n, seen[n])
+        else:
+            seen[n] = 0
+    return molecules
+
+
+def build_mol(molecule, basis, verbose=0, max_memory=None):
+    """PySCF Mole of a molecule dict (coordinates in Bohr) in ``basis``; ``max_memory`` in
+    MB (default PySCF's, 4000 or ``PYSCF_MAX_MEMORY``)."""
+    mol = gto.M(atom=[(int(z), tuple(float(x) for x in r))
+                      for z, r in zip(molecule['numbers'], molecule['coords'])],
+                unit='Bohr', basis=basis, charge=int(molecule.get('charge') or 0),
+                spin=_spin_of(molecule['numbers'], molecule.get('charge') or 0,
+                              molecule.get('spin')),
+                verbose=verbose)
+    if max_memory:
+        mol.max_memory = float(max_memory)
+    return mol
+
+
+# --------------------------------------------------------------------------------------------
+# levels and SCF objects
+
+def parse_level(text):
+    """``'method/basis[+df]'`` -> dict(name, method, basis, df).
+
+    ``method`` is ``hf`` (RHF, or UHF for open shells), ``rohf``/``uhf``, or an XC functional
+    (RKS, or UKS for open shells); ``+df`` asks for density fitting (PySCF's default auxiliary
+    basis). Examples: ``pbe/def2-svp``, ``b3lyp/def2-tzvp+df``, ``hf/cc-pvdz``.
+    """
+    name = text.strip()
+    body, df = name, False
+    if body.lower().endswith('+df'):
+        body, df = body[:-3], True
+    if body.count('/') != 1:
+        raise ValueError('level %r is not METHOD/BASIS[+df], e.g. pbe/def2-svp' % text)
+    method, basis = (s.strip() for s in body.split('/'))
+    if not method or not basis:
+        raise ValueError('level %r is not METHOD/BASIS[+df], e.g. pbe/def2-svp' % text)
+    return {'name': name, 'method': method.lower(), 'basis': basis, 'df': df}
+
+
+def make_scf(mol, level, grids_level=None, conv_tol=None, max_cycle=None, df_auxbasis=None):
+    """A fresh SCF object for ``level`` (a :func:`parse_level` dict); PySCF's defaults.
+
+    ``df_auxbasis`` replaces PySCF's default fitting basis of ``+df`` levels.
+    """
+    from pyscf import scf, dft
+    method = level['method']
+    if method in ('hf', 'rhf', 'uhf', 'rohf'):
+        if method == 'rohf':
+            mf = scf.ROHF(mol)
+        elif method == 'uhf' or mol.spin:
+            mf = scf.UHF(mol)
+        else:
+            mf = scf.RHF(mol)
+    else:
+        mf = dft.UKS(mol, xc=method) if mol.spin else dft.RKS(mol, xc=method)
+        if grids_level is not None:
+            mf.grids.level = int(grids_level)
+    if level.get('df'):
+        mf = mf.density_fit(auxbasis=df_auxbasis)
+    if conv_tol is not None:
+        mf.conv_tol = float(conv_tol)
+    if max_cycle is not None:
+        mf.max_cycle = int(max_cycle)
+    mf.verbose = mol.verbose
+    return mf
+
+
+def run_scf(mf, dm0):
+    """``mf.kernel(dm0)``; returns its wall time in seconds."""
+    t0 = time.perf_counter()
+    mf.kernel(dm0)
+    return time.perf_counter() - t0
+
+
+# --------------------------------------------------------------------------------------------
+# metrics
+
+def _spin_blocks(dm):
+    dm = np.asarray(dm)
+    return (dm * .5, dm * .5) if dm.ndim == 2 else (dm[0], dm[1])
+
+
+def projection_score(dm_conv, dm_guess, s, nelectron):
+    """Tr(P_conv S P_guess S) / N (dimensionless; 1 for the exact density matrix).
+
+    Spin blocks are summed; a restricted (nao, nao) density matrix in PySCF's convention
+    (occupations 2) counts as P/2 per spin, i.e. Tr(P_conv S P_guess S) / (2N).
+    """
+    ps = [a.dot(s) for a in _spin_blocks(dm_conv)]
+    gs = [b.dot(s) for b in _spin_blocks(dm_guess)]
+    return float(sum(np.einsum('ij,ji->', a, b) for a, b in zip(ps, gs))) / nelectron
+
+
+def nmae(rho, rho_ref):
+    """sum |rho - rho_ref| / sum rho_ref, in percent (both on the same uniform grid)."""
+    return float(np.abs(np.asarray(rho) - rho_ref).sum() / np.asarray(rho_ref).sum() * 100)
+
+
+def _total(dm):
+    dm = np.asarray(dm)
+    return dm.sum(axis=0) if dm.ndim == 3 else dm
+
+
+def reference_grids(mol, dm_conv, dm_sad, config):
+    """rho[P_conv] and rho[P_SAD] (e/Bohr^3) on the model's fine grid, and that grid.
+
+    The grid is the one :func:`hook.predict_delta_rho` writes: the box of ``config``
+    (``spacing``, ``margin``, Bohr) refined ``upsample`` times.
+    """
+    from pyscf_densr import grid as grid_mod
+    box = grid_mod.make_box(mol.atom_coords(), config['spacing'], config['margin'])
+    fine = box.refine(config['upsample'])
+    rho_conv = grid_mod.eval_density(mol, _total(dm_conv), fine)
+    rho_sad = grid_mod.eval_density(mol, _total(dm_sad), fine)
+    return {'grid': fine, 'rho_conv': rho_conv, 'rho_sad': rho_sad}
+
+
+# --------------------------------------------------------------------------------------------
+# guesses
+
+@contextlib.contextmanager
+def _capture_prediction(store):
+    """Keep the (delta_rho, fine grid) of the next :func:`hook.predict_delta_rho` call."""
+    from pyscf_densr import hook
+    orig = hook.predict_delta_rho
+
+    def wrapped(*args, **kwargs):
+        out = orig(*args, **kwargs)
+        store['delta'], store['grid'] = out
+        return out
+    hook.predict_delta_rho = wrapped
+    try:
+        yield store
+    finally:
+        hook.predict_delta_rho = orig
+
+
+def make_guess(mf, guess, ref=None, model=None, device=None, exchange=None):
+    """The initial density matrix ``guess`` for ``mf``; returns (dm0, seconds, info).
+
+    ``ref`` (from :func:`reference_grids`) is needed by ``oracle``; ``model`` is a loaded
+    network (:func:`pyscf_densr.load_model`) for densr/oracle/control. ``info`` holds the
+    grid density the projection was fed (``rho_pred``, e/Bohr^3) when there is one.
+    """
+    mol = mf.mol
+    info = {}
+    if guess in PYSCF_GUESSES:
+        fn = getattr(mf, PYSCF_GUESSES[guess], None)
+        if fn is None:
+            raise ValueError('guess %r is not available for %s (vsap needs a DFT level)'
+                             % (guess, type(mf).__name__))
+        t0 = time.perf_counter()
+        dm = fn(mol)
+        return dm, time.perf_counter() - t0, info
+    if guess == 'densr':
+        import pyscf_densr
+        cap = {}
+        with _capture_prediction(cap):
+            t0 = time.perf_counter()
+            dm = pyscf_densr.init_guess(mf, model=model, device=device, exchange=exchange,
+                                        fallback='error')
+            dt = time.perf_counter() - t0
+        info.update(cap)
+        return dm, dt, info
+    if guess in ('oracle', 'control'):
+        from pyscf_densr import project
+        fine = ref['grid']
+        if guess == 'oracle':
+            delta = ref['rho_conv'] - ref['rho_sad']
+        else:
+            delta = np.zeros(fine.shape)
+        t0 = time.perf_counter()
+        dm_sad = mf.init_guess_by_minao(mol)
+        dm = project.density_matrix_from_delta_rho(
+            mf, delta, fine, dm_sad=dm_sad, auxbasis=model.config.get('auxbasis'),
+            exchange=exchange or os.environ.get('PYSCF_DENSR_EXCHANGE', 'auto'))
+        dt = time.perf_counter() - t0
+        info['delta'], info['grid'] = delta, fine
+        return dm, dt, info
+    raise ValueError('unknown guess %r (known: %s)' % (guess, ' '.join(GUESSES)))
+
+
+# --------------------------------------------------------------------------------------------
+# the run
+
+def _blank_row(molecule, level, guess, mol):
+    row = dict.fromkeys(COLUMNS)
+    row.update(molecule=molecule['name'], level=level['name'], guess=guess, natm=mol.natm,
+               nao=mol.nao, nelectron=mol.nelectron, charge=mol.charge, spin=mol.spin,
+               threads=lib.num_threads(), error='')
+    return row
+
+
+def _short_error(e):
+    msg = '%s: %s' % (type(e).__name__, e)
+    return ' '.join(msg.split())[:200]
+
+
+def bench_molecule(molecule, level, guesses=DEFAULT_GUESSES, model=None, device=None,
+                   exchange=None, done=(), nmae_mode='pred', grids_level=None, conv_tol=None,
+                   max_cycle=None, verbose=0, on_row=None, df_auxbasis=None,
+                   max_memory=None):
+    """Rows (dicts of :data:`COLUMNS`) of one molecule at one level, every guess in turn.
+
+    ``minao`` runs first as the reference. Guesses whose (molecule, level, guess) key is in
+    ``done`` are skipped (the minao reference still runs if any other guess is left).
+    ``model`` is a loaded network, a name or None (the default model) for
+    densr/oracle/control. ``nmae_mode``: ``'pred'``
+    (NMAE of the grid densities), ``'dm'`` (also of rho[P_guess] for every guess) or
+    ``'none'``. ``on_row(row)`` is called as each row is finished. ``df_auxbasis`` and
+    ``max_memory`` (MB) go to :func:`make_scf` and :func:`build_mol`.
+    """
+    order = ['minao'] + [g for g in guesses if g != 'minao']
+    todo = [g for g in order if (molecule['name'], level['name'], g) not in done]
+    if not todo:
+        return []
+    mol = build_mol(molecule, level['basis'], verbose, max_memory)
+    rows = []
+
+    def emit(row):
+        rows.append(row)
+        if on_row is not None:
+            on_row(row)
+
+    def scf(guess, ref=None):
+        mf = make_scf(mol, level, grids_level, conv_tol, max_cycle, df_auxbasis)
+        row = _blank_row(molecule, level, guess, mol)
+        dm0, info = None, {}
+        try:
+            dm0, row['guess_time'], info = make_guess(mf, guess, ref, model, device, exchange)
+            row['scf_time'] = run_scf(mf, dm0)
+        except Exception as e:  # a failed guess is a result, not the end of the benchmark
+            row['error'] = _short_error(e)
+            row['converged'] = False
+            row['same_state'] = False
+            return mf, row, dm0, info
+        row['total_time'] = row['guess_time'] + row['scf_time']
+        row['converged'] = bool(mf.converged)
+        row['cycles'] = int(mf.cycles)
+        row['e_tot'] = float(mf.e_tot)
+        return mf, row, dm0, info
+
+    mf_ref, row_ref, dm_sad, _ = scf('minao')
+    if row_ref['error']:
+        for g in todo:
+            row = _blank_row(molecule, level, g, mol)
+            row.update(error='minao reference failed: ' + row_ref['error'],
+                       converged=False, same_state=False)
+            emit(row)
+        return rows
+    e_conv = row_ref['e_tot']
+    dm_conv = mf_ref.make_rdm1()
+    s = mf_ref.get_ovlp()
+    # oracle and control need the fine grid (and oracle rho[P_conv]); the NMAE columns need
+    # both densities. Evaluated outside every timing.
+    grids = None
+    if ('oracle' in todo or 'control' in todo or nmae_mode == 'dm'
+            or (nmae_mode == 'pred' and 'densr' in todo)):
+        if model is None or isinstance(model, (str, os.PathLike)):
+            model = warm_model(model, device)
+        grids = reference_grids(mol, dm_conv, dm_sad, model.config)
+        nmae_sad = nmae(grids['rho_sad'], grids['rho_conv'])
+
+    def finish(mf, row, dm0, info):
+        if not row['error']:
+            row['dE'] = row['e_tot'] - e_conv
+            row['same_state'] = bool(row['converged'] and row_ref['converged']
+                                     and abs(row['dE']) < SAME_STATE_TOL)
+            row['proj_score'] = projection_score(dm_conv, dm0, s, mol.nelectron)
+            try:
+                row['dE_guess'] = float(mf.energy_tot(dm0)) - e_conv
+            except Exception as e:  # the row keeps its SCF result; only this column is blank
+                print('densr bench: E[P_guess] of %s %s %s failed: %s' % (
+                    row['molecule'], row['level'], row['guess'], _short_error(e)),
+                    file=sys.stderr)
+        if grids is not None:
+            row['voxels'] = grids['grid'].size
+            if nmae_mode != 'none':
+                row['nmae_sad'] = nmae_sad
+                if 'delta' in info and tuple(info['grid'].shape) == grids['grid'].shape:
+                    row['nmae_pred'] = nmae(grids['rho_sad'] + info['delta'],
+                                            grids['rho_conv'])
+            if nmae_mode == 'dm' and dm0 is not None:
+                from pyscf_densr import grid as grid_mod
+                row['nmae_dm'] = nmae(grid_mod.eval_density(mol, _total(dm0), grids['grid']),
+                                      grids['rho_conv'])
+        emit(row)
+
+    if 'minao' in todo:
+        finish(mf_ref, row_ref, dm_sad, {})
+    for g in todo:
+        if g == 'minao':
+            continue
+        finish(*scf(g, grids))
+    return rows
+
+
+def bench(molecules, levels, guesses=DEFAULT_GUESSES, model=None, device=None, exchange=None,
+          done=(), nmae_mode='pred', grids_level=None, conv_tol=None, max_cycle=None,
+          verbose=0, on_row=None, progress=False, df_auxbasis=None, max_memory=None):
+    """Rows of every molecule x level (x guess); see :func:`bench_molecule`.
+
+    ``levels`` are strings (``'pbe/def2-svp'``) or :func:`parse_level` dicts; ``model`` a
+    shipped name, a path or a loaded network (loaded and warmed up here, before any timing).
+    """
+    levels = [parse_level(lv) if isinstance(lv, str) else lv for lv in levels]
+    guesses = check_guesses(guesses)
+    tasks = [(m, lv) for m in molecules for lv in levels]
+    left = [(m['name'], lv['name'], g) for m, lv in tasks for g in guesses
+            if (m['name'], lv['name'], g) not in done]
+    net = None
+    if any(g in GRID_GUESSES for *_, g in left) or (left and nmae_mode == 'dm'):
+        net = warm_model(model, device)
+    bar = _progress(len(tasks), progress)
+    rows = []
+    try:
+        for m, lv in tasks:
+            if bar is not None:
+                bar.set_postfix_str('%s %s' % (m['name'][:24], lv['name']))
+            rows += bench_molecule(m, lv, guesses, net, device, exchange, done, nmae_mode,
+                                   grids_level, conv_tol, max_cycle, verbose, on_row,
+                                   df_auxbasis, max_memory)
+            if bar is not None:
+                bar.update()
+    finally:
+        if bar is not None:
+            bar.close()
+    return rows
+
+
+def check_guesses(guesses):
+    """Lower-cased guess names, validated, minao first, no duplicates."""
+    out = []
+    for g in guesses:
+        g = g.lower()
+        if g not in GUESSES:
+            raise ValueError('unknown guess %r (known: %s)' % (g, ' '.join(GUESSES)))
+        if g not in out:
+            out.append(g)
+    return ['minao'] + [g for g in out if g != 'minao']
+
+
+def warm_model(model=None, device=None):
+    """Load the network once and run it on a tiny box, so no timing includes the torch
+    import, the weight loading or first-call set-up."""
+    import pyscf_densr
+    from pyscf_densr import model as model_mod
+    net = pyscf_densr.load_model(model, device)
+    model_mod.predict(net, np.full((8, 8, 8), 1e-3))
+    return net
+
+
+def _progress(total, enabled):
+    if not enabled:
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc='densr bench', unit='mol-level', dynamic_ncols=True)
+
+
+# --------------------------------------------------------------------------------------------
+# summaries
+
+def _f(rows, key):
+    return [r[key] for r in rows if r.get(key) is not None and not
+            (isinstance(r[key], float) and math.isnan(r[key]))]
+
+
+def _mean(x):
+    return float(np.mean(x)) if len(x) else None
+
+
+def _median(x):
+    return float(np.median(x)) if len(x) else None
+
+
+def summarize(rows):
+    """{level: {guess: stats}}: per-level statistics of every guess (see module docstring).
+
+    Speedups and the cycle reduction compare a guess with minao on the molecules where both
+    have a finished row (unconverged runs count with their ``cycles``, i.e. ``max_cycle``).
+    """
+    out = {}
+    for level in dict.fromkeys(r['level'] for r in rows):
+        lrows = [r for r in rows if r['level'] == level]
+        minao = {r['molecule']: r for r in lrows if r['guess'] == 'minao'
+                 and not r.get('error')}
+        out[level] = {}
+        for guess in dict.fromkeys(r['guess'] for r in lrows):
+            g = [r for r in lrows if r['guess'] == guess]
+            ok = [r for r in g if not r.get('error')]
+            pair = [(minao[r['molecule']], r) for r in ok if r['molecule'] in minao]
+            cyc = _f(ok, 'cycles')
+            st = {'n': len(g), 'errors': len(g) - len(ok),
+                  'converged': sum(bool(r['converged']) for r in g),
+                  'cycles_mean': _mean(cyc), 'cycles_median': _median(cyc)}
+            c0 = sum(a['cycles'] for a, _ in pair)
+            st['cycle_reduction'] = (100 * (1 - sum(b['cycles'] for _, b in pair) / c0)
+                                     if pair and c0 else None)
+            ratios = [a['total_time'] / b['total_time'] for a, b in pair if b['total_time']]
+            st['speedup_median'] = _median(ratios)
+            t_b = sum(b['total_time'] for _, b in pair)
+            st['speedup_total'] = sum(a['total_time'] for a, _ in pair) / t_b if t_b else None
+            st['same_state_rate'] = (sum(bool(r['same_state']) for r in g) / len(g)
+                                     if g else None)
+            tt = sum(_f(ok, 'total_time'))
+            st['guess_fraction'] = sum(_f(ok, 'guess_time')) / tt if tt else None
+            st['guess_time_mean'] = _mean(_f(ok, 'guess_time'))
+            st['total_time_sum'] = tt
+            st['proj_score_mean'] = _mean(_f(ok, 'proj_score'))
+            st['dE_guess_median'] = _median(_f(ok, 'dE_guess'))
+            st['nmae_pred_mean'] = _mean(_f(ok, 'nmae_pred'))
+            st['nmae_dm_mean'] = _mean(_f(ok, 'nmae_dm'))
+            st['nmae_sad_mean'] = _mean(_f(ok, 'nmae_sad'))
+            out[level][guess] = st
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# tables, CSV, plots
+
+def _fmt(v, spec):
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return '-'
+    if isinstance(v, bool):
+        return 'yes' if v else 'no'
+    return format(v, spec)
+
+
+def _table(header, lines):
+    w = [max(len(str(x)) for x in col) for col in zip(header, *lines)]
+    fmt = lambda cells: '  '.join(str(c).rjust(n) for c, n in zip(cells, w))  # noqa: E731
+    return '\n'.join([fmt(header), fmt(['-' * n for n in w])] + [fmt(ln) for ln in lines])
+
+
+def format_rows(rows):
+    """A plain-text table of the rows (one line per molecule x level x guess)."""
+    header = ['molecule', 'level', 'guess', 'natm', 'nao', 'conv', 'cycles', 'dE/Eh', 'same',
+              't_guess/s', 't_scf/s', 't_total/s', 'proj', 'E[Pg]-E/Eh', 'nmae%', 'sad%',
+              'error']
+    lines = []
+    for r in rows:
+        nm = r.get('nmae_pred')
+        lines.append([r['molecule'][:28], r['level'], r['guess'], r['natm'], r['nao'],
+                      _fmt(r['converged'], ''), _fmt(r['cycles'], 'd'), _fmt(r['dE'], '.1e'),
+                      _fmt(r['same_state'], ''), _fmt(r['guess_time'], '.2f'),
+                      _fmt(r['scf_time'], '.2f'), _fmt(r['total_time'], '.2f'),
+                      _fmt(r['proj_score'], '.5f'), _fmt(r['dE_guess'], '.2e'),
+                      _fmt(nm, '.2f'), _fmt(r.get('nmae_sad') if nm is not None else None,
+                                            '.2f'), (r.get('error') or '')[:40]])
+    return _table(header, lines)
+
+
+def format_summary(summary):
+    """A plain-text table per level of :func:`summarize`'s statistics.
+
+    ``nmae%`` is the grid density fed to the projection (densr/oracle/control), ``sad%`` the
+    SAD density's NMAE on the same molecules, ``dm%`` that of rho[P_guess] (``--nmae-dm``).
+    """
+    pct = lambda v: None if v is None else 100 * v  # noqa: E731
+    out = []
+    for level, per in summary.items():
+        with_dm = any(st['nmae_dm_mean'] is not None for st in per.values())
+        header = ['guess', 'n', 'err', 'conv', 'cyc mean', 'cyc med', 'cyc -%',
+                  'speedup med', 'speedup tot', 'same %', 'guess %', 'proj', 'E[Pg]-E med',
+                  'nmae%', 'sad%'] + (['dm%'] if with_dm else [])
+        lines = []
+        for guess, st in per.items():
+            ln = [guess, st['n'], st['errors'], st['converged'],
+                  _fmt(st['cycles_mean'], '.2f'), _fmt(st['cycles_median'], '.1f'),
+                  _fmt(st['cycle_reduction'], '.1f'), _fmt(st['speedup_median'], '.2f'),
+                  _fmt(st['speedup_total'], '.2f'), _fmt(pct(st['same_state_rate']), '.0f'),
+                  _fmt(pct(st['guess_fraction']), '.1f'), _fmt(st['proj_score_mean'], '.4f'),
+                  _fmt(st['dE_guess_median'], '.2e'), _fmt(st['nmae_pred_mean'], '.2f'),
+                  _fmt(st['nmae_sad_mean'] if st['nmae_pred_mean'] is not None else None,
+                       '.2f')]
+            if with_dm:
+                ln.append(_fmt(st['nmae_dm_mean'], '.2f'))
+            lines.append(ln)
+        out.append('== %s ==\n%s' % (level, _table(header, lines)))
+    return '\n\n'.join(out)
+
+
+def _csv_value(v):
+    if v is None:
+        return ''
+    if isinstance(v, bool):
+        return '1' if v else '0'
+    if isinstance(v, float):
+        return repr(v)
+    return str(v)
+
+
+def _parse_value(key, text):
+    if text is None or text == '':
+        return '' if key in _STR else None
+    if key in _STR:
+        return text
+    if key in _BOOL:
+        return text.strip().lower() in ('1', 'true', 'yes')
+    if key in _INT:
+        return int(float(text))
+    return float(text)
+
+
+def read_csv(path):
+    """Rows of a benchmark CSV, typed (ints, floats, bools; blanks are None)."""
+    with open(path, newline='') as f:
+        return [{k: _parse_value(k, r.get(k)) for k in COLUMNS} for r in csv.DictReader(f)]
+
+
+def write_csv(path, rows):
+    """Write ``rows`` to ``path`` (header :data:`COLUMNS`)."""
+    with open(path, 'w', newline='') as f:
+        w = csv.writer(f)
+        w.writerow(COLUMNS)
+        for r in rows:
+            w.writerow([_csv_value(r.get(k)) for k in COLUMNS])
+
+
+class CsvAppender:
+    """Appends each finished row to a CSV at once (so ``--resume`` loses nothing)."""
+
+    def __init__(self, path, rows=()):
+        self.path = path
+        write_csv(path, rows)
+
+    def __call__(self, row):
+        with open(self.path, 'a', newline='') as f:
+            csv.writer(f).writerow([_csv_value(row.get(k)) for k in COLUMNS])
+
+
+def plot(rows, folder):
+    """PNG figures of ``rows`` in ``folder``; returns their paths.
+
+    ``cycles.png``: SCF cycles per guess (box plot, one panel per level).
+    ``time_vs_size.png``: total time (filled) and guess time (open) against basis size.
+    ``guess_time_vs_voxels.png``: guess time of densr/oracle/control against fine-grid points.
+    """
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    os.makedirs(folder, exist_ok=True)
+    rows = [r for r in rows if not r.get('error') and r.get('cycles') is not None]
+    levels = list(dict.fromkeys(r['level'] for r in rows))
+    guesses = list(dict.fromkeys(r['guess'] for r in rows))
+    colors = {g: plt.cm.tab10(i % 10) for i, g in enumerate(guesses)}
+    paths = []
+    if not levels:
+        return paths
+    n = len(levels)
+
+    fig, axes = plt.subplots(1, n, figsize=(max(5, 1.0 * len(guesses) + 1) * n, 4),
+                             squeeze=False)
+    for ax, lv in zip(axes[0], levels):
+        gs = [g for g in guesses if any(r['level'] == lv and r['guess'] == g for r in rows)]
+        data = [[r['cycles'] for r in rows if r['level'] == lv and r['guess'] == g] for g in gs]
+        ax.boxplot(data, showmeans=True)
+        ax.set_xticks(range(1, len(gs) + 1))
+        ax.set_xticklabels(gs, rotation=30)
+        for i, d in enumerate(data):
+            ax.scatter(np.full(len(d), i + 1) + np.random.default_rng(i).uniform(-.15, .15,
+                                                                                  len(d)),
+                       d, s=8, color=colors[gs[i]], alpha=.6, zorder=3)
+        ax.set_title(lv)
+        ax.set_ylabel('SCF cycles')
+    fig.tight_layout()
+    paths.append(os.path.join(folder, 'cycles.png'))
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, n, figsize=(6 * n, 4.5), squeeze=False)
+    for ax, lv in zip(axes[0], levels):
+        for g in guesses:
+            rr = [r for r in rows if r['level'] == lv and r['guess'] == g]
+            if not rr:
+                continue
+            x = [r['nao'] for r in rr]
+            ax.scatter(x, [r['total_time'] for r in rr], color=colors[g], label=g, s=18)
+            ax.scatter(x, [max(r['guess_time'], 1e-4) for r in rr], facecolors='none',
+                       edgecolors=colors[g], marker='s', s=18)
+        ax.scatter([], [], color='k', s=18, label='filled: total (guess + SCF)')
+        ax.scatter([], [], facecolors='none', edgecolors='k', marker='s', s=18,
+                   label='open: guess alone')
+        ax.set_xlabel('basis functions (nao)')
+        ax.set_ylabel('wall time / s')
+        ax.set_yscale('log')
+        ax.set_title(lv)
+        ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    paths.append(os.path.join(folder, 'time_vs_size.png'))
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+
+    vox = [r for r in rows if r['guess'] in GRID_GUESSES and r.get('voxels')]
+    if vox:
+        fig, ax = plt.subplots(figsize=(6, 4.5))
+        for g in GRID_GUESSES:
+            for lv in levels:
+                rr = [r for r in vox if r['guess'] == g and r['level'] == lv]
+                if rr:
+                    ax.scatter([r['voxels'] for r in rr], [r['guess_time'] for r in rr],
+                               color=colors.get(g), s=18,
+                               marker='o' if lv == levels[0] else 'x',
+                               label='%s %s' % (g, lv))
+        ax.set_xscale('log')
+        ax.set_yscale('log')
+        ax.set_xlabel('fine-grid points')
+        ax.set_ylabel('guess time / s')
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        paths.append(os.path.join(folder, 'guess_time_vs_voxels.png'))
+        fig.savefig(paths[-1], dpi=120)
+        plt.close(fig)
+    return paths
+
+
+# --------------------------------------------------------------------------------------------
+# command line
+
+def _parser():
+    p = argparse.ArgumentParser(
+        prog='densr bench',
+        description='SCF cycles, wall time and guess quality of the densr guess against '
+                    "PySCF's guesses (and the oracle/control references of the projection).",
+        epilog='Examples:\n'
+               '  densr bench ../shared/molecules --levels pbe/def2-svp\n'
+               '  densr bench --heldout ../shared/data --range 450 500 --limit 10 '
+               '--csv heldout.csv --resume\n'
+               '  densr bench --drugs --guesses minao sap densr control --plots plots/\n'
+               'Set OMP_NUM_THREADS (or --threads) for the number of cores PySCF and torch use.',
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_argument_group('molecules')
+    src.add_argument('inputs', nargs='*', metavar='XYZ',
+                     help='xyz files, folders of *.xyz or glob patterns (Angstrom)')
+    src.add_argument('--smiles', nargs='+', default=[], metavar='SMILES',
+                     help='SMILES strings (RDKit ETKDG + MMFF94 geometry)')
+    src.add_argument('--smiles-file', metavar='FILE',
+                     help="a file with one 'SMILES [name]' per line")
+    src.add_argument('--drugs', action='store_true',
+                     help='the built-in drug set: %s' % ', '.join(DRUGS))
+    src.add_argument('--seed', type=int, default=0, help='RDKit embedding seed (default 0)')
+    src.add_argument('--heldout', metavar='DIR',
+                     help='training shards (*.h5): benchmark the molecules with index in --range')
+    src.add_argument('--range', nargs=2, type=int, default=list(HELDOUT_RANGE),
+                     metavar=('START', 'STOP'),
+                     help='index range [START, STOP) of --heldout (default %d %d: the test '
+                          'split of the shipped models)' % HELDOUT_RANGE)
+    src.add_argument('--limit', type=int, help='at most this many molecules (in input order)')
+    src.add_argument('--charge', type=int, default=0,
+                     help='charge of xyz molecules whose comment line gives none (default 0)')
+    src.add_argument('--spin', type=int, default=None,
+                     help='2S of xyz molecules whose comment line gives none '
+                          '(default: 0 or 1 by electron count)')
+    run = p.add_argument_group('calculations')
+    run.add_argument('--levels', nargs='+', default=['pbe/def2-svp'], metavar='LEVEL',
+                     help='METHOD/BASIS[+df], e.g. pbe/def2-svp b3lyp/def2-tzvp hf/cc-pvdz+df '
+                          '(default pbe/def2-svp)')
+    run.add_argument('--guesses', nargs='+', default=list(DEFAULT_GUESSES), metavar='GUESS',
+                     help='from: %s (default: %s; minao always runs, it is the reference)'
+                          % (' '.join(GUESSES), ' '.join(DEFAULT_GUESSES)))
+    run.add_argument('--model', help='densr model: shipped name or path to NAME.pt')
+    run.add_argument('--device', help="torch device of the network ('cpu', 'cuda')")
+    run.add_argument('--exchange', choices=('auto', 'sad', 'iterate'),
+                     help='exact-exchange option of the projection (densr, oracle, control)')
+    run.add_argument('--threads', type=int, help='pyscf.lib.num_threads (default: as set)')
+    run.add_argument('--grids-level', type=int, help="DFT grids level (default PySCF's, 3)")
+    run.add_argument('--conv-tol', type=float, help="SCF conv_tol (default PySCF's, 1e-9)")
+    run.add_argument('--max-cycle', type=int, help="SCF max_cycle (default PySCF's, 50)")
+    run.add_argument('--df-auxbasis', metavar='BASIS',
+                     help="fitting basis of +df levels (default PySCF's choice), e.g. "
+                          "def2-universal-jfit for pure functionals")
+    run.add_argument('--max-memory', type=float, metavar='MB',
+                     help="PySCF max_memory (default 4000 or PYSCF_MAX_MEMORY); a DF tensor "
+                          "larger than this is read from disk every cycle")
+    run.add_argument('--nmae-dm', action='store_true',
+                     help='also the NMAE of rho[P_guess] of every guess (one density '
+                          'evaluation per row)')
+    run.add_argument('--no-nmae', action='store_true',
+                     help='skip the NMAE columns (saves the reference densities unless '
+                          'oracle runs)')
+    run.add_argument('--verbose', type=int, default=0, help='PySCF verbosity (default 0)')
+    out = p.add_argument_group('output')
+    out.add_argument('--csv', help='write rows to this CSV as they finish')
+    out.add_argument('--resume', action='store_true',
+                     help='keep the rows already in --csv and skip their '
+                          '(molecule, level, guess)')
+    out.add_argument('--plots', metavar='DIR', help='write PNG plots to DIR')
+    out.add_argument('--summary-only', action='store_true',
+                     help='print only the per-level summary, not every row')
+    out.add_argument('--no-progress', action='store_true', help='no progress bar')
+    return p
+
+
+def collect_molecules(args):
+    """The molecules the command line asks for, names made unique."""
+    mols = []
+    if args.inputs:
+        mols += molecules_from_xyz(args.inputs, args.charge, args.spin)
+    smiles, names = list(args.smiles), [None] * len(args.smiles)
+    if args.smiles_file:
+        from pyscf_densr import data
+        sm, nm = data.read_smiles(args.smiles_file)
+        for i in sorted(sm):
+            smiles.append(sm[i])
+            names.append(nm.get(i))
+    if args.drugs:
+        smiles += list(DRUGS.values())
+        names += list(DRUGS)
+    if smiles:
+        mols += molecules_from_smiles(smiles, names, args.seed)
+    if args.heldout:
+        start, stop = args.range
+        if start < HELDOUT_RANGE[0]:
+            print('densr bench: warning: indices below %d are in the shipped models\' '
+                  'training split; they are not held out' % HELDOUT_RANGE[0], file=sys.stderr)
+        mols += molecules_from_heldout(args.heldout, start, stop)
+    if args.limit:
+        mols = mols[:args.limit]
+    return _unique_names(mols)
+
+
+def main(argv=None):
+    """``densr bench`` / ``python -m pyscf_densr.bench``; returns the exit status."""
+    args = _parser().parse_args(argv)
+    if args.resume and not args.csv:
+        print('densr bench: --resume needs --csv', file=sys.stderr)
+        return 2
+    if args.threads:
+        lib.num_threads(args.threads)
+    levels = [parse_level(s) for s in args.levels]
+    guesses = check_guesses(args.guesses)
+    molecules = collect_molecules(args)
+    if not molecules:
+        print('densr bench: no molecules (give xyz files, --smiles, --smiles-file, --drugs '
+              'or --heldout)', file=sys.stderr)
+        return 2
+    old = []
+    if args.resume and os.path.exists(args.csv):
+        old = read_csv(args.csv)
+    done = {(r['molecule'], r['level'], r['guess']) for r in old}
+    on_row = CsvAppender(args.csv, old) if args.csv else None
+    nmae_mode = 'none' if args.no_nmae else 'dm' if args.nmae_dm else 'pred'
+    t0 = time.perf_counter()
+    rows = bench(molecules, levels, guesses, args.model, args.device, args.exchange, done,
+                 nmae_mode, args.grids_level, args.conv_tol, args.max_cycle, args.verbose,
+                 on_row, progress=not args.no_progress, df_auxbasis=args.df_auxbasis,
+                 max_memory=args.max_memory)
+    wall = time.perf_counter() - t0
+    # keep only the rows this command asks about (a resumed CSV may hold more)
+    keys = {(m['name'], lv['name']) for m in molecules for lv in levels}
+    allrows = [r for r in old if (r['molecule'], r['level']) in keys and r['guess'] in guesses]
+    allrows += rows
+    if not args.summary_only:
+        print(format_rows(allrows))
+        print()
+    print(format_summary(summarize(allrows)))
+    print('\n%d molecules x %d levels, %d new rows (%d from --resume) in %.1f s on %d threads'
+          % (len(molecules), len(levels), len(rows), len(allrows) - len(rows), wall,
+             lib.num_threads()))
+    if args.plots:
+        for path in plot(allrows, args.plots):
+            print('wrote', path)
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,259 @@
+"""Tests of pyscf_densr.bench (``densr bench``): columns, reference rows, oracle vs control,
+resume, plots, inputs and the summaries.
+
+Water and methane at small basis sets keep the file well under two minutes on one thread.
+The shipped model may be untrained or retrained at any time: nothing here depends on how good
+its prediction is (only that the densr row exists and is filled in).
+"""
+
+import csv
+import os
+
+import numpy as np
+import pytest
+from pyscf import gto, scf, dft
+
+from pyscf_densr import bench, cli
+from conftest import WATER, SHARED
+
+WATER_XYZ = '3\ncharge=0 name=water\n' + '\n'.join(WATER.split('; ')) + '\n'
+
+
+def _xyz(tmp_path, name='water.xyz', text=WATER_XYZ):
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+def _read_rows(path):
+    with open(path, newline='') as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope='module')
+def water_run(tmp_path_factory):
+    """One run of the command: water PBE/def2-SVP, minao + the three grid guesses."""
+    tmp = tmp_path_factory.mktemp('bench')
+    xyz = _xyz(tmp)
+    out = tmp / 'rows.csv'
+    plots = tmp / 'plots'
+    rc = bench.main([xyz, '--levels', 'pbe/def2-svp', '--guesses', 'densr', 'oracle',
+                     'control', '--csv', str(out), '--plots', str(plots), '--no-progress',
+                     '--threads', '1'])
+    assert rc == 0
+    return {'csv': str(out), 'plots': str(plots), 'rows': bench.read_csv(str(out))}
+
+
+def test_csv_has_documented_columns(water_run):
+    with open(water_run['csv'], newline='') as f:
+        header = next(csv.reader(f))
+    assert header == bench.COLUMNS
+    rows = water_run['rows']
+    # minao is always run first: it is the reference
+    assert [r['guess'] for r in rows] == ['minao', 'densr', 'oracle', 'control']
+    for r in rows:
+        assert r['molecule'] == 'water' and r['level'] == 'pbe/def2-svp'
+        assert (r['natm'], r['nao'], r['nelectron']) == (3, 24, 10)
+        assert r['threads'] == 1
+        assert r['voxels'] > 0 and r['nmae_sad'] > 0
+        if not r['error']:
+            assert r['total_time'] == pytest.approx(r['guess_time'] + r['scf_time'])
+            assert 0.5 < r['proj_score'] < 1.05
+            assert r['cycles'] >= 1
+
+
+def test_minao_row_is_the_reference(water_run):
+    ref = water_run['rows'][0]
+    assert ref['guess'] == 'minao' and not ref['error']
+    assert ref['converged'] and ref['same_state']
+    assert ref['dE'] == 0.0
+    # minao's density is SAD itself, not idempotent: E[P_SAD] may lie on either side of E_conv
+    assert np.isfinite(ref['dE_guess']) and ref['dE_guess'] != 0
+    assert ref['nmae_pred'] is None
+
+
+def test_oracle_beats_control(water_run):
+    """The exact delta-rho never needs more cycles than delta-rho = 0 (water: 5 vs 8)."""
+    rows = {r['guess']: r for r in water_run['rows']}
+    oracle, control = rows['oracle'], rows['control']
+    assert oracle['converged'] and control['converged']
+    assert oracle['same_state'] and control['same_state']
+    assert oracle['cycles'] <= control['cycles']
+    assert oracle['proj_score'] > control['proj_score']
+    assert abs(oracle['dE_guess']) < abs(control['dE_guess'])
+    assert oracle['nmae_pred'] == pytest.approx(0, abs=1e-8)
+    assert control['nmae_pred'] == pytest.approx(control['nmae_sad'])
+    densr = rows['densr']
+    if not densr['error']:
+        assert densr['nmae_pred'] >= 0
+
+
+def test_plots_are_png(water_run):
+    names = sorted(os.listdir(water_run['plots']))
+    assert names == ['cycles.png', 'guess_time_vs_voxels.png', 'time_vs_size.png']
+    for n in names:
+        with open(os.path.join(water_run['plots'], n), 'rb') as f:
+            assert f.read(8) == b'\x89PNG\r\n\x1a\n'
+
+
+def test_terminal_table(water_run, capsys):
+    rows = water_run['rows']
+    print(bench.format_rows(rows))
+    print(bench.format_summary(bench.summarize(rows)))
+    out = capsys.readouterr().out
+    assert '== pbe/def2-svp ==' in out
+    for g in ('minao', 'densr', 'oracle', 'control'):
+        assert g in out
+
+
+def test_resume_skips_finished_rows(tmp_path, monkeypatch, capsys):
+    xyz = _xyz(tmp_path)
+    out = str(tmp_path / 'r.csv')
+    argv = [xyz, '--levels', 'pbe/sto-3g', 'hf/sto-3g+df', '--guesses', 'minao', 'sap', 'vsap',
+            '--csv', out, '--no-progress']
+    calls = []
+    real = bench.run_scf
+
+    def counting(mf, dm0):
+        calls.append(type(mf).__name__)
+        return real(mf, dm0)
+    monkeypatch.setattr(bench, 'run_scf', counting)
+    assert bench.main(argv) == 0
+    # vsap needs a DFT level: an error row for HF, not PySCF's silent fallback to minao
+    assert len(calls) == 5
+    first = _read_rows(out)
+    assert len(first) == 6
+    vsap_hf = [r for r in first if r['guess'] == 'vsap' and r['level'] == 'hf/sto-3g+df'][0]
+    assert 'vsap' in vsap_hf['error'] and vsap_hf['converged'] == '0'
+
+    calls.clear()
+    capsys.readouterr()
+    assert bench.main(argv + ['--resume']) == 0
+    assert calls == []
+    assert _read_rows(out) == first
+    text = capsys.readouterr().out
+    assert '0 new rows (6 from --resume)' in text
+    assert '== hf/sto-3g+df ==' in text   # the summary includes the resumed rows
+
+    # an interrupted run: the last row is missing; only the minao reference and it run again
+    with open(out, 'w', newline='') as f:
+        w = csv.DictWriter(f, bench.COLUMNS)
+        w.writeheader()
+        w.writerows(r for r in first
+                    if not (r['guess'] == 'sap' and r['level'] == 'pbe/sto-3g'))
+    assert bench.main(argv + ['--resume']) == 0
+    assert len(calls) == 2
+    again = _read_rows(out)
+    assert len(again) == 6
+    keys = [(r['molecule'], r['level'], r['guess']) for r in again]
+    assert len(set(keys)) == 6
+
+
+def test_smiles_input(capsys):
+    pytest.importorskip('rdkit')
+    mols = bench.molecules_from_smiles(['C', '[CH3]'], names=['methane', None])
+    assert [m['name'] for m in mols] == ['methane', '[CH3]']
+    assert [len(m['numbers']) for m in mols] == [5, 4]
+    assert [m['spin'] for m in mols] == [0, 1]
+    assert bench.main(['--smiles', 'C', '--levels', 'hf/sto-3g', '--guesses', 'minao', '1e',
+                       '--no-progress']) == 0
+    out = capsys.readouterr().out
+    assert 'hf/sto-3g' in out and '1e' in out
+
+
+def test_drug_set_is_chno_and_sized():
+    rdkit = pytest.importorskip('rdkit')  # noqa: F841
+    from rdkit import Chem
+    sizes = []
+    for smi in bench.DRUGS.values():
+        m = Chem.AddHs(Chem.MolFromSmiles(smi))
+        assert {a.GetSymbol() for a in m.GetAtoms()} <= set('CHNO')
+        sizes.append(m.GetNumAtoms())
+    assert min(sizes) >= 20 and max(sizes) <= 60
+
+
+def test_xyz_charge_and_spin(tmp_path):
+    _xyz(tmp_path, 'oh.xyz', '2\ncharge=-1\nO 0 0 0\nH 0 0 0.97\n')
+    _xyz(tmp_path, 'oh_rad.xyz', '2\n\nO 0 0 0\nH 0 0 0.97\n')
+    _xyz(tmp_path, 'o2.xyz', '2\nmultiplicity=3\nO 0 0 0\nO 0 0 1.21\n')
+    mols = {m['name']: m for m in bench.molecules_from_xyz(str(tmp_path), charge=0)}
+    assert (mols['oh']['charge'], mols['oh']['spin']) == (-1, 0)
+    assert (mols['oh_rad']['charge'], mols['oh_rad']['spin']) == (0, 1)
+    assert (mols['o2']['charge'], mols['o2']['spin']) == (0, 2)
+    # CLI charge applies where the comment line gives none
+    m = bench.molecules_from_xyz(str(tmp_path / 'oh_rad.xyz'), charge=1)[0]
+    assert (m['charge'], m['spin']) == (1, 0)
+    mol = bench.build_mol(m, 'sto-3g')
+    assert mol.charge == 1 and mol.spin == 0
+    assert np.allclose(mol.atom_coord(1)[2], 0.97 / 0.52917721092, atol=1e-6)
+
+
+def test_heldout_molecules():
+    folder = os.path.join(SHARED, 'data')
+    if not os.path.exists(os.path.join(folder, 'qm9_pbe_def2svp_000450.h5')):
+        pytest.skip('the held-out shard qm9_pbe_def2svp_000450.h5 is not present')
+    mols = bench.molecules_from_heldout(folder, 450, 500, limit=3)
+    assert len(mols) == 3
+    assert all(m['name'].startswith('qm9_0004') for m in mols)
+    idx = [int(m['name'].split('_')[1]) for m in mols]
+    assert idx == sorted(idx) and all(450 <= i < 500 for i in idx)
+    assert all(m['charge'] == 0 and m['spin'] == 0 for m in mols)
+
+
+def test_parse_level():
+    assert bench.parse_level('pbe/def2-svp') == {
+        'name': 'pbe/def2-svp', 'method': 'pbe', 'basis': 'def2-svp', 'df': False}
+    lv = bench.parse_level('B3LYP/6-31+G*+df')
+    assert (lv['method'], lv['basis'], lv['df']) == ('b3lyp', '6-31+G*', True)
+    for bad in ('pbe', 'pbe/', '/def2-svp', 'a/b/c'):
+        with pytest.raises(ValueError):
+            bench.parse_level(bad)
+    mol = gto.M(atom=WATER, basis='sto-3g', verbose=0)
+    assert isinstance(bench.make_scf(mol, bench.parse_level('hf/sto-3g')), scf.hf.RHF)
+    mf = bench.make_scf(mol, bench.parse_level('pbe/sto-3g+df'), grids_level=1)
+    assert isinstance(mf, dft.rks.RKS) and mf.grids.level == 1 and hasattr(mf, 'with_df')
+    with pytest.raises(ValueError):
+        bench.check_guesses(['minao', 'nonsense'])
+    assert bench.check_guesses(['SAP', 'minao', 'sap']) == ['minao', 'sap']
+
+
+@pytest.mark.parametrize('kind', ['rhf', 'uhf'])
+def test_projection_score_of_exact_answer_is_one(kind):
+    mol = gto.M(atom=WATER, basis='sto-3g', charge=int(kind == 'uhf'),
+                spin=int(kind == 'uhf'), verbose=0)
+    mf = (scf.RHF if kind == 'rhf' else scf.UHF)(mol).run()
+    dm = mf.make_rdm1()
+    s = mf.get_ovlp()
+    assert bench.projection_score(dm, dm, s, mol.nelectron) == pytest.approx(1, abs=1e-10)
+    score = bench.projection_score(dm, mf.get_init_guess(key='1e'), s, mol.nelectron)
+    assert score < 1
+
+
+def test_summary_arithmetic():
+    def row(mol, guess, cycles, tg, ts, same=True):
+        return dict(molecule=mol, level='x/y', guess=guess, cycles=cycles, converged=True,
+                    same_state=same, guess_time=tg, scf_time=ts, total_time=tg + ts,
+                    proj_score=None, dE_guess=None, nmae_pred=None, nmae_dm=None,
+                    nmae_sad=None, error='')
+    rows = [row('a', 'minao', 10, 0.0, 10.0), row('b', 'minao', 20, 0.0, 20.0),
+            row('a', 'densr', 5, 1.0, 4.0), row('b', 'densr', 10, 2.0, 8.0, same=False)]
+    st = bench.summarize(rows)['x/y']
+    assert st['minao']['cycle_reduction'] == 0
+    d = st['densr']
+    assert d['cycles_mean'] == 7.5 and d['cycles_median'] == 7.5
+    assert d['cycle_reduction'] == pytest.approx(50)
+    assert d['speedup_median'] == pytest.approx(2.0)      # 10/5 and 20/10
+    assert d['speedup_total'] == pytest.approx(30 / 15)
+    assert d['same_state_rate'] == 0.5
+    assert d['guess_fraction'] == pytest.approx(3 / 15)
+
+
+def test_cli_help(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(['bench', '--help'])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for opt in ('--heldout', '--levels', '--guesses', '--resume', '--plots', '--csv',
+                '--smiles', '--charge'):
+        assert opt in out
+    assert bench.main([]) == 2   # no molecules: a usage error, not a crash
