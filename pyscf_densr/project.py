@@ -125,7 +125,10 @@ def _solve_metric(metric, rhs, cond, solver='auto', overwrite=False):
         raise ValueError('solver must be auto, eigh or cholesky, not %r' % solver)
     a = metric if overwrite else metric.copy()
     a[np.diag_indices(n)] += cond * max(float(np.max(np.diag(a))), 1e-300)
-    low = scipy.linalg.cho_factor(a, lower=True, overwrite_a=True, check_finite=False)
+    # LAPACK works in place on a Fortran-ordered array: a symmetric C-ordered matrix is
+    # its own transpose, so factorising a.T avoids a second (n, n) copy
+    low = scipy.linalg.cho_factor(a.T if a.flags.c_contiguous else a, lower=True,
+                                  overwrite_a=True, check_finite=False)
     return scipy.linalg.cho_solve(low, rhs, check_finite=False)
 
 
