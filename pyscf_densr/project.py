@@ -192,9 +192,9 @@ def coulomb_of_aux(mol, auxmol, c, max_memory=2000, direct_scf_tol=1e-13):
         return _coulomb_of_aux_blocks(mol, auxmol, c, max_memory)
 
 
-def _coulomb_of_aux_direct(mol, auxmol, c, direct_scf_tol=1e-13):
-    from pyscf.scf import _vhf, jk
-    c = np.asarray(c, dtype=np.float64)
+def _vj_opt(mol, auxmol, direct_scf_tol=1e-13):
+    """PySCF's screened 3-centre J machinery (as in ``df.df_jk.get_j``) for mol x auxmol."""
+    from pyscf.scf import _vhf
     opt = _vhf._VHFOpt(mol, 'int3c2e', 'CVHFnr3c2e_schwarz_cond',
                        dmcondname='CVHFnr_dm_cond', direct_scf_tol=direct_scf_tol)
     opt.init_cvhf_direct(mol, 'int2e', 'CVHFnr_int2e_q_cond')
@@ -206,16 +206,64 @@ def _coulomb_of_aux_direct(mol, auxmol, c, direct_scf_tol=1e-13):
     bas_placeholder = np.array([0, 0, 1, 1, 0, 0, 0, 0], dtype=np.int32)
     fakemol = mol + auxmol
     fakemol._bas = np.vstack((fakemol._bas, bas_placeholder))
-    nbas = mol.nbas
-    nbas1 = mol.nbas + auxmol.nbas
-    shls_slice = (0, nbas, 0, nbas, nbas, nbas1, nbas1, nbas1 + 1)
-    rho = c.reshape(1, 1, -1)
+    opt.fakemol = fakemol
+    return opt
+
+
+def _vj_slice(mol, auxmol):
+    nbas, nbas1 = mol.nbas, mol.nbas + auxmol.nbas
+    return (0, nbas, 0, nbas, nbas, nbas1, nbas1, nbas1 + 1)
+
+
+def _vj_pass2(mol, auxmol, opt, c):
+    from pyscf.scf import jk
+    c = np.asarray(c, dtype=np.float64)
+    aux_loc = auxmol.ao_loc_nr()
     with lib.temporary_env(opt, prescreen='CVHFnr3c2e_vj_pass2_prescreen', _dmcondname=None):
         opt.dm_cond = np.array([abs(c[i0:i1]).max() if i1 > i0 else 0.
                                 for i0, i1 in zip(aux_loc[:-1], aux_loc[1:])])
-        vj = jk.get_jk(fakemol, rho, ['ijkl,lk->ij'], 'int3c2e', aosym='s2ij', hermi=1,
-                       shls_slice=shls_slice, vhfopt=opt)
+        vj = jk.get_jk(opt.fakemol, c.reshape(1, 1, -1), ['ijkl,lk->ij'], 'int3c2e',
+                       aosym='s2ij', hermi=1, shls_slice=_vj_slice(mol, auxmol), vhfopt=opt)
     return np.asarray(vj).reshape(mol.nao, mol.nao)
+
+
+def _coulomb_of_aux_direct(mol, auxmol, c, direct_scf_tol=1e-13):
+    return _vj_pass2(mol, auxmol, _vj_opt(mol, auxmol, direct_scf_tol), c)
+
+
+def fit_coulomb_of_dm(mol, auxmol, dm, opt=None):
+    """Coulomb-metric density fit of the density matrix ``dm``: d = (k|l)^-1 (l|mu nu) P_mu nu.
+
+    ``sum_k d_k chi_k`` is the robust DF approximation of rho[dm] (the one PySCF's DF-J uses),
+    so ``coulomb_of_aux(mol, auxmol, d)`` is its DF Coulomb matrix.
+    """
+    from pyscf.scf import jk
+    opt = opt or _vj_opt(mol, auxmol)
+    dm = np.asarray(dm, dtype=np.float64, order='C').reshape(1, mol.nao, mol.nao)
+    with lib.temporary_env(opt, prescreen='CVHFnr3c2e_vj_pass1_prescreen'):
+        jaux = jk.get_jk(opt.fakemol, dm, ['ijkl,ji->kl'], 'int3c2e', aosym='s2ij', hermi=0,
+                         shls_slice=_vj_slice(mol, auxmol), vhfopt=opt)
+    jaux = np.asarray(jaux).reshape(-1)
+    j2c = auxmol.intor('int2c2e', hermi=1)
+    try:
+        return scipy.linalg.cho_solve(scipy.linalg.cho_factor(j2c, lower=True), jaux)
+    except scipy.linalg.LinAlgError:
+        return scipy.linalg.lstsq(j2c, jaux, cond=1e-12)[0]
+
+
+def coulomb_of_guess(mol, auxmol, dm, c, direct_scf_tol=1e-13):
+    """J of rho[dm] + sum_k c_k chi_k (Hartree), with rho[dm] density-fitted in ``auxmol``.
+
+    One screened 3-centre pass to fit ``dm`` and one to build J from the combined
+    coefficients: a guess does not need the exact 4-centre J of the SAD density, which on
+    a QM9-sized molecule costs as much as the rest of the projection together.
+    """
+    try:
+        opt = _vj_opt(mol, auxmol, direct_scf_tol)
+        d = fit_coulomb_of_dm(mol, auxmol, dm, opt)
+        return _vj_pass2(mol, auxmol, opt, d + np.asarray(c))
+    except (ImportError, AttributeError, TypeError, OSError):
+        return None
 
 
 def _coulomb_of_aux_blocks(mol, auxmol, c, max_memory=2000):
@@ -263,7 +311,10 @@ def aux_density(auxmol, c, coords, deriv=0, max_memory=None):
         sub = grid_mod.submol(auxmol, shls)
         idx = grid_mod.shell_ao_index(auxmol, shls)
         ao = sub.eval_gto(intor, coords[p0:p1], non0tab=np.asarray(mask[:, shls], order='C'))
-        out[:, p0:p1] = np.dot(ao.reshape(-1, len(idx)), c[idx]).reshape(comp, -1)
+        ao = ao.reshape(comp, p1 - p0, len(idx))
+        ci = c[idx]
+        for k in range(comp):  # per component: eval_gto's layout is not C order, no copy
+            out[k, p0:p1] = ao[k].dot(ci)
     return out
 
 
@@ -357,13 +408,21 @@ def exchange_potential(mf, dm):
     return vk
 
 
-def local_potential(mf, dm_sad, auxmol, c, grids=None):
-    """Coulomb + XC potential (Hartree) of the guess density; same shape as ``dm_sad``."""
+def local_potential(mf, dm_sad, auxmol, c, grids=None, coulomb='df'):
+    """Coulomb + XC potential (Hartree) of the guess density; same shape as ``dm_sad``.
+
+    ``coulomb='df'`` density-fits rho[P_SAD] in ``auxmol`` (:func:`coulomb_of_guess`);
+    ``'exact'`` takes the SCF object's own ``get_j`` of P_SAD.
+    """
     mol = mf.mol
     dm_sad = np.asarray(dm_sad)
     spin = dm_sad.ndim == 3
     dm_tot = dm_sad.sum(axis=0) if spin else dm_sad
-    v = mf.get_j(mol, dm_tot) + coulomb_of_aux(mol, auxmol, c)
+    v = None
+    if coulomb == 'df':
+        v = coulomb_of_guess(mol, auxmol, dm_tot, c)
+    if v is None:
+        v = mf.get_j(mol, dm_tot) + coulomb_of_aux(mol, auxmol, c)
     if spin:
         v = np.array((v, v))
     if hasattr(mf, 'xc'):
@@ -440,7 +499,8 @@ def guess_grids(mf, level=1):
 
 
 def density_matrix_from_delta_rho(mf, delta_rho, grid, dm_sad=None, auxbasis=DEFAULT_AUXBASIS,
-                                  exchange='auto', grids_level=1, log=None, charge=None):
+                                  exchange='auto', grids_level=1, log=None, charge=None,
+                                  coulomb='df'):
     """The whole projection: delta-rho on ``grid`` -> guess density matrix for ``mf``.
 
     Args:
@@ -453,6 +513,8 @@ def density_matrix_from_delta_rho(mf, delta_rho, grid, dm_sad=None, auxbasis=DEF
         grids_level: level of the molecular grids for the guess's XC (see :func:`guess_grids`).
         charge: electrons the fitted delta-rho carries; default N - Tr(P_SAD S), so that the
             guess density holds exactly N electrons.
+        coulomb: 'df' (J of P_SAD density-fitted in the auxiliary basis) or 'exact' (the SCF
+            object's own J of P_SAD); see :func:`local_potential`.
     Returns:
         dm with ``mo_coeff``/``mo_occ`` attached.
     """
@@ -471,7 +533,7 @@ def density_matrix_from_delta_rho(mf, delta_rho, grid, dm_sad=None, auxbasis=DEF
     c = fit_delta_rho(auxmol, delta_rho, grid, charge=charge)
     t1 = time.perf_counter()
     log.info('densr: delta-rho fitted with %d auxiliary functions in %.2f s', auxmol.nao, t1 - t0)
-    v_local = local_potential(mf, dm_sad, auxmol, c, guess_grids(mf, grids_level))
+    v_local = local_potential(mf, dm_sad, auxmol, c, guess_grids(mf, grids_level), coulomb)
     x = orthogonalizer(mf, s1e)
     dm = density_matrix_from_veff(mf, add_exchange(mf, v_local, dm_sad), dm_sad, h1e, s1e, x)
     t2 = time.perf_counter()

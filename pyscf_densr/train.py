@@ -41,8 +41,9 @@ TRAIN_DEFAULTS = {
     'steps': 20000,
     'max_minutes': None,          # stop (and export) after this wall time
     'batch': 4,
-    'crop': 16,                   # coarse voxels of the core of each crop (edge)
-    'crop_halo': 6,               # extra coarse voxels each side fed but not scored
+    'crop': 16,                   # coarse voxels of the core of each crop (edge); 0: whole boxes
+    'crop_halo': 'auto',          # coarse voxels each side fed but not scored; 'auto': the
+                                  # network's receptive field (fewer teaches it false edges)
     'augment': True,
     'val_every': 250,
     'seed': 0,
@@ -251,6 +252,17 @@ class CropSampler:
         xs, ys = zip(*[self.sample() for _ in range(n)])
         return torch.from_numpy(np.stack(xs)), torch.from_numpy(np.stack(ys))
 
+    def sample_box(self):
+        """A whole molecule's box (input, target), randomly rotated/reflected: exactly what
+        the network sees at inference, vacuum margins included."""
+        key = self.keys[self.rng.integers(len(self.keys))]
+        x = np.load(os.path.join(self.cdir, key + '.sad.npy'))
+        y = np.load(os.path.join(self.cdir, key + '.delta.npy'))
+        if self.augment:
+            perm, flips = random_symmetry(self.rng)
+            x, y = apply_symmetry(x, perm, flips), apply_symmetry(y, perm, flips)
+        return torch.from_numpy(x)[None], torch.from_numpy(y)[None]
+
 
 @torch.no_grad()
 def evaluate_nmae(model, cdir, keys, device='cpu'):
@@ -267,6 +279,15 @@ def evaluate_nmae(model, cdir, keys, device='cpu'):
         nm.append(np.abs(pred - delta).sum() * dv / meta['nelectron'] * 100)
         ns.append(np.abs(delta).sum() * dv / meta['nelectron'] * 100)
     return float(np.mean(nm)), float(np.mean(ns))
+
+
+def _loss(pred, target, cfg):
+    """Training loss on delta-rho (e/Bohr^3), in units of 0.01 e/Bohr^3: O(1) numbers."""
+    if cfg['loss'] == 'l1':
+        return (pred - target).abs().mean() * 100
+    # pure L1 (the NMAE itself) barely moved a small network away from zero in a few
+    # hundred steps; smooth L1 learns from the start and is L1 for large residuals
+    return torch.nn.functional.smooth_l1_loss(pred * 100, target * 100, beta=cfg['huber_beta'])
 
 
 def _device(cfg):
@@ -322,7 +343,11 @@ def train(cfg, log=print):
         model = torch.nn.parallel.DistributedDataParallel(
             net, device_ids=[device.index] if device.type == 'cuda' else None)
     amp = (cfg['precision'] == 'auto' and device.type == 'cuda')
-    halo, crop, r = cfg['crop_halo'], cfg['crop'], mcfg['upsample']
+    crop, r = int(cfg['crop'] or 0), mcfg['upsample']
+    halo = net.halo if cfg['crop_halo'] in (None, 'auto') else int(cfg['crop_halo'])
+    if crop and halo < net.halo and rank == 0:
+        log('warning: crop_halo %d is below the receptive field (%d coarse voxels): the '
+            'scored voxels see zero padding that full boxes do not have' % (halo, net.halo))
     train_keys = cached_keys(cdir, *cfg['train_range'])
     val_keys = cached_keys(cdir, *cfg['val_range'])[:cfg['max_val']]
     if not train_keys:
@@ -333,21 +358,23 @@ def train(cfg, log=print):
     history = os.path.join(out, 'history.jsonl')
     net.train()
     while step < cfg['steps']:
-        x, y = sampler.batch(cfg['batch'])
-        x, y = x.to(device), y.to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            pred = model(x)
-        core = pred[:, halo * r:(halo + crop) * r, halo * r:(halo + crop) * r,
-                    halo * r:(halo + crop) * r].float()
-        if cfg['loss'] == 'l1':
-            loss = (core - y).abs().mean() * 100   # e/Bohr^3 x 100: O(1) numbers
-        else:
-            # pure L1 (the NMAE itself) barely moved a small network away from zero in a few
-            # hundred steps; smooth L1 learns from the start and is L1 for large residuals
-            loss = torch.nn.functional.smooth_l1_loss(core * 100, y * 100,
-                                                      beta=cfg['huber_beta'])
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        if crop:
+            parts = [sampler.batch(cfg['batch'])]
+        else:  # whole boxes differ in shape: one at a time, gradients accumulated
+            parts = [sampler.sample_box() for _ in range(cfg['batch'])]
+        loss = 0.0
+        for x, y in parts:
+            x, y = x.to(device), y.to(device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                pred = model(x)
+            core = pred.float()
+            if crop:
+                core = core[:, halo * r:(halo + crop) * r, halo * r:(halo + crop) * r,
+                            halo * r:(halo + crop) * r]
+            part = _loss(core, y, cfg) / len(parts)
+            part.backward()
+            loss = loss + part.detach()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
         opt.step()
         sched.step()
