@@ -137,7 +137,7 @@ class DensrCalculator(Calculator):
                                             spin 0 runs RHF/RKS, otherwise UHF/UKS
      density_fit          False             Density fitting (``mf.density_fit()``)
      auxbasis             None              DF auxiliary basis (None: PySCF's default)
-     guess                'densr+previous'  Guess policy, see below
+     guess                'densr+extrapolate' Guess policy, see below
      jump_threshold       0.3               Angstrom; a larger atomic displacement from the last
                                             step (mean translation removed) is a jump. None: never
      extrapolation_steps  4                 Previous steps the extrapolation uses (1-8)
@@ -164,7 +164,10 @@ class DensrCalculator(Calculator):
       best reproduce the new geometry from the previous ones
       (:func:`extrapolation_coefficients`: (2, -1) for uniform motion), then made
       idempotent by occupying the leading natural orbitals (:func:`extrapolate_density`).
-    - ``'densr+extrapolate'``: the same with densr on the first step and after a jump.
+    - ``'densr+extrapolate'`` (the default): the same with densr on the first step and after
+      a jump. On a 50-step ethanol MD (PBE/def2-SVP, docs/benchmarks.md) it needed 4.2
+      cycles per step against 7.0 for the previous density and 10.0 for minao, with the
+      same energies (|dE| < 1e-9 Eh).
 
     The policies that use previous steps start over (first-step guess, then previous, then
     extrapolation) after a jump (see ``jump_threshold``). Changing xc, basis, charge, spin,
@@ -191,7 +194,7 @@ class DensrCalculator(Calculator):
         'spin': None,
         'density_fit': False,
         'auxbasis': None,
-        'guess': 'densr+previous',
+        'guess': 'densr+extrapolate',
         'jump_threshold': 0.3,
         'extrapolation_steps': 4,
         'model': None,

@@ -17,9 +17,10 @@ that use the same projection (:func:`project.density_matrix_from_delta_rho`) on 
 fine grid:
 
 ``oracle``   fed the exact delta-rho = rho[P_conv] - rho[P_SAD]: what a perfect network
-             would give; the limit of the projection.
-``control``  fed delta-rho = 0: only the projection's Fock build of the SAD density acts;
-             what densr gains over this is the network's contribution.
+             would give; the limit of the projection (undamped: mix 1).
+``control``  fed delta-rho = 0: only the projection's Fock build of the SAD density acts,
+             damped with the model's ``guess_mix`` like densr; what densr gains over this
+             is the network's contribution.
 
 Columns of a row (:data:`COLUMNS`; energies in Hartree, times in seconds, NMAE in percent):
 
@@ -378,9 +379,13 @@ def make_guess(mf, guess, ref=None, model=None, device=None, exchange=None):
             delta = np.zeros(fine.shape)
         t0 = time.perf_counter()
         dm_sad = mf.init_guess_by_minao(mol)
+        # control is the densr pipeline with the network off, damping included; the oracle
+        # stands for a perfect network, which needs no damping (mix 1)
+        from pyscf_densr import hook
+        mix = 1.0 if guess == 'oracle' else hook.guess_mix(model)
         dm = project.density_matrix_from_delta_rho(
             mf, delta, fine, dm_sad=dm_sad, auxbasis=model.config.get('auxbasis'),
-            exchange=exchange or os.environ.get('PYSCF_DENSR_EXCHANGE', 'auto'))
+            exchange=exchange or os.environ.get('PYSCF_DENSR_EXCHANGE', 'auto'), mix=mix)
         dt = time.perf_counter() - t0
         info['delta'], info['grid'] = delta, fine
         return dm, dt, info

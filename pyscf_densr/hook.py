@@ -32,6 +32,9 @@ Options without code changes (environment variables):
                           convergence in 50 cycles or 32 cycles, even with delta-rho = 0,
                           where minao needs 17), so by default they get minao's guess, with a
                           warning in the log; ``densr`` makes the densr guess anyway.
+``PYSCF_DENSR_MIX``       the returned guess is P_SAD + mix (P_Fock - P_SAD) (see
+                          :func:`project.mix_with_sad`); default: the model's ``guess_mix``
+                          (chosen on its validation molecules), else 1.
 """
 
 import os
@@ -287,7 +290,20 @@ def check_delta_rho(mol, delta, fine, expected, log=None):
     return q
 
 
-def init_guess(mf, mol=None, model=None, device=None, exchange=None, fallback=None):
+def guess_mix(net, mix=None):
+    """The damping of the returned guess: ``mix``, else PYSCF_DENSR_MIX, else the model's."""
+    if mix is None:
+        mix = os.environ.get('PYSCF_DENSR_MIX') or net.config.get('guess_mix', 1.0)
+    try:
+        mix = float(mix)
+    except ValueError:
+        raise ValueError('PYSCF_DENSR_MIX must be a number in (0, 1], not %r' % mix) from None
+    if not 0 < mix <= 1:
+        raise ValueError('the guess mix must be in (0, 1], not %g' % mix)
+    return mix
+
+
+def init_guess(mf, mol=None, model=None, device=None, exchange=None, fallback=None, mix=None):
     """The densr initial guess density matrix for SCF object ``mf``.
 
     Args:
@@ -297,6 +313,8 @@ def init_guess(mf, mol=None, model=None, device=None, exchange=None, fallback=No
         device: torch device for the network ('cpu', 'cuda', ...).
         exchange: 'auto', 'sad' or 'iterate' (see :func:`project.density_matrix_from_delta_rho`).
         fallback: 'error' or 'minao' (see the module docstring).
+        mix: P_SAD + mix (P_Fock - P_SAD) is returned; default PYSCF_DENSR_MIX or the
+            model's ``guess_mix`` (see :func:`project.mix_with_sad`).
 
     Returns:
         The density matrix in ``mf``'s convention (2D for RHF/RKS, (2, nao, nao) otherwise)
@@ -336,7 +354,7 @@ def init_guess(mf, mol=None, model=None, device=None, exchange=None, fallback=No
             t0 = time.perf_counter()
             dm = project.density_matrix_from_delta_rho(
                 mf, delta, fine, dm_sad=dm_sad, auxbasis=net.config.get('auxbasis'),
-                exchange=exchange, log=log, charge=expected)
+                exchange=exchange, log=log, charge=expected, mix=guess_mix(net, mix))
             log.info('densr: projection to a density matrix in %.2f s', time.perf_counter() - t0)
         except MemoryError as e:
             raise DensrError('densr guess ran out of memory (%s); lower PYSCF_DENSR_BLOCK_MEMORY '

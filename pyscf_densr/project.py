@@ -244,11 +244,11 @@ def fit_coulomb_of_dm(mol, auxmol, dm, opt=None):
         jaux = jk.get_jk(opt.fakemol, dm, ['ijkl,ji->kl'], 'int3c2e', aosym='s2ij', hermi=0,
                          shls_slice=_vj_slice(mol, auxmol), vhfopt=opt)
     jaux = np.asarray(jaux).reshape(-1)
-    j2c = auxmol.intor('int2c2e', hermi=1)
-    try:
-        return scipy.linalg.cho_solve(scipy.linalg.cho_factor(j2c, lower=True), jaux)
+    try:  # in place: for 20 000 auxiliary functions the metric alone is 3 GB
+        return scipy.linalg.cho_solve(scipy.linalg.cho_factor(
+            auxmol.intor('int2c2e', hermi=1), lower=True, overwrite_a=True), jaux)
     except scipy.linalg.LinAlgError:
-        return scipy.linalg.lstsq(j2c, jaux, cond=1e-12)[0]
+        return scipy.linalg.lstsq(auxmol.intor('int2c2e', hermi=1), jaux, cond=1e-12)[0]
 
 
 def coulomb_of_guess(mol, auxmol, dm, c, direct_scf_tol=1e-13):
@@ -477,6 +477,60 @@ def density_matrix_from_veff(mf, veff, dm_sad, h1e=None, s1e=None, x=None):
     return lib.tag_array(dm, mo_coeff=mo_coeff, mo_occ=mo_occ, mo_energy=mo_energy)
 
 
+def mix_with_sad(mf, dm, dm_sad, mix, s1e=None):
+    """P_SAD + mix (dm - P_SAD), tagged with its natural orbitals and occupations.
+
+    P_SAD is first scaled (per spin) to the electron count of ``dm``, so the result holds
+    exactly the electrons of ``dm``.
+
+    A damped first step: the one-shot Fock build of an approximate density overshoots, as an
+    undamped Roothaan step does, and PySCF's DIIS then starts without the history that would
+    correct it. ``mix`` is chosen per model on validation molecules (``guess_mix`` in the
+    model's config). The natural orbitals (S-orthonormal, occupations in about [0, 2] or
+    [0, 1] per spin) are attached as ``mo_coeff``/``mo_occ`` because PySCF's numerical
+    integration uses those tags in place of the matrix when they are present: tagging the
+    mixed matrix with the Fock build's orbitals would silently change the density.
+    Restricted open-shell objects, whose ``mo_coeff`` is one set for both spins, get the
+    unmixed ``dm`` back.
+    """
+    if mix is None or abs(mix - 1.0) < 1e-12:
+        return dm
+    dm1 = np.asarray(dm)
+    dm_sad = np.asarray(dm_sad)
+    ro = getattr(dm, 'mo_coeff', None) is not None and dm1.ndim == 3 and \
+        np.asarray(dm.mo_coeff).ndim == 2
+    if ro:
+        return dm
+    if s1e is None:
+        s1e = mf.get_ovlp()
+    # P_SAD scaled to the electrons (per spin) of the Fock build's matrix, so that the
+    # damped guess holds exactly N (minao's SAD loses about 0.01 e per atom to the basis)
+    n1 = np.einsum('...ij,ji->...', dm1, s1e)
+    ns = np.einsum('...ij,ji->...', dm_sad, s1e)
+    scale = np.where(abs(ns) > 1e-8, n1 / np.where(abs(ns) > 1e-8, ns, 1), 1.0)
+    dm_sad = dm_sad * np.asarray(scale)[..., None, None]
+    mixed = dm_sad + mix * (dm1 - dm_sad)
+    x = orthogonalizer(mf, s1e)
+    if x is None:
+        from pyscf.scf import addons
+        x = addons.canonical_orth_(s1e)
+    sx = s1e.dot(x)
+
+    def natural(p):
+        occ, u = np.linalg.eigh(sx.T.dot(p).dot(sx))
+        order = np.argsort(occ)[::-1]
+        return x.dot(u[:, order]), occ[order]
+    if mixed.ndim == 2:
+        mo, occ = natural(mixed)
+        mixed = mo.dot(occ[:, None] * mo.T)
+    else:
+        pairs = [natural(p) for p in mixed]
+        mo = np.asarray([m for m, _ in pairs])
+        occ = np.asarray([o for _, o in pairs])
+        mixed = np.asarray([m.dot(o[:, None] * m.T) for m, o in pairs])
+    return lib.tag_array(mixed, mo_coeff=mo, mo_occ=occ)
+
+
 def guess_grids(mf, level=1):
     """Molecular grids for the guess's XC potential: ``mf.grids`` settings at ``level``.
 
@@ -500,7 +554,7 @@ def guess_grids(mf, level=1):
 
 def density_matrix_from_delta_rho(mf, delta_rho, grid, dm_sad=None, auxbasis=DEFAULT_AUXBASIS,
                                   exchange='auto', grids_level=1, log=None, charge=None,
-                                  coulomb='df'):
+                                  coulomb='df', mix=1.0):
     """The whole projection: delta-rho on ``grid`` -> guess density matrix for ``mf``.
 
     Args:
@@ -515,6 +569,8 @@ def density_matrix_from_delta_rho(mf, delta_rho, grid, dm_sad=None, auxbasis=DEF
             guess density holds exactly N electrons.
         coulomb: 'df' (J of P_SAD density-fitted in the auxiliary basis) or 'exact' (the SCF
             object's own J of P_SAD); see :func:`local_potential`.
+        mix: the returned matrix is P_SAD + mix (P_Fock - P_SAD); 1 returns the Fock build's
+            aufbau matrix itself (see :func:`mix_with_sad`).
     Returns:
         dm with ``mo_coeff``/``mo_occ`` attached.
     """
@@ -549,4 +605,7 @@ def density_matrix_from_delta_rho(mf, delta_rho, grid, dm_sad=None, auxbasis=DEF
                                       dm_sad, h1e, s1e, x)
         log.info('densr: exchange rebuilt from the first diagonalisation in %.2f s',
                  time.perf_counter() - t2)
+    if mix is not None and abs(mix - 1.0) > 1e-12:
+        dm = mix_with_sad(mf, dm, dm_sad, mix, s1e)
+        log.info('densr: guess = P_SAD + %.2f (P_Fock - P_SAD)', mix)
     return dm

@@ -103,6 +103,18 @@ def list_molecules(files, lo, hi):
     return out
 
 
+def data_elements(files, lo, hi):
+    """Sorted atomic numbers present among the molecules with index in [lo, hi)."""
+    import h5py
+    found = set()
+    for fn in files:
+        with h5py.File(fn, 'r') as f:
+            for key in f.keys():
+                if key.isdigit() and lo <= int(key) < hi and 'numbers' in f[key]:
+                    found.update(int(z) for z in np.unique(f[key]['numbers'][()]))
+    return sorted(z for z in found if z > 0)
+
+
 def make_grids(mol, dm_conv, config):
     """(rho_SAD on the coarse grid, delta-rho on the fine grid, coarse grid).
 
@@ -323,6 +335,10 @@ def train(cfg, log=print):
         build_cache(cfg, ranges=[[v0, min(v1, v0 + cfg['max_val'])]], progress=False)
     if ddp:
         torch.distributed.barrier()
+    # the elements the exported model has seen (the guess switches delta-rho off near others):
+    # those of the starting model plus those of the training range
+    seen = set(int(z) for z in (mcfg.get('elements') or [])) if cfg.get('init') else set()
+    mcfg['elements'] = sorted(seen | set(data_elements(_shard_files(cfg), *cfg['train_range'])))
     net = model_mod.build_model(mcfg)
     if cfg.get('init'):
         net.load_state_dict(model_mod.from_pretrained(_init_path(cfg)).state_dict())

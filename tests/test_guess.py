@@ -76,6 +76,38 @@ def test_every_scf_flavour_converges_to_minao_state(make):
     assert abs(mf.e_tot - ref.e_tot) < 1e-6
 
 
+@pytest.mark.parametrize('make', [
+    lambda m: dft.RKS(m, xc='pbe'),
+    lambda m: dft.UKS(m, xc='pbe'),
+    lambda m: scf.ROHF(m),
+], ids=['rks', 'uks', 'rohf'])
+def test_damped_guess_tags_match_the_matrix(make):
+    """mix < 1: P_SAD + mix (P_Fock - P_SAD), tagged with natural orbitals that rebuild it
+    exactly (PySCF's numint would otherwise use the Fock build's orbitals); the same state."""
+    mol = gto.M(atom=WATER, basis='def2-svp', verbose=0)
+    ref = _run(make(mol), 'minao')
+    mf = make(mol)
+    dm_sad = mf.init_guess_by_minao()
+    full = pyscf_densr.init_guess(mf, mix=1.0)
+    dm = pyscf_densr.init_guess(mf, mix=0.6)
+    rebuilt = mf.make_rdm1(dm.mo_coeff, dm.mo_occ)
+    assert np.allclose(rebuilt, np.asarray(dm), atol=1e-10)
+    if isinstance(mf, scf.rohf.ROHF):   # one orbital set for both spins: not damped
+        assert np.allclose(np.asarray(dm), np.asarray(full))
+    else:
+        s = mf.get_ovlp()
+        sad = dm_sad * (np.einsum('...ij,ji->...', np.asarray(full), s) /
+                        np.einsum('...ij,ji->...', dm_sad, s))[..., None, None]
+        assert np.allclose(np.asarray(dm), sad + 0.6 * (np.asarray(full) - sad))
+        # exactly the electrons (per spin) of the undamped guess
+        assert np.allclose(np.einsum('...ij,ji->...', np.asarray(dm), s),
+                           np.einsum('...ij,ji->...', np.asarray(full), s), atol=1e-8)
+    mf.kernel(dm)
+    assert mf.converged and abs(mf.e_tot - ref.e_tot) < 1e-6
+    with pytest.raises(ValueError, match='mix'):
+        pyscf_densr.init_guess(mf, mix=1.5)
+
+
 def test_open_shell_projection_spin_state():
     """Triplet O2 (UKS): the guess carries the right alpha/beta electron counts."""
     mol = gto.M(atom='O 0 0 0; O 0 0 1.21', basis='def2-svp', spin=2, verbose=0)
@@ -232,3 +264,18 @@ def test_import_is_light():
     code = 'import sys, pyscf_densr; print("torch" in sys.modules)'
     out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == 'False'
+
+
+def test_sulfur_chlorine_model_sees_s_and_cl(caplog):
+    """The shipped S/Cl fine-tune lists S and Cl as seen (no switch-off near them) and its
+    guess lands where minao does."""
+    net = pyscf_densr.load_model('densr-small-scl')
+    assert {1, 6, 7, 8, 16, 17} <= set(net.config['elements'])
+    mol = gto.M(atom='C 0 0 0; Cl 0 0 1.78; H 1.03 0 -0.36; H -0.51 0.89 -0.36; '
+                'H -0.51 -0.89 -0.36', basis='def2-svp', verbose=0)
+    ref = _run(dft.RKS(mol, xc='pbe'), 'minao')
+    mf = dft.RKS(mol, xc='pbe')
+    assert not hook._unseen_atoms(mol, net.config['elements'])
+    dm = pyscf_densr.init_guess(mf, model='densr-small-scl')
+    mf.kernel(dm)
+    assert mf.converged and abs(mf.e_tot - ref.e_tot) < 1e-6

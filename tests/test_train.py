@@ -63,6 +63,11 @@ def test_train_resume_and_export(tiny_config):
     assert all(np.isfinite(h['val_nmae']) for h in hist)
     net = model_mod.from_pretrained(best + '.pt')
     assert net.meta['test_range'] == [401, 402] and net.config['channels'] == 4
+    # the model lists exactly the elements of its training molecules
+    import h5py
+    with h5py.File(cfg['data'][0], 'r') as f:
+        seen = set(int(z) for k in ('000000', '000001') for z in f[k]['numbers'][()])
+    assert net.config['elements'] == sorted(seen)
     # resume: a longer run continues from the checkpoint rather than from scratch
     cfg['steps'] = 6
     train.train(cfg, log=lambda *a: None)
