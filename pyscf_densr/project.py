@@ -192,16 +192,23 @@ def coulomb_of_aux(mol, auxmol, c, max_memory=2000, direct_scf_tol=1e-13):
         return _coulomb_of_aux_blocks(mol, auxmol, c, max_memory)
 
 
-def _vj_opt(mol, auxmol, direct_scf_tol=1e-13):
-    """PySCF's screened 3-centre J machinery (as in ``df.df_jk.get_j``) for mol x auxmol."""
+def _vj_opt(mol, auxmol, direct_scf_tol=1e-13, j2c=None):
+    """PySCF's screened 3-centre J machinery (as in ``df.df_jk.get_j``) for mol x auxmol.
+
+    The auxiliary Schwarz factors sqrt (k|k) come from ``j2c`` (the Coulomb metric) when it
+    is at hand, else from each shell's own diagonal block.
+    """
     from pyscf.scf import _vhf
     opt = _vhf._VHFOpt(mol, 'int3c2e', 'CVHFnr3c2e_schwarz_cond',
                        dmcondname='CVHFnr_dm_cond', direct_scf_tol=direct_scf_tol)
     opt.init_cvhf_direct(mol, 'int2e', 'CVHFnr_int2e_q_cond')
     aux_loc = auxmol.ao_loc_nr()
-    # sqrt (k|k) per auxiliary shell, from the shell's own diagonal block
-    q_aux = np.array([np.sqrt(abs(np.diag(auxmol.intor(
-        'int2c2e', shls_slice=(i, i + 1, i, i + 1)))).max()) for i in range(auxmol.nbas)])
+    if j2c is not None:
+        diag = np.sqrt(abs(np.diag(j2c)))
+        q_aux = np.array([diag[i0:i1].max() for i0, i1 in zip(aux_loc[:-1], aux_loc[1:])])
+    else:
+        q_aux = np.array([np.sqrt(abs(np.diag(auxmol.intor(
+            'int2c2e', shls_slice=(i, i + 1, i, i + 1)))).max()) for i in range(auxmol.nbas)])
     opt.q_cond = np.hstack((opt.q_cond.ravel(), q_aux))
     bas_placeholder = np.array([0, 0, 1, 1, 0, 0, 0, 0], dtype=np.int32)
     fakemol = mol + auxmol
@@ -231,14 +238,17 @@ def _coulomb_of_aux_direct(mol, auxmol, c, direct_scf_tol=1e-13):
     return _vj_pass2(mol, auxmol, _vj_opt(mol, auxmol, direct_scf_tol), c)
 
 
-def fit_coulomb_of_dm(mol, auxmol, dm, opt=None):
+def fit_coulomb_of_dm(mol, auxmol, dm, opt=None, j2c=None):
     """Coulomb-metric density fit of the density matrix ``dm``: d = (k|l)^-1 (l|mu nu) P_mu nu.
 
     ``sum_k d_k chi_k`` is the robust DF approximation of rho[dm] (the one PySCF's DF-J uses),
-    so ``coulomb_of_aux(mol, auxmol, d)`` is its DF Coulomb matrix.
+    so ``coulomb_of_aux(mol, auxmol, d)`` is its DF Coulomb matrix. ``j2c`` (the metric,
+    overwritten) is computed when not given.
     """
     from pyscf.scf import jk
-    opt = opt or _vj_opt(mol, auxmol)
+    if j2c is None:
+        j2c = auxmol.intor('int2c2e', hermi=1)
+    opt = opt or _vj_opt(mol, auxmol, j2c=j2c)
     dm = np.asarray(dm, dtype=np.float64, order='C').reshape(1, mol.nao, mol.nao)
     with lib.temporary_env(opt, prescreen='CVHFnr3c2e_vj_pass1_prescreen'):
         jaux = jk.get_jk(opt.fakemol, dm, ['ijkl,ji->kl'], 'int3c2e', aosym='s2ij', hermi=0,
@@ -246,7 +256,7 @@ def fit_coulomb_of_dm(mol, auxmol, dm, opt=None):
     jaux = np.asarray(jaux).reshape(-1)
     try:  # in place: for 20 000 auxiliary functions the metric alone is 3 GB
         return scipy.linalg.cho_solve(scipy.linalg.cho_factor(
-            auxmol.intor('int2c2e', hermi=1), lower=True, overwrite_a=True), jaux)
+            j2c, lower=True, overwrite_a=True), jaux)
     except scipy.linalg.LinAlgError:
         return scipy.linalg.lstsq(auxmol.intor('int2c2e', hermi=1), jaux, cond=1e-12)[0]
 
@@ -259,8 +269,9 @@ def coulomb_of_guess(mol, auxmol, dm, c, direct_scf_tol=1e-13):
     a QM9-sized molecule costs as much as the rest of the projection together.
     """
     try:
-        opt = _vj_opt(mol, auxmol, direct_scf_tol)
-        d = fit_coulomb_of_dm(mol, auxmol, dm, opt)
+        j2c = auxmol.intor('int2c2e', hermi=1)
+        opt = _vj_opt(mol, auxmol, direct_scf_tol, j2c=j2c)
+        d = fit_coulomb_of_dm(mol, auxmol, dm, opt, j2c)
         return _vj_pass2(mol, auxmol, opt, d + np.asarray(c))
     except (ImportError, AttributeError, TypeError, OSError):
         return None
@@ -495,12 +506,11 @@ def mix_with_sad(mf, dm, dm_sad, mix, s1e=None):
     """
     if mix is None or abs(mix - 1.0) < 1e-12:
         return dm
+    from pyscf.scf import rohf
+    if isinstance(mf, rohf.ROHF):   # ROKS too
+        return dm
     dm1 = np.asarray(dm)
     dm_sad = np.asarray(dm_sad)
-    ro = getattr(dm, 'mo_coeff', None) is not None and dm1.ndim == 3 and \
-        np.asarray(dm.mo_coeff).ndim == 2
-    if ro:
-        return dm
     if s1e is None:
         s1e = mf.get_ovlp()
     # P_SAD scaled to the electrons (per spin) of the Fock build's matrix, so that the

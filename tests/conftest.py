@@ -26,6 +26,14 @@ def shared_dir():
     return SHARED
 
 
+def cartesian(mol):
+    """A copy of ``mol`` (an auxiliary basis, say) with Cartesian functions."""
+    cart = mol.copy()
+    cart.cart = True
+    cart.build(False, False)
+    return cart
+
+
 def random_rotation(seed):
     rng = np.random.default_rng(seed)
     q, r = np.linalg.qr(rng.normal(size=(3, 3)))

@@ -7,7 +7,7 @@ from pyscf import gto, df
 from pyscf.dft import numint
 
 from pyscf_densr import grid, model as model_mod, project
-from conftest import WATER
+from conftest import cartesian, WATER
 
 
 def test_refined_grid_subdivides_voxels():
@@ -41,9 +41,7 @@ def test_density_integrates_to_electron_count():
 def test_separable_quadrature_matches_dense():
     mol = gto.M(atom=WATER, basis='def2-svp', verbose=0)
     aux = project.make_auxmol(mol)
-    cart = aux.copy()
-    cart.cart = True
-    cart.build(False, False)
+    cart = cartesian(aux)
     g = grid.make_box(mol.atom_coords(), 0.3, 4.0)
     rng = np.random.default_rng(0)
     field = rng.normal(size=g.shape)

@@ -19,7 +19,7 @@ from pyscf import gto, scf, dft
 
 import pyscf_densr
 from pyscf_densr import grid, project, hook, model as model_mod
-from conftest import ETHANOL, WATER, random_rotation
+from conftest import cartesian, ETHANOL, WATER, random_rotation
 
 hypothesis = pytest.importorskip('hypothesis')
 from hypothesis import given, settings, strategies as st, HealthCheck  # noqa: E402
@@ -78,9 +78,7 @@ def test_blocked_quadratures_equal_dense_with_tiny_memory():
     """Blocks, slabs and the Cartesian-to-spherical accumulation change nothing (1e-10)."""
     mol = gto.M(atom=ETHANOL, basis='def2-svp', verbose=0)
     aux = project.make_auxmol(mol)
-    cart = aux.copy()
-    cart.cart = True
-    cart.build(False, False)
+    cart = cartesian(aux)
     g = grid.make_box(mol.atom_coords(), 0.35, 4.0)
     field = np.random.default_rng(3).normal(size=g.shape)
     chi = cart.eval_gto('GTOval_cart', g.coords())
@@ -136,9 +134,7 @@ def test_gram_memory_is_bounded():
     memory follows ``max_memory``, not (nprim, nprim) as a dense build would."""
     mol = gto.M(atom=_waters(16), basis='sto-3g', verbose=0)
     aux = project.make_auxmol(mol)
-    cart = aux.copy()
-    cart.cart = True
-    cart.build(False, False)
+    cart = cartesian(aux)
     g = grid.make_box(mol.atom_coords(), 0.4, 5.669).refine(2)
     nprim = len(grid.cartesian_gto_factors(cart, [a[:2] for a in g.axes()])[3])
     c2s = project._cart2sph_sparse(aux)
@@ -332,6 +328,14 @@ def test_box_limit_is_an_environment_option(monkeypatch):
     assert np.allclose(dm, scf.RHF(mol).init_guess_by_minao())
 
 
+def _error_then_minao_fallback(mol, match):
+    """A DensrError matching ``match`` by default; minao's guess with fallback='minao'."""
+    with pytest.raises(pyscf_densr.DensrError, match=match):
+        pyscf_densr.init_guess(scf.RHF(mol))
+    dm = pyscf_densr.init_guess(scf.RHF(mol), fallback='minao')
+    assert np.allclose(dm, scf.RHF(mol).init_guess_by_minao())
+
+
 @pytest.mark.parametrize('exc', [
     RuntimeError('[enforce fail at alloc_cpu.cpp:114] data. DefaultCPUAllocator: '
                  "can't allocate memory: you tried to allocate 68719476736 bytes."),
@@ -344,10 +348,7 @@ def test_out_of_memory_in_network_is_reachable(monkeypatch, exc):
     def predict(*a, **k):
         raise exc
     _patched_predict(monkeypatch, predict)
-    with pytest.raises(pyscf_densr.DensrError, match='out of memory.*PYSCF_DENSR_MAX_VOXELS'):
-        pyscf_densr.init_guess(scf.RHF(mol))
-    dm = pyscf_densr.init_guess(scf.RHF(mol), fallback='minao')
-    assert np.allclose(dm, scf.RHF(mol).init_guess_by_minao())
+    _error_then_minao_fallback(mol, 'out of memory.*PYSCF_DENSR_MAX_VOXELS')
 
 
 def test_out_of_memory_in_projection_is_a_densr_error(monkeypatch):
@@ -356,10 +357,7 @@ def test_out_of_memory_in_projection_is_a_densr_error(monkeypatch):
     def fit(*a, **k):
         raise MemoryError('Unable to allocate 30.0 GiB')
     monkeypatch.setattr(project, 'fit_delta_rho', fit)
-    with pytest.raises(pyscf_densr.DensrError, match='out of memory'):
-        pyscf_densr.init_guess(scf.RHF(mol))
-    dm = pyscf_densr.init_guess(scf.RHF(mol), fallback='minao')
-    assert np.allclose(dm, scf.RHF(mol).init_guess_by_minao())
+    _error_then_minao_fallback(mol, 'out of memory')
 
 
 def test_other_runtime_errors_are_not_swallowed(monkeypatch):
