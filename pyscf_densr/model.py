@@ -20,12 +20,14 @@ from torch import nn
 import torch.nn.functional as F
 
 MODEL_DIR = os.path.join(os.path.dirname(__file__), 'models')
-DEFAULT_MODEL = 'densr-small'
+DEFAULT_MODEL = 'densr-small-v2'
 
 DEFAULT_CONFIG = {
     'arch': 'ResUpNet3d',
     'channels': 16,         # feature channels of the body
     'blocks': 6,            # residual blocks (two convolutions each)
+    'dilations': None,      # per-block dilation (None: all 1); dilated blocks widen the
+                            # receptive field at the cost of a plain block
     'kernel': 3,            # cubic kernel edge, voxels
     'upsample': 2,          # output grid is this many times finer than the input grid
     'spacing': 0.4,         # input grid spacing, Bohr
@@ -64,11 +66,27 @@ def pixel_shuffle_3d(x, r):
     return x.reshape(b, c_out, nx * r, ny * r, nz * r)
 
 
+def block_dilations(config):
+    """The dilation of each residual block (config ``dilations``, default all 1)."""
+    d = config.get('dilations')
+    if d is None:
+        return [1] * config['blocks']
+    d = [int(x) for x in d]
+    if len(d) != config['blocks'] or min(d) < 1:
+        raise ModelError('model config: dilations %r must list one dilation >= 1 per block '
+                         '(blocks = %d)' % (d, config['blocks']))
+    return d
+
+
 class ResBlock(nn.Module):
-    def __init__(self, channels, kernel):
+    """x + conv(act(conv(x))); the second convolution starts at zero, so a new block is
+    the identity until trained (a trained model can grow blocks without changing its output)."""
+
+    def __init__(self, channels, kernel, dilation=1):
         super().__init__()
-        self.conv1 = nn.Conv3d(channels, channels, kernel, padding=kernel // 2)
-        self.conv2 = nn.Conv3d(channels, channels, kernel, padding=kernel // 2)
+        pad = dilation * (kernel // 2)
+        self.conv1 = nn.Conv3d(channels, channels, kernel, padding=pad, dilation=dilation)
+        self.conv2 = nn.Conv3d(channels, channels, kernel, padding=pad, dilation=dilation)
         self.act = nn.SiLU()
         nn.init.zeros_(self.conv2.weight)
         nn.init.zeros_(self.conv2.bias)
@@ -85,7 +103,7 @@ class ResUpNet3d(nn.Module):
         self.config = dict(config)
         ch, k, r = config['channels'], config['kernel'], config['upsample']
         self.head = nn.Conv3d(2, ch, k, padding=k // 2)
-        self.body = nn.Sequential(*[ResBlock(ch, k) for _ in range(config['blocks'])])
+        self.body = nn.Sequential(*[ResBlock(ch, k, d) for d in block_dilations(config)])
         self.tail = nn.Conv3d(ch, ch, k, padding=k // 2)
         self.up = nn.Conv3d(ch, r ** 3, k, padding=k // 2)
         nn.init.zeros_(self.up.weight)   # start from delta-rho = 0, i.e. from SAD
@@ -96,7 +114,7 @@ class ResUpNet3d(nn.Module):
     def halo(self):
         """Receptive-field radius in coarse voxels: the overlap needed between tiles."""
         k = self.config['kernel'] // 2
-        return k * (2 * self.config['blocks'] + 3)
+        return k * (2 * sum(block_dilations(self.config)) + 3)
 
     def forward(self, rho_sad):
         """rho_sad: (B, X, Y, Z) e/Bohr^3 -> delta-rho (B, rX, rY, rZ) e/Bohr^3."""
@@ -183,6 +201,24 @@ def from_pretrained(name_or_path=None, device='cpu'):
     return model.to(device).eval()
 
 
+def load_grown(net, state):
+    """Load ``state`` into ``net``, which may have more residual blocks than ``state``.
+
+    The extra blocks keep their initialisation (the identity, see :class:`ResBlock`), so the
+    grown network computes what the smaller one did. Returns the names of the new blocks.
+    Any other mismatch raises :class:`ModelError`.
+    """
+    own = net.state_dict()
+    unexpected = [k for k in state if k not in own]
+    bad = [k for k in state if k in own and own[k].shape != state[k].shape]
+    missing = [k for k in own if k not in state]
+    if unexpected or bad or any(not k.startswith('body.') for k in missing):
+        raise ModelError('cannot start from this model: unexpected %s, shape mismatch %s, '
+                         'missing %s' % (unexpected, bad, missing))
+    net.load_state_dict(state, strict=False)
+    return sorted({'.'.join(k.split('.')[:2]) for k in missing})
+
+
 def save_model(model, path, meta=None):
     """Write ``path``.pt (state_dict) and ``path``.json (config + ``meta``)."""
     wpath, cpath = _resolve(path)
@@ -221,7 +257,8 @@ def predict(model, rho_sad, device=None, max_voxels=None):
     x = torch.as_tensor(np.ascontiguousarray(rho_sad), dtype=torch.float32)
     shape = x.shape
     halo = model.halo
-    edge = max(8, int(round(max_voxels ** (1 / 3))) - 2 * halo)
+    # a tile's core at least as wide as its halo keeps the recomputed overlap bounded
+    edge = max(8, halo, int(round(max_voxels ** (1 / 3))) - 2 * halo)
     out = np.empty([n * r for n in shape], dtype=np.float32)
     if np.prod(shape) <= max_voxels:
         tiles = [[(0, n, 0, n)] for n in shape]

@@ -433,6 +433,9 @@ def local_potential(mf, dm_sad, auxmol, c, grids=None, coulomb='df'):
     if coulomb == 'df':
         v = coulomb_of_guess(mol, auxmol, dm_tot, c)
     if v is None:
+        if coulomb == 'df':
+            logger.info(mf, 'densr: PySCF\'s 3-centre J driver is unavailable; exact J of the '
+                        'SAD density instead (same guess, slower)')
         v = mf.get_j(mol, dm_tot) + coulomb_of_aux(mol, auxmol, c)
     if spin:
         v = np.array((v, v))

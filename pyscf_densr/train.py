@@ -341,7 +341,9 @@ def train(cfg, log=print):
     mcfg['elements'] = sorted(seen | set(data_elements(_shard_files(cfg), *cfg['train_range'])))
     net = model_mod.build_model(mcfg)
     if cfg.get('init'):
-        net.load_state_dict(model_mod.from_pretrained(_init_path(cfg)).state_dict())
+        grown = model_mod.load_grown(net, model_mod.from_pretrained(_init_path(cfg)).state_dict())
+        if grown:
+            log('new residual blocks %s start as the identity' % ', '.join(grown))
     net.to(device)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg['lr'], weight_decay=cfg['weight_decay'])
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg['steps'], eta_min=cfg['min_lr'])

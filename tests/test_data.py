@@ -145,13 +145,7 @@ def test_resume(reference, tmp_path, monkeypatch):
         f.attrs['complete'] = False
         f.create_group('_tmp000001').create_dataset('numbers', data=np.zeros(3, np.int8))
     monkeypatch.undo()
-    calls = []
-    real = data.compute_molecule
-
-    def counted(index, molecule, options=None):
-        calls.append(index)
-        return real(index, molecule, options)
-    monkeypatch.setattr(data, 'compute_molecule', counted)
+    calls = _count_computed(monkeypatch)
     s = data.generate(src, str(out2), progress=False, **LEVEL)
     assert calls == [1] and s['computed'] == 1 and s['skipped'] == 2
     ref = _results(out)
@@ -159,6 +153,18 @@ def test_resume(reference, tmp_path, monkeypatch):
     assert abs(new['000001'][0] - ref['000001'][0]) < 1e-10
     with h5py.File(fn, 'r') as f:  # the half-written group of an interrupted run is gone
         assert bool(f.attrs['complete']) and sorted(f) == ['000000', '000001', '000002']
+
+
+def _count_computed(monkeypatch):
+    """Record the indices `data.generate` computes (the molecules it does not skip)."""
+    calls = []
+    real = data.compute_molecule
+
+    def counted(index, molecule, options=None):
+        calls.append(index)
+        return real(index, molecule, options)
+    monkeypatch.setattr(data, 'compute_molecule', counted)
+    return calls
 
 
 def test_failures_logged_and_skipped(tmp_path, caplog, monkeypatch):
@@ -179,13 +185,7 @@ def test_failures_logged_and_skipped(tmp_path, caplog, monkeypatch):
     # a resume does not retry it ...
     with h5py.File(fn, 'a') as f:
         f.attrs['complete'] = False
-    calls = []
-    real = data.compute_molecule
-
-    def counted(index, molecule, options=None):
-        calls.append(index)
-        return real(index, molecule, options)
-    monkeypatch.setattr(data, 'compute_molecule', counted)
+    calls = _count_computed(monkeypatch)
     data.generate(src, out, progress=False, **LEVEL)
     assert calls == []
     # ... unless asked

@@ -72,16 +72,33 @@ def test_auxbasis_covers_unusual_elements():
     assert aux.nao > 0
 
 
-def test_tiled_prediction_equals_untiled():
+@pytest.mark.parametrize('dilations,shape', [(None, (23, 19, 17)), ([1, 3], (41, 30, 27))])
+def test_tiled_prediction_equals_untiled(dilations, shape):
     torch.manual_seed(0)
-    net = model_mod.build_model(channels=4, blocks=2)
+    net = model_mod.build_model(channels=4, blocks=2, dilations=dilations)
     for p in net.parameters():
         torch.nn.init.normal_(p, std=0.2)
-    rho = np.random.default_rng(0).random((23, 19, 17)).astype(np.float32)
+    rho = np.random.default_rng(0).random(shape).astype(np.float32)
     full = model_mod.predict(net, rho, max_voxels=10**9)
     tiled = model_mod.predict(net, rho, max_voxels=12**3)
-    assert full.shape == (46, 38, 34)
+    assert full.shape == tuple(2 * n for n in shape)
     assert np.allclose(full, tiled, atol=1e-5)
+
+
+def test_grown_model_starts_where_the_small_one_was():
+    torch.manual_seed(1)
+    small = model_mod.build_model(channels=4, blocks=2)
+    for p in small.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    big = model_mod.build_model(channels=4, blocks=4, dilations=[1, 1, 2, 4])
+    assert model_mod.load_grown(big, small.state_dict()) == ['body.2', 'body.3']
+    x = torch.rand(1, 10, 9, 8)
+    assert torch.equal(big(x), small(x))
+    other = model_mod.build_model(channels=8, blocks=4)
+    with pytest.raises(model_mod.ModelError, match='shape mismatch'):
+        model_mod.load_grown(other, small.state_dict())
+    with pytest.raises(model_mod.ModelError, match='dilations'):
+        model_mod.build_model(channels=4, blocks=3, dilations=[1, 2])
 
 
 def test_pixel_shuffle_places_subvoxels():

@@ -5,7 +5,7 @@ lib.num_threads(1)
 import pyscf_densr
 from pyscf_densr import bench, project
 model, lo, hi = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-ws = (1.0, 0.8, 0.7, 0.6, 0.5)
+ws = tuple(float(w) for w in sys.argv[4:]) or (1.0, 0.8, 0.7, 0.6, 0.5)
 net = pyscf_densr.load_model(model)
 level = bench.parse_level('pbe/def2-svp')
 for m in bench.molecules_from_heldout('../shared/data', lo, hi):
