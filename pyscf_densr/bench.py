@@ -73,6 +73,8 @@ import time
 import numpy as np
 from pyscf import gto, lib
 
+from pyscf_densr import hook
+
 SAME_STATE_TOL = 1e-6   # Hartree
 PYSCF_GUESSES = {
     'minao': 'init_guess_by_minao',
@@ -329,7 +331,6 @@ def reference_grids(mol, dm_conv, dm_sad, config):
 @contextlib.contextmanager
 def _capture_prediction(store):
     """Keep the (delta_rho, fine grid) of the next :func:`hook.predict_delta_rho` call."""
-    from pyscf_densr import hook
     orig = hook.predict_delta_rho
 
     def wrapped(*args, **kwargs):
@@ -381,7 +382,6 @@ def make_guess(mf, guess, ref=None, model=None, device=None, exchange=None):
         dm_sad = mf.init_guess_by_minao(mol)
         # control is the densr pipeline with the network off, damping included; the oracle
         # stands for a perfect network, which needs no damping (mix 1)
-        from pyscf_densr import hook
         mix = 1.0 if guess == 'oracle' else hook.guess_mix(model)
         dm = project.density_matrix_from_delta_rho(
             mf, delta, fine, dm_sad=dm_sad, auxbasis=model.config.get('auxbasis'),

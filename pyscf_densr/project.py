@@ -491,7 +491,7 @@ def density_matrix_from_veff(mf, veff, dm_sad, h1e=None, s1e=None, x=None):
     return lib.tag_array(dm, mo_coeff=mo_coeff, mo_occ=mo_occ, mo_energy=mo_energy)
 
 
-def mix_with_sad(mf, dm, dm_sad, mix, s1e=None):
+def mix_with_sad(mf, dm, dm_sad, mix, s1e=None, x=None):
     """P_SAD + mix (dm - P_SAD), tagged with its natural orbitals and occupations.
 
     P_SAD is first scaled (per spin) to the electron count of ``dm``, so the result holds
@@ -505,7 +505,7 @@ def mix_with_sad(mf, dm, dm_sad, mix, s1e=None):
     integration uses those tags in place of the matrix when they are present: tagging the
     mixed matrix with the Fock build's orbitals would silently change the density.
     Restricted open-shell objects, whose ``mo_coeff`` is one set for both spins, get the
-    unmixed ``dm`` back.
+    unmixed ``dm`` back. ``x`` is the orthogonalizer of ``s1e`` when the caller has it.
     """
     if mix is None or abs(mix - 1.0) < 1e-12:
         return dm
@@ -523,24 +523,21 @@ def mix_with_sad(mf, dm, dm_sad, mix, s1e=None):
     scale = np.where(abs(ns) > 1e-8, n1 / np.where(abs(ns) > 1e-8, ns, 1), 1.0)
     dm_sad = dm_sad * np.asarray(scale)[..., None, None]
     mixed = dm_sad + mix * (dm1 - dm_sad)
-    x = orthogonalizer(mf, s1e)
+    if x is None:
+        x = orthogonalizer(mf, s1e)
     if x is None:
         from pyscf.scf import addons
         x = addons.canonical_orth_(s1e)
     sx = s1e.dot(x)
-
-    def natural(p):
-        occ, u = np.linalg.eigh(sx.T.dot(p).dot(sx))
-        order = np.argsort(occ)[::-1]
-        return x.dot(u[:, order]), occ[order]
-    if mixed.ndim == 2:
-        mo, occ = natural(mixed)
-        mixed = mo.dot(occ[:, None] * mo.T)
-    else:
-        pairs = [natural(p) for p in mixed]
-        mo = np.asarray([m for m, _ in pairs])
-        occ = np.asarray([o for _, o in pairs])
-        mixed = np.asarray([m.dot(o[:, None] * m.T) for m, o in pairs])
+    mo, occ = [], []
+    for p in mixed.reshape(-1, *mixed.shape[-2:]):   # one spin block at a time
+        o, u = np.linalg.eigh(sx.T.dot(p).dot(sx))
+        order = np.argsort(o)[::-1]
+        mo.append(x.dot(u[:, order]))
+        occ.append(o[order])
+    mo, occ = np.asarray(mo).reshape(*mixed.shape[:-2], *mo[0].shape), np.asarray(occ)
+    occ = occ.reshape(*mixed.shape[:-2], occ.shape[-1])
+    mixed = np.einsum('...pi,...i,...qi->...pq', mo, occ, mo)
     return lib.tag_array(mixed, mo_coeff=mo, mo_occ=occ)
 
 
@@ -618,7 +615,7 @@ def density_matrix_from_delta_rho(mf, delta_rho, grid, dm_sad=None, auxbasis=DEF
                                       dm_sad, h1e, s1e, x)
         log.info('densr: exchange rebuilt from the first diagonalisation in %.2f s',
                  time.perf_counter() - t2)
-    if mix is not None and abs(mix - 1.0) > 1e-12:
-        dm = mix_with_sad(mf, dm, dm_sad, mix, s1e)
+    damped = mix_with_sad(mf, dm, dm_sad, mix, s1e, x)
+    if damped is not dm:
         log.info('densr: guess = P_SAD + %.2f (P_Fock - P_SAD)', mix)
-    return dm
+    return damped
