@@ -380,12 +380,15 @@ def make_guess(mf, guess, ref=None, model=None, device=None, exchange=None):
             delta = np.zeros(fine.shape)
         t0 = time.perf_counter()
         dm_sad = mf.init_guess_by_minao(mol)
-        # control is the densr pipeline with the network off, damping included; the oracle
-        # stands for a perfect network, which needs no damping (mix 1)
+        # control is the densr pipeline with the network off, damping and grid level
+        # included; the oracle stands for a perfect network, which needs no damping (mix 1)
+        # and earns the finer guess grids (level 1)
         mix = 1.0 if guess == 'oracle' else hook.guess_mix(model)
+        level = 1 if guess == 'oracle' else int(model.config.get('guess_grids_level', 1))
         dm = project.density_matrix_from_delta_rho(
             mf, delta, fine, dm_sad=dm_sad, auxbasis=model.config.get('auxbasis'),
-            exchange=exchange or os.environ.get('PYSCF_DENSR_EXCHANGE', 'auto'), mix=mix)
+            exchange=exchange or os.environ.get('PYSCF_DENSR_EXCHANGE', 'auto'), mix=mix,
+            grids_level=level)
         dt = time.perf_counter() - t0
         info['delta'], info['grid'] = delta, fine
         return dm, dt, info

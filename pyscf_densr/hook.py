@@ -354,7 +354,8 @@ def init_guess(mf, mol=None, model=None, device=None, exchange=None, fallback=No
             t0 = time.perf_counter()
             dm = project.density_matrix_from_delta_rho(
                 mf, delta, fine, dm_sad=dm_sad, auxbasis=net.config.get('auxbasis'),
-                exchange=exchange, log=log, charge=expected, mix=guess_mix(net, mix))
+                exchange=exchange, log=log, charge=expected, mix=guess_mix(net, mix),
+                grids_level=int(net.config.get('guess_grids_level', 1)))
             log.info('densr: projection to a density matrix in %.2f s', time.perf_counter() - t0)
         except MemoryError as e:
             raise DensrError('densr guess ran out of memory (%s); lower PYSCF_DENSR_BLOCK_MEMORY '

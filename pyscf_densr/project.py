@@ -329,12 +329,41 @@ def aux_density(auxmol, c, coords, deriv=0, max_memory=None):
     return out
 
 
-def xc_potential(mf, dm_sad, auxmol, c, grids=None):
-    """XC energy and potential matrix of rho_guess = rho[dm_sad] + sum_k c_k chi_k.
+def grid_density(field, grid, coords, deriv=0, out=None):
+    """A field on a uniform ``grid`` at arbitrary ``coords`` (Bohr): (1, n), or (4, n) with the
+    gradient for deriv=1. Trilinear interpolation; the gradient by central differences of
+    one grid spacing; zero outside the box."""
+    from scipy import ndimage
+    frac = ((np.asarray(coords) - grid.origin) / grid.spacing).T
+    comp = 4 if deriv else 1
+    if out is None:
+        out = np.empty((comp, frac.shape[1]))
+
+    def at(f):
+        return ndimage.map_coordinates(field, f, order=1, mode='constant', cval=0.0,
+                                       output=np.float64)
+    out[0] = at(frac)
+    if deriv:
+        for i in range(3):
+            f = frac.copy()
+            f[i] += 1
+            up = at(f)
+            f[i] -= 2
+            out[1 + i] = (up - at(f)) / (2 * grid.spacing)
+    return out
+
+
+def xc_potential(mf, dm_sad, auxmol, c, grids=None, delta_grid=None):
+    """XC energy and potential matrix of rho_guess = rho[dm_sad] + delta-rho.
 
     ``dm_sad`` is (nao, nao) for a restricted calculation or (2, nao, nao) for alpha/beta;
-    the auxiliary density is split equally between the spins. Meta-GGA kinetic energy
-    densities are taken from ``dm_sad`` alone. Returns (exc, vxc) in Hartree.
+    delta-rho is split equally between the spins. Meta-GGA kinetic energy densities are
+    taken from ``dm_sad`` alone. delta-rho is the fitted sum_k c_k chi_k, or, when
+    ``delta_grid = (delta_rho, grid, q)`` is given, the grid field itself interpolated onto
+    the molecular grid (:func:`grid_density`, several times cheaper than evaluating the
+    auxiliary functions there) with rho[dm_sad] scaled by 1 + q / N_SAD, q being the
+    electrons the fit adds to the field's own integral (the ionic charge, mostly), so that
+    the XC density holds the fitted density's electrons. Returns (exc, vxc) in Hartree.
     """
     mol = mf.mol
     ni = mf._numint
@@ -351,13 +380,21 @@ def xc_potential(mf, dm_sad, auxmol, c, grids=None):
     nset = len(dms)
     nao = mol.nao
     ao_deriv = 0 if xctype == 'LDA' else 1
+    if delta_grid is not None:
+        nsad = float(np.einsum('ij,ji->', dms.sum(axis=0), mf.get_ovlp(mol)))
+        sad_scale = 1 + delta_grid[2] / nsad if nsad > 1e-8 else 1.0
     vmat = np.zeros((nset, nao, nao))
     excsum = 0.0
     max_memory = max(500, mf.max_memory - lib.current_memory()[0])
     for ao, mask, weight, coords in ni.block_loop(mol, grids, nao, ao_deriv,
                                                    max_memory=max_memory * .5):
         rho = [ni.eval_rho(mol, ao, d, mask, xctype, hermi=1) for d in dms]
-        drho = aux_density(auxmol, c, coords, deriv=ao_deriv) / nset
+        if delta_grid is None:
+            drho = aux_density(auxmol, c, coords, deriv=ao_deriv) / nset
+        else:
+            drho = grid_density(delta_grid[0], delta_grid[1], coords, ao_deriv) / nset
+            for r in rho:
+                r *= sad_scale
         for r in rho:
             if xctype == 'LDA':
                 r += drho[0]
@@ -419,11 +456,12 @@ def exchange_potential(mf, dm):
     return vk
 
 
-def local_potential(mf, dm_sad, auxmol, c, grids=None, coulomb='df'):
+def local_potential(mf, dm_sad, auxmol, c, grids=None, coulomb='df', delta_grid=None):
     """Coulomb + XC potential (Hartree) of the guess density; same shape as ``dm_sad``.
 
     ``coulomb='df'`` density-fits rho[P_SAD] in ``auxmol`` (:func:`coulomb_of_guess`);
-    ``'exact'`` takes the SCF object's own ``get_j`` of P_SAD.
+    ``'exact'`` takes the SCF object's own ``get_j`` of P_SAD. ``delta_grid``: see
+    :func:`xc_potential`.
     """
     mol = mf.mol
     dm_sad = np.asarray(dm_sad)
@@ -440,7 +478,7 @@ def local_potential(mf, dm_sad, auxmol, c, grids=None, coulomb='df'):
     if spin:
         v = np.array((v, v))
     if hasattr(mf, 'xc'):
-        v = v + xc_potential(mf, dm_sad, auxmol, c, grids)[1]
+        v = v + xc_potential(mf, dm_sad, auxmol, c, grids, delta_grid)[1]
     return v
 
 
@@ -544,9 +582,12 @@ def mix_with_sad(mf, dm, dm_sad, mix, s1e=None, x=None):
 def guess_grids(mf, level=1):
     """Molecular grids for the guess's XC potential: ``mf.grids`` settings at ``level``.
 
-    The guess needs the XC potential of an approximate density, not converged energies; on
-    ethanol PBE/def2-SVP with the exact delta-rho, levels 0-3 gave 5-6 SCF cycles alike while
-    the cost grows about fourfold from level 1 to 3.
+    The guess needs the XC potential of an approximate density, not converged energies, and
+    how fine a grid pays depends on how good the density is: on validation molecules 400-403
+    (PBE/def2-SVP) the exact delta-rho gave 29 cycles in all at level 1 and 35 at level 0
+    (minao 51), while the shipped model's gave 47 at either level; level 0 has about 4.5
+    times fewer points and saves about 1 s per QM9 guess (``examples/diagnostics/xc_route.py``).
+    The level is therefore a model setting (``guess_grids_level`` in its config, default 1).
     """
     from pyscf import dft
     if not hasattr(mf, 'xc'):
@@ -564,7 +605,7 @@ def guess_grids(mf, level=1):
 
 def density_matrix_from_delta_rho(mf, delta_rho, grid, dm_sad=None, auxbasis=DEFAULT_AUXBASIS,
                                   exchange='auto', grids_level=1, log=None, charge=None,
-                                  coulomb='df', mix=1.0):
+                                  coulomb='df', mix=1.0, xc_density='grid'):
     """The whole projection: delta-rho on ``grid`` -> guess density matrix for ``mf``.
 
     Args:
@@ -581,6 +622,9 @@ def density_matrix_from_delta_rho(mf, delta_rho, grid, dm_sad=None, auxbasis=DEF
             object's own J of P_SAD); see :func:`local_potential`.
         mix: the returned matrix is P_SAD + mix (P_Fock - P_SAD); 1 returns the Fock build's
             aufbau matrix itself (see :func:`mix_with_sad`).
+        xc_density: delta-rho of the XC potential: 'grid' interpolates ``delta_rho`` onto
+            the molecular grid, 'fit' evaluates the fitted auxiliary density there (see
+            :func:`xc_potential`). Coulomb always uses the fit.
     Returns:
         dm with ``mo_coeff``/``mo_occ`` attached.
     """
@@ -599,7 +643,14 @@ def density_matrix_from_delta_rho(mf, delta_rho, grid, dm_sad=None, auxbasis=DEF
     c = fit_delta_rho(auxmol, delta_rho, grid, charge=charge)
     t1 = time.perf_counter()
     log.info('densr: delta-rho fitted with %d auxiliary functions in %.2f s', auxmol.nao, t1 - t0)
-    v_local = local_potential(mf, dm_sad, auxmol, c, guess_grids(mf, grids_level), coulomb)
+    if xc_density not in ('grid', 'fit'):
+        raise ValueError("xc_density must be 'grid' or 'fit', not %r" % xc_density)
+    delta_grid = None
+    if xc_density == 'grid':
+        q_grid = float(np.sum(delta_rho, dtype=np.float64)) * grid.dv
+        delta_grid = (delta_rho, grid, charge - q_grid)
+    v_local = local_potential(mf, dm_sad, auxmol, c, guess_grids(mf, grids_level), coulomb,
+                              delta_grid)
     x = orthogonalizer(mf, s1e)
     dm = density_matrix_from_veff(mf, add_exchange(mf, v_local, dm_sad), dm_sad, h1e, s1e, x)
     t2 = time.perf_counter()

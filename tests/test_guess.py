@@ -36,6 +36,43 @@ def test_projection_of_exact_delta_rho_ethanol(ethanol):
     assert mf.cycles <= 6 < ref.cycles
 
 
+def test_grid_density_interpolates_value_and_gradient():
+    """A smooth field on the 0.2 Bohr grid, read at off-grid points: value and gradient."""
+    fine = grid.UniformGrid([-4.0, -4.1, -3.9], 0.2, (41, 42, 40))
+    r = fine.coords().reshape(*fine.shape, 3)
+    a = 0.7
+    field = np.exp(-a * np.sum((r - [0.1, -0.2, 0.05]) ** 2, axis=-1))
+    pts = np.random.default_rng(0).uniform(-2.5, 2.5, (500, 3))
+    d = pts - [0.1, -0.2, 0.05]
+    want = np.exp(-a * np.sum(d ** 2, axis=1))
+    got = project.grid_density(field, fine, pts, deriv=1)
+    assert abs(got[0] - want).max() < 0.015      # trilinear: O(h^2 f'')
+    assert abs(got[1:] - (-2 * a * d.T * want)).max() < 0.05   # peak gradient 0.72
+    outside = project.grid_density(field, fine, np.array([[50.0, 0, 0]]))
+    assert outside[0, 0] == 0
+
+
+def test_xc_routes_give_the_same_state(ethanol):
+    """delta-rho interpolated onto level-0 grids (the default) and the fitted density on
+    level-1 grids: nearly the same XC potential, the same converged state."""
+    ref = _run(dft.RKS(ethanol, xc='pbe'), 'minao')
+    mf = dft.RKS(ethanol, xc='pbe')
+    dm_sad = mf.init_guess_by_minao()
+    fine = grid.make_box(ethanol.atom_coords(), 0.4, 5.669).refine(2)
+    delta = grid.eval_density(ethanol, ref.make_rdm1() - dm_sad, fine)
+    dms = [project.density_matrix_from_delta_rho(mf, delta, fine, dm_sad=dm_sad, **kw)
+           for kw in ({}, {'xc_density': 'fit', 'grids_level': 1})]
+    s = mf.get_ovlp()
+    diff = np.einsum('ij,ji', (dms[0] - dms[1]).dot(s), (dms[0] - dms[1]).dot(s))
+    assert diff ** 0.5 < 0.05 * ethanol.nelectron ** 0.5
+    for dm in dms:
+        mf = dft.RKS(ethanol, xc='pbe')
+        mf.kernel(dm0=dm)
+        assert abs(mf.e_tot - ref.e_tot) < 1e-6 and mf.cycles < ref.cycles
+    with pytest.raises(ValueError, match='xc_density'):
+        project.density_matrix_from_delta_rho(mf, delta, fine, dm_sad=dm_sad, xc_density='x')
+
+
 @pytest.mark.parametrize('atom,charge,spin,kind', [
     (WATER, 0, 0, 'rks'),
     ('N 0 0 0; H 0 0.94 0.38; H 0.81 -0.47 0.38; H -0.81 -0.47 0.38', 0, 0, 'rks'),
