@@ -384,7 +384,7 @@ def make_guess(mf, guess, ref=None, model=None, device=None, exchange=None):
         # included; the oracle stands for a perfect network, which needs no damping (mix 1)
         # and earns the finer guess grids (level 1)
         mix = 1.0 if guess == 'oracle' else hook.guess_mix(model)
-        level = 1 if guess == 'oracle' else int(model.config.get('guess_grids_level', 1))
+        level = 1 if guess == 'oracle' else hook.guess_grids_level(model)
         dm = project.density_matrix_from_delta_rho(
             mf, delta, fine, dm_sad=dm_sad, auxbasis=model.config.get('auxbasis'),
             exchange=exchange or os.environ.get('PYSCF_DENSR_EXCHANGE', 'auto'), mix=mix,

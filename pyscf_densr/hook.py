@@ -303,6 +303,12 @@ def guess_mix(net, mix=None):
     return mix
 
 
+def guess_grids_level(net):
+    """The molecular grid level of the guess's XC step: the model's ``guess_grids_level``
+    (default 1; see :func:`project.guess_grids`)."""
+    return int(net.config.get('guess_grids_level', 1))
+
+
 def init_guess(mf, mol=None, model=None, device=None, exchange=None, fallback=None, mix=None):
     """The densr initial guess density matrix for SCF object ``mf``.
 
@@ -355,7 +361,7 @@ def init_guess(mf, mol=None, model=None, device=None, exchange=None, fallback=No
             dm = project.density_matrix_from_delta_rho(
                 mf, delta, fine, dm_sad=dm_sad, auxbasis=net.config.get('auxbasis'),
                 exchange=exchange, log=log, charge=expected, mix=guess_mix(net, mix),
-                grids_level=int(net.config.get('guess_grids_level', 1)))
+                grids_level=guess_grids_level(net))
             log.info('densr: projection to a density matrix in %.2f s', time.perf_counter() - t0)
         except MemoryError as e:
             raise DensrError('densr guess ran out of memory (%s); lower PYSCF_DENSR_BLOCK_MEMORY '

@@ -329,15 +329,13 @@ def aux_density(auxmol, c, coords, deriv=0, max_memory=None):
     return out
 
 
-def grid_density(field, grid, coords, deriv=0, out=None):
+def grid_density(field, grid, coords, deriv=0):
     """A field on a uniform ``grid`` at arbitrary ``coords`` (Bohr): (1, n), or (4, n) with the
     gradient for deriv=1. Trilinear interpolation; the gradient by central differences of
     one grid spacing; zero outside the box."""
     from scipy import ndimage
     frac = ((np.asarray(coords) - grid.origin) / grid.spacing).T
-    comp = 4 if deriv else 1
-    if out is None:
-        out = np.empty((comp, frac.shape[1]))
+    out = np.empty((4 if deriv else 1, frac.shape[1]))
 
     def at(f):
         return ndimage.map_coordinates(field, f, order=1, mode='constant', cval=0.0,
@@ -359,11 +357,10 @@ def xc_potential(mf, dm_sad, auxmol, c, grids=None, delta_grid=None):
     ``dm_sad`` is (nao, nao) for a restricted calculation or (2, nao, nao) for alpha/beta;
     delta-rho is split equally between the spins. Meta-GGA kinetic energy densities are
     taken from ``dm_sad`` alone. delta-rho is the fitted sum_k c_k chi_k, or, when
-    ``delta_grid = (delta_rho, grid, q)`` is given, the grid field itself interpolated onto
-    the molecular grid (:func:`grid_density`, several times cheaper than evaluating the
-    auxiliary functions there) with rho[dm_sad] scaled by 1 + q / N_SAD, q being the
-    electrons the fit adds to the field's own integral (the ionic charge, mostly), so that
-    the XC density holds the fitted density's electrons. Returns (exc, vxc) in Hartree.
+    ``delta_grid = (delta_rho, grid, sad_scale)`` is given, the grid field itself
+    interpolated onto the molecular grid (:func:`grid_density`, several times cheaper than
+    evaluating the auxiliary functions there) with rho[dm_sad] scaled by ``sad_scale`` (see
+    :func:`density_matrix_from_delta_rho`). Returns (exc, vxc) in Hartree.
     """
     mol = mf.mol
     ni = mf._numint
@@ -380,9 +377,6 @@ def xc_potential(mf, dm_sad, auxmol, c, grids=None, delta_grid=None):
     nset = len(dms)
     nao = mol.nao
     ao_deriv = 0 if xctype == 'LDA' else 1
-    if delta_grid is not None:
-        nsad = float(np.einsum('ij,ji->', dms.sum(axis=0), mf.get_ovlp(mol)))
-        sad_scale = 1 + delta_grid[2] / nsad if nsad > 1e-8 else 1.0
     vmat = np.zeros((nset, nao, nao))
     excsum = 0.0
     max_memory = max(500, mf.max_memory - lib.current_memory()[0])
@@ -392,7 +386,8 @@ def xc_potential(mf, dm_sad, auxmol, c, grids=None, delta_grid=None):
         if delta_grid is None:
             drho = aux_density(auxmol, c, coords, deriv=ao_deriv) / nset
         else:
-            drho = grid_density(delta_grid[0], delta_grid[1], coords, ao_deriv) / nset
+            field, fgrid, sad_scale = delta_grid
+            drho = grid_density(field, fgrid, coords, ao_deriv) / nset
             for r in rho:
                 r *= sad_scale
         for r in rho:
@@ -628,6 +623,8 @@ def density_matrix_from_delta_rho(mf, delta_rho, grid, dm_sad=None, auxbasis=DEF
     Returns:
         dm with ``mo_coeff``/``mo_occ`` attached.
     """
+    if xc_density not in ('grid', 'fit'):
+        raise ValueError("xc_density must be 'grid' or 'fit', not %r" % xc_density)
     mol = mf.mol
     log = log or logger.new_logger(mf)
     if dm_sad is None:
@@ -638,17 +635,18 @@ def density_matrix_from_delta_rho(mf, delta_rho, grid, dm_sad=None, auxbasis=DEF
     h1e = mf.get_hcore(mol)
     t0 = time.perf_counter()
     auxmol = make_auxmol(mol, auxbasis or DEFAULT_AUXBASIS)
+    nsad = float(np.einsum('ij,ji->', dm_tot, s1e))
     if charge is None:
-        charge = mol.nelectron - float(np.einsum('ij,ji->', dm_tot, s1e))
+        charge = mol.nelectron - nsad
     c = fit_delta_rho(auxmol, delta_rho, grid, charge=charge)
     t1 = time.perf_counter()
     log.info('densr: delta-rho fitted with %d auxiliary functions in %.2f s', auxmol.nao, t1 - t0)
-    if xc_density not in ('grid', 'fit'):
-        raise ValueError("xc_density must be 'grid' or 'fit', not %r" % xc_density)
     delta_grid = None
     if xc_density == 'grid':
-        q_grid = float(np.sum(delta_rho, dtype=np.float64)) * grid.dv
-        delta_grid = (delta_rho, grid, charge - q_grid)
+        # rho[P_SAD] scaled by 1 + q / N_SAD, q the electrons the fit adds to the field's own
+        # integral (an ion's charge, mostly), so the XC density holds the fitted electrons
+        q = charge - float(np.sum(delta_rho, dtype=np.float64)) * grid.dv
+        delta_grid = (delta_rho, grid, 1 + q / nsad if nsad > 1e-8 else 1.0)
     v_local = local_potential(mf, dm_sad, auxmol, c, guess_grids(mf, grids_level), coulomb,
                               delta_grid)
     x = orthogonalizer(mf, s1e)
