@@ -267,6 +267,11 @@ def make_scf(mol, level, grids_level=None, conv_tol=None, max_cycle=None, df_aux
             mf.grids.level = int(grids_level)
     if level.get('df'):
         mf = mf.density_fit(auxbasis=df_auxbasis)
+        if level.get('df_incore'):
+            # PySCF >= 2.3 recomputes the 3-centre integrals in every J build of a pure
+            # functional (direct DF-J); this keeps the tensor instead (memory or disk,
+            # by max_memory), built in the first cycle and counted in the SCF time
+            mol.incore_anyway = True
     if conv_tol is not None:
         mf.conv_tol = float(conv_tol)
     if max_cycle is not None:
@@ -890,6 +895,10 @@ def _parser():
     run.add_argument('--max-memory', type=float, metavar='MB',
                      help="PySCF max_memory (default 4000 or PYSCF_MAX_MEMORY); a DF tensor "
                           "larger than this is read from disk every cycle")
+    run.add_argument('--df-incore', action='store_true',
+                     help="+df levels keep the 3-centre tensor across cycles (PySCF's "
+                          "default for pure functionals recomputes it in every J build: "
+                          "less memory, slower cycles for large molecules)")
     run.add_argument('--nmae-dm', action='store_true',
                      help='also the NMAE of rho[P_guess] of every guess (one density '
                           'evaluation per row)')
@@ -946,6 +955,8 @@ def main(argv=None):
     if args.threads:
         lib.num_threads(args.threads)
     levels = [parse_level(s) for s in args.levels]
+    for lv in levels:
+        lv['df_incore'] = lv['df'] and args.df_incore
     guesses = check_guesses(args.guesses)
     molecules = collect_molecules(args)
     if not molecules:

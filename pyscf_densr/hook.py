@@ -7,7 +7,7 @@ density-fitted and scanner variants all reach ``SCF.get_init_guess`` at call tim
 
 Options without code changes (environment variables):
 
-``PYSCF_DENSR_MODEL``     shipped model name or path to NAME.pt (default ``densr-small-v3``)
+``PYSCF_DENSR_MODEL``     shipped model name or path to NAME.pt (default ``densr-small-v4``)
 ``PYSCF_DENSR_DEVICE``    ``cpu``, ``cuda``, ``cuda:1``... (default: CUDA if available)
 ``PYSCF_DENSR_FALLBACK``  ``error`` (default) or ``minao``: what to do when the guess
                           cannot be made (any :class:`DensrError` or ``ModelError``: bad

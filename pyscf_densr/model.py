@@ -20,7 +20,7 @@ from torch import nn
 import torch.nn.functional as F
 
 MODEL_DIR = os.path.join(os.path.dirname(__file__), 'models')
-DEFAULT_MODEL = 'densr-small-v3'
+DEFAULT_MODEL = 'densr-small-v4'
 
 DEFAULT_CONFIG = {
     'arch': 'ResUpNet3d',
@@ -29,6 +29,10 @@ DEFAULT_CONFIG = {
     'dilations': None,      # per-block dilation (None: all 1); dilated blocks widen the
                             # receptive field at the cost of a plain block
     'kernel': 3,            # cubic kernel edge, voxels
+    'coarse_blocks': 0,     # residual blocks of the half-resolution branch (0: none)
+    'coarse_channels': 32,  # its channels: at 1/8 of the voxels, twice the channels cost
+                            # half of what a full-resolution block does
+    'coarse_dilations': None,   # per-block dilation of the branch (None: all 1)
     'upsample': 2,          # output grid is this many times finer than the input grid
     'spacing': 0.4,         # input grid spacing, Bohr
     'margin': 5.669,        # box margin around the atoms, Bohr (3 Angstrom)
@@ -66,15 +70,17 @@ def pixel_shuffle_3d(x, r):
     return x.reshape(b, c_out, nx * r, ny * r, nz * r)
 
 
-def block_dilations(config):
-    """The dilation of each residual block (config ``dilations``, default all 1)."""
-    d = config.get('dilations')
+def block_dilations(config, prefix=''):
+    """The dilation of each residual block (config ``dilations``, default all 1); with
+    ``prefix='coarse_'`` those of the half-resolution branch."""
+    n = int(config.get(prefix + 'blocks') or 0)
+    d = config.get(prefix + 'dilations')
     if d is None:
-        return [1] * config['blocks']
+        return [1] * n
     d = [int(x) for x in d]
-    if len(d) != config['blocks'] or min(d) < 1:
-        raise ModelError('model config: dilations %r must list one dilation >= 1 per block '
-                         '(blocks = %d)' % (d, config['blocks']))
+    if len(d) != n or (d and min(d) < 1):
+        raise ModelError('model config: %sdilations %r must list one dilation >= 1 per block '
+                         '(%sblocks = %d)' % (prefix, d, prefix, n))
     return d
 
 
@@ -95,6 +101,36 @@ class ResBlock(nn.Module):
         return x + self.conv2(self.act(self.conv1(x)))
 
 
+class CoarseBranch(nn.Module):
+    """Residual blocks at half the resolution, added back to the full-resolution features.
+
+    A stride-2 convolution goes down, :class:`ResBlock` s work on 1/8 of the voxels with more
+    channels, a zero-initialised 1x1 convolution and trilinear interpolation come back up: a
+    new branch is the identity of the network it is added to. Each axis is padded to an odd
+    length first, so the coarse voxels sit exactly on every other fine one (the interpolation
+    is exact there, and a box flipped along an axis of odd length gives the flipped result).
+    """
+
+    def __init__(self, channels, coarse_channels, kernel, dilations):
+        super().__init__()
+        self.down = nn.Conv3d(channels, coarse_channels, kernel, stride=2, padding=kernel // 2)
+        self.blocks = nn.Sequential(*[ResBlock(coarse_channels, kernel, d) for d in dilations])
+        self.up = nn.Conv3d(coarse_channels, channels, 1)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+        self.act = nn.SiLU()
+
+    def forward(self, h):
+        n = h.shape[-3:]
+        pad = []
+        for m in reversed(n):
+            pad += [0, 1 - m % 2]
+        hp = F.pad(h, pad)
+        c = self.up(self.act(self.blocks(self.act(self.down(hp)))))
+        c = F.interpolate(c, size=hp.shape[-3:], mode='trilinear', align_corners=True)
+        return c[..., :n[0], :n[1], :n[2]]
+
+
 class ResUpNet3d(nn.Module):
     """Residual 3D CNN at the coarse resolution followed by one 3D pixel shuffle."""
 
@@ -104,6 +140,8 @@ class ResUpNet3d(nn.Module):
         ch, k, r = config['channels'], config['kernel'], config['upsample']
         self.head = nn.Conv3d(2, ch, k, padding=k // 2)
         self.body = nn.Sequential(*[ResBlock(ch, k, d) for d in block_dilations(config)])
+        cd = block_dilations(config, 'coarse_')
+        self.branch = CoarseBranch(ch, int(config['coarse_channels']), k, cd) if cd else None
         self.tail = nn.Conv3d(ch, ch, k, padding=k // 2)
         self.up = nn.Conv3d(ch, r ** 3, k, padding=k // 2)
         nn.init.zeros_(self.up.weight)   # start from delta-rho = 0, i.e. from SAD
@@ -114,13 +152,22 @@ class ResUpNet3d(nn.Module):
     def halo(self):
         """Receptive-field radius in coarse voxels: the overlap needed between tiles."""
         k = self.config['kernel'] // 2
-        return k * (2 * sum(block_dilations(self.config)) + 3)
+        halo = k * (2 * sum(block_dilations(self.config)) + 3)
+        if self.branch is not None:
+            # down-convolution, two convolutions per coarse block at twice the spacing, and
+            # the interpolation; even, so tiles start on the coarse branch's own grid
+            halo += k + 4 * k * sum(block_dilations(self.config, 'coarse_')) + 2
+            halo += halo % 2
+        return halo
 
     def forward(self, rho_sad):
         """rho_sad: (B, X, Y, Z) e/Bohr^3 -> delta-rho (B, rX, rY, rZ) e/Bohr^3."""
         x = input_features(rho_sad, self.config['rho_floor'])
         h = self.act(self.head(x))
-        h = h + self.tail(self.body(h))
+        b = self.body(h)
+        if self.branch is not None:
+            b = b + self.branch(b)
+        h = h + self.tail(b)
         r = self.config['upsample']
         out = pixel_shuffle_3d(self.up(self.act(h)), r)[:, 0] / self.config['target_scale']
         if self.config.get('output', 'absolute') == 'relative':
@@ -202,21 +249,23 @@ def from_pretrained(name_or_path=None, device='cpu'):
 
 
 def load_grown(net, state):
-    """Load ``state`` into ``net``, which may have more residual blocks than ``state``.
+    """Load ``state`` into ``net``, which may have more residual blocks than ``state``, or a
+    half-resolution branch that ``state`` lacks.
 
-    The extra blocks keep their initialisation (the identity, see :class:`ResBlock`), so the
-    grown network computes what the smaller one did. Returns the names of the new blocks.
-    Any other mismatch raises :class:`ModelError`.
+    The extra blocks keep their initialisation (the identity, see :class:`ResBlock` and
+    :class:`CoarseBranch`), so the grown network computes what the smaller one did. Returns
+    the names of the new parts. Any other mismatch raises :class:`ModelError`.
     """
     own = net.state_dict()
     unexpected = [k for k in state if k not in own]
     bad = [k for k in state if k in own and own[k].shape != state[k].shape]
     missing = [k for k in own if k not in state]
-    if unexpected or bad or any(not k.startswith('body.') for k in missing):
+    if unexpected or bad or any(not k.startswith(('body.', 'branch.')) for k in missing):
         raise ModelError('cannot start from this model: unexpected %s, shape mismatch %s, '
                          'missing %s' % (unexpected, bad, missing))
     net.load_state_dict(state, strict=False)
-    return sorted({'.'.join(k.split('.')[:2]) for k in missing})
+    return sorted({'branch' if k.startswith('branch.') else '.'.join(k.split('.')[:2])
+                   for k in missing})
 
 
 def save_model(model, path, meta=None):
@@ -259,6 +308,7 @@ def predict(model, rho_sad, device=None, max_voxels=None):
     halo = model.halo
     # a tile's core at least as wide as its halo keeps the recomputed overlap bounded
     edge = max(8, halo, int(round(max_voxels ** (1 / 3))) - 2 * halo)
+    edge += edge % 2   # even, like the halo: every tile starts on an even voxel
     out = np.empty([n * r for n in shape], dtype=np.float32)
     if np.prod(shape) <= max_voxels:
         tiles = [[(0, n, 0, n)] for n in shape]

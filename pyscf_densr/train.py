@@ -343,7 +343,7 @@ def train(cfg, log=print):
     if cfg.get('init'):
         grown = model_mod.load_grown(net, model_mod.from_pretrained(_init_path(cfg)).state_dict())
         if grown:
-            log('new residual blocks %s start as the identity' % ', '.join(grown))
+            log('new parts of the network (%s) start as the identity' % ', '.join(grown))
     net.to(device)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg['lr'], weight_decay=cfg['weight_decay'])
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg['steps'], eta_min=cfg['min_lr'])

@@ -212,6 +212,16 @@ def test_parse_level():
     assert isinstance(bench.make_scf(mol, bench.parse_level('hf/sto-3g')), scf.hf.RHF)
     mf = bench.make_scf(mol, bench.parse_level('pbe/sto-3g+df'), grids_level=1)
     assert isinstance(mf, dft.rks.RKS) and mf.grids.level == 1 and hasattr(mf, 'with_df')
+    # --df-incore keeps the 3-centre tensor; PySCF's default pure-functional DF-J does not,
+    # and both give the same energy
+    energies = []
+    for incore in (False, True):
+        m = gto.M(atom=WATER, basis='sto-3g', verbose=0)
+        lv = dict(bench.parse_level('pbe/sto-3g+df'), df_incore=incore)
+        mf = bench.make_scf(m, lv, grids_level=1)
+        energies.append(mf.kernel())
+        assert (mf.with_df._cderi is not None) == incore
+    assert abs(energies[0] - energies[1]) < 1e-8
     with pytest.raises(ValueError):
         bench.check_guesses(['minao', 'nonsense'])
     assert bench.check_guesses(['SAP', 'minao', 'sap']) == ['minao', 'sap']

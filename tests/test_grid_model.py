@@ -72,10 +72,13 @@ def test_auxbasis_covers_unusual_elements():
     assert aux.nao > 0
 
 
-@pytest.mark.parametrize('dilations,shape', [(None, (23, 19, 17)), ([1, 3], (41, 30, 27))])
-def test_tiled_prediction_equals_untiled(dilations, shape):
+@pytest.mark.parametrize('dilations,coarse,shape', [(None, 0, (23, 19, 17)),
+                                                    ([1, 3], 0, (41, 30, 27)),
+                                                    (None, 2, (44, 37, 30))])
+def test_tiled_prediction_equals_untiled(dilations, coarse, shape):
     torch.manual_seed(0)
-    net = model_mod.build_model(channels=4, blocks=2, dilations=dilations)
+    net = model_mod.build_model(channels=4, blocks=2, dilations=dilations,
+                                coarse_blocks=coarse, coarse_channels=6)
     for p in net.parameters():
         torch.nn.init.normal_(p, std=0.2)
     rho = np.random.default_rng(0).random(shape).astype(np.float32)
@@ -94,11 +97,35 @@ def test_grown_model_starts_where_the_small_one_was():
     assert model_mod.load_grown(big, small.state_dict()) == ['body.2', 'body.3']
     x = torch.rand(1, 10, 9, 8)
     assert torch.equal(big(x), small(x))
+    # a half-resolution branch grows the same way
+    multi = model_mod.build_model(channels=4, blocks=2, coarse_blocks=2, coarse_channels=6)
+    assert model_mod.load_grown(multi, small.state_dict()) == ['branch']
+    assert torch.equal(multi(x), small(x))
     other = model_mod.build_model(channels=8, blocks=4)
     with pytest.raises(model_mod.ModelError, match='shape mismatch'):
         model_mod.load_grown(other, small.state_dict())
     with pytest.raises(model_mod.ModelError, match='dilations'):
         model_mod.build_model(channels=4, blocks=3, dilations=[1, 2])
+
+
+@pytest.mark.parametrize('shape', [(9, 7, 5), (10, 8, 6)])
+def test_coarse_branch_sits_on_every_other_voxel(shape):
+    # with a sampling down-convolution and identity blocks, the branch must return its input
+    # on even voxels and the mean of the two neighbours on odd ones: coarse voxels aligned
+    # with fine ones (no half-voxel shift) whatever the parity of the box
+    br = model_mod.CoarseBranch(1, 1, 3, [])
+    with torch.no_grad():
+        br.down.weight.zero_()
+        br.down.weight[0, 0, 1, 1, 1] = 1
+        br.down.bias.zero_()
+        br.up.weight.fill_(1)
+    br.act = torch.nn.Identity()
+    x = torch.arange(shape[0], dtype=torch.float32)[:, None, None].expand(*shape)
+    y = br(x[None, None].clone())[0, 0]
+    assert y.shape == x.shape
+    # an even axis is padded by one zero voxel: its last voxel sees the padding
+    ok = tuple(slice(0, n if n % 2 else n - 1) for n in shape)
+    assert torch.allclose(y[ok], x[ok], atol=1e-5)
 
 
 def test_pixel_shuffle_places_subvoxels():
