@@ -276,16 +276,22 @@ class CropSampler:
         return torch.from_numpy(x)[None], torch.from_numpy(y)[None]
 
 
+def load_cached(cdir, key):
+    """(rho_SAD on the coarse grid, delta-rho on the fine grid, metadata) of one cached molecule."""
+    sad = np.load(os.path.join(cdir, key + '.sad.npy'))
+    delta = np.load(os.path.join(cdir, key + '.delta.npy'))
+    with open(os.path.join(cdir, key + '.json')) as f:
+        meta = json.load(f)
+    return sad, delta, meta
+
+
 @torch.no_grad()
 def evaluate_nmae(model, cdir, keys, device='cpu'):
     """Mean over molecules of NMAE (%) of the model and of SAD alone, on full boxes."""
     model.eval()
     nm, ns = [], []
     for k in keys:
-        sad = np.load(os.path.join(cdir, k + '.sad.npy'))
-        delta = np.load(os.path.join(cdir, k + '.delta.npy'))
-        with open(os.path.join(cdir, k + '.json')) as f:
-            meta = json.load(f)
+        sad, delta, meta = load_cached(cdir, k)
         dv = (meta['spacing'] / model.config['upsample']) ** 3
         pred = model_mod.predict(model, sad, device=device)
         nm.append(np.abs(pred - delta).sum() * dv / meta['nelectron'] * 100)

@@ -6,8 +6,6 @@ grids: 1 pass (as shipped), 2 (the box and its inversion), 8 (all axis flips).
 Uses the first 16 cached molecules of 400-449 (the validation molecules of training).
 """
 import itertools
-import json
-import os
 import sys
 
 import numpy as np
@@ -21,10 +19,7 @@ cdir = sys.argv[2] if len(sys.argv) > 2 else 'cache/grids/s0.4_m5.669_u2'
 keys = train.cached_keys(cdir, 400, 450)[:16]
 res = {1: [], 2: [], 8: []}
 for k in keys:
-    sad = np.load(os.path.join(cdir, k + '.sad.npy'))
-    delta = np.load(os.path.join(cdir, k + '.delta.npy'))
-    with open(os.path.join(cdir, k + '.json')) as f:
-        meta = json.load(f)
+    sad, delta, meta = train.load_cached(cdir, k)
     dv = (meta['spacing'] / net.config['upsample']) ** 3
     preds = []
     for flips in itertools.product([0, 1], repeat=3):   # (0,0,0) first, (1,1,1) last
