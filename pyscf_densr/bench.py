@@ -893,8 +893,9 @@ def _parser():
                      help="fitting basis of +df levels (default PySCF's choice), e.g. "
                           "def2-universal-jfit for pure functionals")
     run.add_argument('--max-memory', type=float, metavar='MB',
-                     help="PySCF max_memory (default 4000 or PYSCF_MAX_MEMORY); a DF tensor "
-                          "larger than this is read from disk every cycle")
+                     help="PySCF max_memory (default 4000 or PYSCF_MAX_MEMORY); a stored DF "
+                          "tensor (hybrids, or --df-incore) larger than this is read from "
+                          "disk every cycle")
     run.add_argument('--df-incore', action='store_true',
                      help="+df levels keep the 3-centre tensor across cycles (PySCF's "
                           "default for pure functionals recomputes it in every J build: "

@@ -107,8 +107,10 @@ class CoarseBranch(nn.Module):
     A stride-2 convolution goes down, :class:`ResBlock` s work on 1/8 of the voxels with more
     channels, a zero-initialised 1x1 convolution and trilinear interpolation come back up: a
     new branch is the identity of the network it is added to. Each axis is padded to an odd
-    length first, so the coarse voxels sit exactly on every other fine one (the interpolation
-    is exact there, and a box flipped along an axis of odd length gives the flipped result).
+    length first, so the coarse voxels sit exactly on every other fine one, with no
+    half-voxel shift (the interpolation is exact there), and the same voxels are sampled
+    when an axis of odd length is flipped. The last voxel of an even axis sees the padding
+    (vacuum margin, where the relative output is multiplied by rho_SAD ~ 0).
     """
 
     def __init__(self, channels, coarse_channels, kernel, dilations):
