@@ -247,10 +247,17 @@ def parse_level(text):
     return {'name': name, 'method': method.lower(), 'basis': basis, 'df': df}
 
 
-def make_scf(mol, level, grids_level=None, conv_tol=None, max_cycle=None, df_auxbasis=None):
+SCF_OPTIONS = ('level_shift', 'damp', 'diis_start_cycle')
+
+
+def make_scf(mol, level, grids_level=None, conv_tol=None, max_cycle=None, df_auxbasis=None,
+             scf_options=None):
     """A fresh SCF object for ``level`` (a :func:`parse_level` dict); PySCF's defaults.
 
     ``df_auxbasis`` replaces PySCF's default fitting basis of ``+df`` levels.
+    ``scf_options`` sets SCF attributes of :data:`SCF_OPTIONS` (``level_shift`` in Eh,
+    ``damp``, ``diis_start_cycle``) for molecules whose SCF needs stabilising; the benchmark
+    gives every guess the same ones.
     """
     from pyscf import scf, dft
     method = level['method']
@@ -276,6 +283,11 @@ def make_scf(mol, level, grids_level=None, conv_tol=None, max_cycle=None, df_aux
         mf.conv_tol = float(conv_tol)
     if max_cycle is not None:
         mf.max_cycle = int(max_cycle)
+    for key, value in (scf_options or {}).items():
+        if key not in SCF_OPTIONS:
+            raise ValueError('unknown SCF option %r (known: %s)' % (key, ' '.join(SCF_OPTIONS)))
+        if value is not None:
+            setattr(mf, key, value)
     mf.verbose = mol.verbose
     return mf
 
@@ -419,7 +431,7 @@ def _short_error(e):
 def bench_molecule(molecule, level, guesses=DEFAULT_GUESSES, model=None, device=None,
                    exchange=None, done=(), nmae_mode='pred', grids_level=None, conv_tol=None,
                    max_cycle=None, verbose=0, on_row=None, df_auxbasis=None,
-                   max_memory=None):
+                   max_memory=None, scf_options=None):
     """Rows (dicts of :data:`COLUMNS`) of one molecule at one level, every guess in turn.
 
     ``minao`` runs first as the reference. Guesses whose (molecule, level, guess) key is in
@@ -427,8 +439,8 @@ def bench_molecule(molecule, level, guesses=DEFAULT_GUESSES, model=None, device=
     ``model`` is a loaded network, a name or None (the default model) for
     densr/oracle/control. ``nmae_mode``: ``'pred'``
     (NMAE of the grid densities), ``'dm'`` (also of rho[P_guess] for every guess) or
-    ``'none'``. ``on_row(row)`` is called as each row is finished. ``df_auxbasis`` and
-    ``max_memory`` (MB) go to :func:`make_scf` and :func:`build_mol`.
+    ``'none'``. ``on_row(row)`` is called as each row is finished. ``df_auxbasis``,
+    ``scf_options`` and ``max_memory`` (MB) go to :func:`make_scf` and :func:`build_mol`.
     """
     order = ['minao'] + [g for g in guesses if g != 'minao']
     todo = [g for g in order if (molecule['name'], level['name'], g) not in done]
@@ -443,7 +455,8 @@ def bench_molecule(molecule, level, guesses=DEFAULT_GUESSES, model=None, device=
             on_row(row)
 
     def scf(guess, ref=None):
-        mf = make_scf(mol, level, grids_level, conv_tol, max_cycle, df_auxbasis)
+        mf = make_scf(mol, level, grids_level, conv_tol, max_cycle, df_auxbasis,
+                      scf_options)
         row = _blank_row(molecule, level, guess, mol)
         dm0, info = None, {}
         try:
@@ -517,7 +530,8 @@ def bench_molecule(molecule, level, guesses=DEFAULT_GUESSES, model=None, device=
 
 def bench(molecules, levels, guesses=DEFAULT_GUESSES, model=None, device=None, exchange=None,
           done=(), nmae_mode='pred', grids_level=None, conv_tol=None, max_cycle=None,
-          verbose=0, on_row=None, progress=False, df_auxbasis=None, max_memory=None):
+          verbose=0, on_row=None, progress=False, df_auxbasis=None, max_memory=None,
+          scf_options=None):
     """Rows of every molecule x level (x guess); see :func:`bench_molecule`.
 
     ``levels`` are strings (``'pbe/def2-svp'``) or :func:`parse_level` dicts; ``model`` a
@@ -539,7 +553,7 @@ def bench(molecules, levels, guesses=DEFAULT_GUESSES, model=None, device=None, e
                 bar.set_postfix_str('%s %s' % (m['name'][:24], lv['name']))
             rows += bench_molecule(m, lv, guesses, net, device, exchange, done, nmae_mode,
                                    grids_level, conv_tol, max_cycle, verbose, on_row,
-                                   df_auxbasis, max_memory)
+                                   df_auxbasis, max_memory, scf_options)
             if bar is not None:
                 bar.update()
     finally:
@@ -889,6 +903,14 @@ def _parser():
     run.add_argument('--grids-level', type=int, help="DFT grids level (default PySCF's, 3)")
     run.add_argument('--conv-tol', type=float, help="SCF conv_tol (default PySCF's, 1e-9)")
     run.add_argument('--max-cycle', type=int, help="SCF max_cycle (default PySCF's, 50)")
+    run.add_argument('--level-shift', type=float, metavar='EH',
+                     help='SCF level shift of the virtual orbitals in Eh, for every guess '
+                          "(stabilises small-gap systems; default PySCF's, 0)")
+    run.add_argument('--damp', type=float, metavar='F',
+                     help='Fock damping factor for every guess; PySCF damps only the cycles '
+                          'before DIIS starts, so give --diis-start-cycle too')
+    run.add_argument('--diis-start-cycle', type=int, metavar='N',
+                     help="first SCF cycle with DIIS (default PySCF's, 1)")
     run.add_argument('--df-auxbasis', metavar='BASIS',
                      help="fitting basis of +df levels (default PySCF's choice), e.g. "
                           "def2-universal-jfit for pure functionals")
@@ -974,7 +996,9 @@ def main(argv=None):
     rows = bench(molecules, levels, guesses, args.model, args.device, args.exchange, done,
                  nmae_mode, args.grids_level, args.conv_tol, args.max_cycle, args.verbose,
                  on_row, progress=not args.no_progress, df_auxbasis=args.df_auxbasis,
-                 max_memory=args.max_memory)
+                 max_memory=args.max_memory,
+                 scf_options={'level_shift': args.level_shift, 'damp': args.damp,
+                              'diis_start_cycle': args.diis_start_cycle})
     wall = time.perf_counter() - t0
     # keep only the rows this command asks about (a resumed CSV may hold more)
     keys = {(m['name'], lv['name']) for m in molecules for lv in levels}

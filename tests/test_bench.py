@@ -227,6 +227,26 @@ def test_parse_level():
     assert bench.check_guesses(['SAP', 'minao', 'sap']) == ['minao', 'sap']
 
 
+def test_scf_stabilisation_keeps_the_answer(tmp_path):
+    """--level-shift / --damp reach every guess's SCF and converge to the same energy."""
+    mol = gto.M(atom=WATER, basis='sto-3g', verbose=0)
+    lv = bench.parse_level('hf/sto-3g')
+    plain = bench.make_scf(mol, lv)
+    shifted = bench.make_scf(mol, lv, scf_options={'level_shift': 0.3, 'damp': 0.5,
+                                                   'diis_start_cycle': 3})
+    assert (shifted.level_shift, shifted.damp, shifted.diis_start_cycle) == (0.3, 0.5, 3)
+    assert abs(plain.kernel() - shifted.kernel()) < 1e-8 and shifted.converged
+    with pytest.raises(ValueError, match='unknown SCF option'):
+        bench.make_scf(mol, lv, scf_options={'levelshift': 0.3})
+    out = tmp_path / 'rows.csv'
+    assert bench.main([_xyz(tmp_path), '--levels', 'hf/sto-3g', '--guesses', 'minao', '1e',
+                       '--level-shift', '0.3', '--csv', str(out), '--no-progress']) == 0
+    rows = _read_rows(str(out))
+    assert [r['guess'] for r in rows] == ['minao', '1e']
+    for r in rows:
+        assert r['converged'] == '1' and abs(float(r['e_tot']) - plain.e_tot) < 1e-8
+
+
 @pytest.mark.parametrize('kind', ['rhf', 'uhf'])
 def test_projection_score_of_exact_answer_is_one(kind):
     mol = gto.M(atom=WATER, basis='sto-3g', charge=int(kind == 'uhf'),
