@@ -47,6 +47,11 @@ Columns of a row (:data:`COLUMNS`; energies in Hartree, times in seconds, NMAE i
                              guess; only with ``--nmae-dm`` (one density evaluation per row)
 ``voxels``                   points of the model's fine grid for this molecule
 ``threads``                  ``pyscf.lib.num_threads()`` during the run
+``jk_route``                 how the SCF built J/K: ``incore`` (4-centre integrals held in
+                             memory, PySCF's choice when nao**4 bytes fit in ``max_memory``
+                             beside what the process already uses), ``direct`` (recomputed
+                             every cycle) or ``df``. Guesses of one molecule are only
+                             comparable in time on the same route; the summary says when not
 ``error``                    why the row has no result (the guess or the SCF raised)
 
 NMAE = sum |rho - rho_ref| / sum rho_ref * 100 on the fine grid (design.md). The grids are
@@ -64,6 +69,7 @@ mean NMAE.
 import argparse
 import contextlib
 import csv
+import gc
 import glob
 import math
 import os
@@ -95,10 +101,10 @@ COLUMNS = ['molecule', 'level', 'guess', 'natm', 'nao', 'nelectron', 'charge', '
            'converged', 'cycles', 'e_tot', 'dE', 'same_state',
            'guess_time', 'scf_time', 'total_time',
            'proj_score', 'dE_guess', 'nmae_sad', 'nmae_pred', 'nmae_dm',
-           'voxels', 'threads', 'error']
+           'voxels', 'threads', 'jk_route', 'error']
 _INT = ('natm', 'nao', 'nelectron', 'charge', 'spin', 'cycles', 'voxels', 'threads')
 _BOOL = ('converged', 'same_state')
-_STR = ('molecule', 'level', 'guess', 'error')
+_STR = ('molecule', 'level', 'guess', 'jk_route', 'error')
 
 # Well-known drug molecules (C, H, N, O only: the elements the shipped models were trained
 # on), 20 to 57 atoms with hydrogens; ``--drugs`` benchmarks them.
@@ -423,6 +429,12 @@ def _blank_row(molecule, level, guess, mol):
     return row
 
 
+def _jk_route(mf):
+    if getattr(mf, 'with_df', None) is not None:
+        return 'df'
+    return 'incore' if getattr(mf, '_eri', None) is not None else 'direct'
+
+
 def _short_error(e):
     msg = '%s: %s' % (type(e).__name__, e)
     return ' '.join(msg.split())[:200]
@@ -455,6 +467,7 @@ def bench_molecule(molecule, level, guesses=DEFAULT_GUESSES, model=None, device=
             on_row(row)
 
     def scf(guess, ref=None):
+        gc.collect()  # earlier guesses' SCF objects, so PySCF sees the same free memory
         mf = make_scf(mol, level, grids_level, conv_tol, max_cycle, df_auxbasis,
                       scf_options)
         row = _blank_row(molecule, level, guess, mol)
@@ -468,6 +481,7 @@ def bench_molecule(molecule, level, guesses=DEFAULT_GUESSES, model=None, device=
             row['same_state'] = False
             return mf, row, dm0, info
         row['total_time'] = row['guess_time'] + row['scf_time']
+        row['jk_route'] = _jk_route(mf)
         row['converged'] = bool(mf.converged)
         row['cycles'] = int(mf.cycles)
         row['e_tot'] = float(mf.e_tot)
@@ -521,6 +535,10 @@ def bench_molecule(molecule, level, guesses=DEFAULT_GUESSES, model=None, device=
 
     if 'minao' in todo:
         finish(mf_ref, row_ref, dm_sad, {})
+    # PySCF keeps the 4-centre integrals in memory only while nao**4 bytes plus the
+    # process's memory fit in max_memory; minao's copy, held on, would push the next
+    # guesses of a borderline molecule to the direct (much slower) route
+    mf_ref._eri = None
     for g in todo:
         if g == 'minao':
             continue
@@ -715,6 +733,15 @@ def format_summary(summary):
             lines.append(ln)
         out.append('== %s ==\n%s' % (level, _table(header, lines)))
     return '\n\n'.join(out)
+
+
+def mixed_jk_routes(rows):
+    """(molecule, level) keys whose guesses' SCFs built J/K by different routes."""
+    routes = {}
+    for r in rows:
+        if r.get('jk_route'):
+            routes.setdefault((r['molecule'], r['level']), set()).add(r['jk_route'])
+    return sorted(k for k, v in routes.items() if len(v) > 1)
 
 
 def _csv_value(v):
@@ -1008,6 +1035,11 @@ def main(argv=None):
         print(format_rows(allrows))
         print()
     print(format_summary(summarize(allrows)))
+    mixed = mixed_jk_routes(allrows)
+    if mixed:
+        print('\nnote: the SCFs of %d molecule-level pairs built J/K by different routes '
+              '(column jk_route; e.g. %s %s): their times are not comparable; a larger '
+              '--max-memory keeps every guess in core' % ((len(mixed),) + mixed[0]))
     print('\n%d molecules x %d levels, %d new rows (%d from --resume) in %.1f s on %d threads'
           % (len(molecules), len(levels), len(rows), len(allrows) - len(rows), wall,
              lib.num_threads()))

@@ -57,6 +57,8 @@ def test_csv_has_documented_columns(water_run):
         assert r['threads'] == 1
         assert r['voxels'] > 0 and r['nmae_sad'] > 0
         if not r['error']:
+            # water's integrals fit in memory for every guess, minao's copy freed in between
+            assert r['jk_route'] == 'incore'
             assert r['total_time'] == pytest.approx(r['guess_time'] + r['scf_time'])
             assert 0.5 < r['proj_score'] < 1.05
             assert r['cycles'] >= 1
@@ -245,6 +247,20 @@ def test_scf_stabilisation_keeps_the_answer(tmp_path):
     assert [r['guess'] for r in rows] == ['minao', '1e']
     for r in rows:
         assert r['converged'] == '1' and abs(float(r['e_tot']) - plain.e_tot) < 1e-8
+
+
+def test_jk_route_is_recorded(tmp_path, capsys):
+    """Too little max_memory for the 4-centre integrals: every guess runs direct, and
+    the summary flags molecules whose guesses ran on different routes."""
+    out = tmp_path / 'rows.csv'
+    assert bench.main([_xyz(tmp_path), '--levels', 'hf/sto-3g', 'hf/sto-3g+df', '--guesses',
+                       'minao', '1e', '--max-memory', '1', '--csv', str(out),
+                       '--no-progress']) == 0
+    rows = bench.read_csv(str(out))
+    assert [r['jk_route'] for r in rows] == ['direct', 'direct', 'df', 'df']
+    assert 'different routes' not in capsys.readouterr().out
+    rows[1]['jk_route'] = 'incore'
+    assert bench.mixed_jk_routes(rows) == [('water', 'hf/sto-3g')]
 
 
 @pytest.mark.parametrize('kind', ['rhf', 'uhf'])
