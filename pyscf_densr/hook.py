@@ -3,7 +3,8 @@
 Importing :mod:`pyscf_densr` wraps ``pyscf.scf.hf.SCF.get_init_guess`` once: the key
 ``'densr'`` (any case) runs :func:`init_guess`; every other key, and a density matrix
 passed as ``init_guess``, goes to PySCF's own method unchanged. RHF, UHF, ROHF, their KS,
-density-fitted and scanner variants all reach ``SCF.get_init_guess`` at call time.
+density-fitted and scanner variants all reach ``SCF.get_init_guess`` at call time; GHF/GKS
+get their collinear twin's guess in PySCF's GHF layout.
 
 Options without code changes (environment variables):
 
@@ -313,7 +314,8 @@ def init_guess(mf, mol=None, model=None, device=None, exchange=None, fallback=No
     """The densr initial guess density matrix for SCF object ``mf``.
 
     Args:
-        mf: a molecular PySCF SCF object (RHF/UHF/ROHF/RKS/UKS/ROKS, DF or not).
+        mf: a molecular PySCF SCF object (RHF/UHF/ROHF/RKS/UKS/ROKS, GHF/GKS, DF, X2C or
+            not; 4-component DHF is refused).
         mol: the molecule (default ``mf.mol``).
         model: shipped model name, path to NAME.pt, or a loaded network.
         device: torch device for the network ('cpu', 'cuda', ...).
@@ -328,6 +330,7 @@ def init_guess(mf, mol=None, model=None, device=None, exchange=None, fallback=No
     """
     from pyscf_densr import project
     from pyscf_densr.model import ModelError
+    from pyscf.scf import dhf, ghf
     mol = mol or mf.mol
     log = logger.new_logger(mf)
     fallback = (fallback or os.environ.get('PYSCF_DENSR_FALLBACK', 'error')).lower()
@@ -335,6 +338,16 @@ def init_guess(mf, mol=None, model=None, device=None, exchange=None, fallback=No
     if fallback not in ('error', 'minao'):
         raise ValueError("fallback must be 'error' or 'minao', not %r" % fallback)
     check_molecule(mol)
+    if isinstance(mf, dhf.DHF):
+        if fallback == 'minao':
+            log.warn('densr guess: 4-component DHF/DKS is not supported; falling back to the '
+                     'minao guess as PYSCF_DENSR_FALLBACK/fallback asks')
+            return mf.init_guess_by_minao(mol)
+        raise DensrError('densr guess: 4-component Dirac-Hartree-Fock/Dirac-Kohn-Sham (%s) is '
+                         'not supported; use init_guess=\'minao\' (or set '
+                         'PYSCF_DENSR_FALLBACK=minao)' % type(mf).__name__)
+    if isinstance(mf, ghf.GHF):
+        return _generalized_guess(mf, mol, model, device, exchange, fallback, mix, log)
     t_start = time.perf_counter()
     try:
         dm_sad = mf.init_guess_by_minao(mol)
@@ -375,6 +388,44 @@ def init_guess(mf, mol=None, model=None, device=None, exchange=None, fallback=No
         raise
     log.info('densr: initial guess in %.2f s', time.perf_counter() - t_start)
     return dm
+
+
+def _collinear_twin(mf, mol):
+    """The RHF/RKS (closed shell) or UHF/UKS twin of a GHF/GKS object: same functional,
+    density fitting and scalar-relativistic Hamiltonian (spin-orbit X2C becomes sf-X2C)."""
+    from pyscf import scf, dft
+    xc = getattr(mf, 'xc', None)
+    if xc is None:
+        twin = scf.UHF(mol) if mol.spin else scf.RHF(mol)
+    else:
+        twin = dft.UKS(mol, xc=xc) if mol.spin else dft.RKS(mol, xc=xc)
+        twin.nlc = getattr(mf, 'nlc', '')
+    if getattr(mf, 'with_x2c', None) is not None:
+        twin = twin.sfx2c1e()
+    with_df = getattr(mf, 'with_df', None)
+    if with_df is not None and getattr(with_df, 'auxbasis', None) is not None:
+        twin = twin.density_fit(auxbasis=with_df.auxbasis)
+    elif with_df is not None:
+        twin = twin.density_fit()
+    twin.verbose = mf.verbose
+    twin.stdout = mf.stdout
+    twin.max_memory = mf.max_memory
+    return twin
+
+
+def _generalized_guess(mf, mol, model, device, exchange, fallback, mix, log):
+    """GHF/GKS: the total density of the collinear twin's guess (:func:`_collinear_twin`),
+    laid out as PySCF lays out its own minao guess for GHF: half in each spin block, plus
+    an alpha-beta coupling of 5% of the diagonal. Keeping the twin's spin polarisation
+    instead led an open-shell spin-orbit (X2C) GHF to another state than minao's."""
+    from pyscf.scf import ghf
+    dm = np.asarray(init_guess(_collinear_twin(mf, mol), mol, model, device, exchange,
+                               fallback, mix))
+    if dm.ndim == 3:
+        dm = dm[0] + dm[1]
+    log.info('densr: GHF/GKS guess from the total density of the %s twin',
+             'UHF/UKS' if mol.spin else 'RHF/RKS')
+    return ghf._from_rhf_init_dm(dm)
 
 
 _orig_get_init_guess = None

@@ -406,6 +406,34 @@ def test_open_shells_and_ions_same_state_as_minao(atom, charge, spin, kind):
         assert abs(mf.spin_square()[0] - ref.spin_square()[0]) < 1e-3
 
 
+@pytest.mark.parametrize('atom,spin,kind', [
+    (WATER, 0, 'ghf'),
+    (WATER, 0, 'gks'),
+    ('O 0 0 0; H 0 0 0.97', 1, 'ghf'),                              # OH radical
+    ('O 0 0 0; H 0 0 0.97', 1, 'gks'),
+    ('O 0 0 0; H 0 0 0.97', 1, 'ghf-df'),
+    ('O 0 0 0; H 0 0 0.97', 1, 'ghf-x2c'),                          # spin-orbit X2C
+])
+def test_generalized_hf_same_state_as_minao(atom, spin, kind):
+    """GHF/GKS get the collinear twin's total density in PySCF's GHF layout."""
+    mol = gto.M(atom=atom, basis='6-31g', spin=spin, verbose=0)
+    make = {'ghf': scf.GHF, 'gks': lambda m: dft.GKS(m, xc='pbe'),
+            'ghf-df': lambda m: scf.GHF(m).density_fit(),
+            'ghf-x2c': lambda m: scf.GHF(m).x2c()}[kind]
+    dm = pyscf_densr.init_guess(make(mol))
+    assert dm.shape == (2 * mol.nao, 2 * mol.nao)
+    assert abs(np.einsum('ij,ji', dm, make(mol).get_ovlp()) - mol.nelectron) < 1e-8
+    _same_state(make, mol)
+
+
+def test_dirac_hf_is_refused_or_falls_back():
+    mol = gto.M(atom='He 0 0 0', basis='sto-3g', verbose=0)
+    with pytest.raises(hook.DensrError, match='4-component'):
+        pyscf_densr.init_guess(scf.DHF(mol))
+    dm = pyscf_densr.init_guess(scf.DHF(mol), fallback='minao')
+    assert np.allclose(dm, scf.DHF(mol).init_guess_by_minao())
+
+
 # ---------------------------------------------------------------------------------------
 # 4. Elements the model has not seen, and ECPs
 
