@@ -72,7 +72,11 @@ def make_auxmol(mol, auxbasis=DEFAULT_AUXBASIS):
                 etb = etb or df.aug_etb(mol)
                 basis[symb] = etb.get(symb) or etb.get(elem)
         auxbasis = basis
-    return df.make_auxmol(mol, auxbasis)
+    auxmol = df.make_auxmol(mol, auxbasis)
+    if auxmol.cart:  # PySCF copies mol.cart; the fit and its charges assume spherical
+        auxmol.cart = False
+        auxmol.build(False, False)
+    return auxmol
 
 
 def _s_integrals(auxmol):
@@ -462,14 +466,22 @@ def local_potential(mf, dm_sad, auxmol, c, grids=None, coulomb='df', delta_grid=
     dm_sad = np.asarray(dm_sad)
     spin = dm_sad.ndim == 3
     dm_tot = dm_sad.sum(axis=0) if spin else dm_sad
+    jmol, cj = auxmol, c
+    if mol.cart and not auxmol.cart:
+        # 3-centre integrals take one cart flag for AO and auxiliary shells alike: the same
+        # fitted density in the Cartesian auxiliary functions
+        jmol = auxmol.copy()
+        jmol.cart = True
+        jmol.build(False, False)
+        cj = _cart2sph_sparse(auxmol).dot(c)
     v = None
     if coulomb == 'df':
-        v = coulomb_of_guess(mol, auxmol, dm_tot, c)
+        v = coulomb_of_guess(mol, jmol, dm_tot, cj)
     if v is None:
         if coulomb == 'df':
             logger.info(mf, 'densr: PySCF\'s 3-centre J driver is unavailable; exact J of the '
                         'SAD density instead (same guess, slower)')
-        v = mf.get_j(mol, dm_tot) + coulomb_of_aux(mol, auxmol, c)
+        v = mf.get_j(mol, dm_tot) + coulomb_of_aux(mol, jmol, cj)
     if spin:
         v = np.array((v, v))
     if hasattr(mf, 'xc'):

@@ -426,6 +426,33 @@ def test_generalized_hf_same_state_as_minao(atom, spin, kind):
     _same_state(make, mol)
 
 
+ETHYLENE = ('C 0 0 0.667; C 0 0 -0.667; H 0 0.923 1.238; H 0 -0.923 1.238; '
+            'H 0 0.923 -1.238; H 0 -0.923 -1.238')
+
+
+def test_cartesian_basis_same_state_and_as_close_as_spherical():
+    """mol.cart: the Coulomb term runs in Cartesian auxiliary functions; the guess is as
+    close to the converged energy as with spherical functions."""
+    gaps = []
+    for cart in (False, True):
+        mol = gto.M(atom=ETHYLENE, basis='6-31g*', cart=cart, verbose=0)
+        make = lambda m: dft.RKS(m, xc='pbe')  # noqa: E731
+        mf, ref = _same_state(make, mol)
+        gaps.append(make(mol).energy_tot(pyscf_densr.init_guess(make(mol))) - ref.e_tot)
+    assert mol.nao == 38 and 0 < gaps[0] < 0.01
+    assert abs(gaps[1] - gaps[0]) < 1e-3, gaps
+
+
+@pytest.mark.parametrize('atom,spin,kind', [
+    (WATER, 0, 'rhf'), (ETHYLENE, 0, 'rks'), (METHYL, 1, 'uhf'), (METHYL, 1, 'rohf')])
+def test_point_group_symmetry_same_state_as_minao(atom, spin, kind):
+    mol = gto.M(atom=atom, basis='6-31g', spin=spin, symmetry=True, verbose=0)
+    make = {'rhf': scf.RHF, 'uhf': scf.UHF, 'rohf': scf.ROHF,
+            'rks': lambda m: dft.RKS(m, xc='pbe')}[kind]
+    assert mol.groupname != 'C1'
+    _same_state(make, mol)
+
+
 def test_dirac_hf_is_refused_or_falls_back():
     mol = gto.M(atom='He 0 0 0', basis='sto-3g', verbose=0)
     with pytest.raises(hook.DensrError, match='4-component'):
