@@ -403,10 +403,8 @@ def _collinear_twin(mf, mol):
     if getattr(mf, 'with_x2c', None) is not None:
         twin = twin.sfx2c1e()
     with_df = getattr(mf, 'with_df', None)
-    if with_df is not None and getattr(with_df, 'auxbasis', None) is not None:
-        twin = twin.density_fit(auxbasis=with_df.auxbasis)
-    elif with_df is not None:
-        twin = twin.density_fit()
+    if with_df is not None:
+        twin = twin.density_fit(auxbasis=getattr(with_df, 'auxbasis', None))
     twin.verbose = mf.verbose
     twin.stdout = mf.stdout
     twin.max_memory = mf.max_memory

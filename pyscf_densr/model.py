@@ -266,7 +266,10 @@ def load_grown(net, state):
         raise ModelError('cannot start from this model: unexpected %s, shape mismatch %s, '
                          'missing %s' % (unexpected, bad, missing))
     net.load_state_dict(state, strict=False)
-    return sorted({'branch' if k.startswith('branch.') else '.'.join(k.split('.')[:2])
+    # a whole new branch is named 'branch'; blocks added to an existing one 'branch.blocks.N'
+    new_branch = 'branch.down.weight' in missing
+    return sorted({'branch' if new_branch and k.startswith('branch.')
+                   else '.'.join(k.split('.')[:3 if k.startswith('branch.') else 2])
                    for k in missing})
 
 

@@ -268,8 +268,7 @@ class CropSampler:
         """A whole molecule's box (input, target), randomly rotated/reflected: exactly what
         the network sees at inference, vacuum margins included."""
         key = self.keys[self.rng.integers(len(self.keys))]
-        x = np.load(os.path.join(self.cdir, key + '.sad.npy'))
-        y = np.load(os.path.join(self.cdir, key + '.delta.npy'))
+        x, y, _ = load_cached(self.cdir, key)
         if self.augment:
             perm, flips = random_symmetry(self.rng)
             x, y = apply_symmetry(x, perm, flips), apply_symmetry(y, perm, flips)

@@ -229,7 +229,7 @@ def test_parse_level():
     assert bench.check_guesses(['SAP', 'minao', 'sap']) == ['minao', 'sap']
 
 
-def test_scf_stabilisation_keeps_the_answer(tmp_path):
+def test_scf_stabilisation_keeps_the_answer(tmp_path, monkeypatch):
     """--level-shift / --damp reach every guess's SCF and converge to the same energy."""
     mol = gto.M(atom=WATER, basis='sto-3g', verbose=0)
     lv = bench.parse_level('hf/sto-3g')
@@ -241,8 +241,16 @@ def test_scf_stabilisation_keeps_the_answer(tmp_path):
     with pytest.raises(ValueError, match='unknown SCF option'):
         bench.make_scf(mol, lv, scf_options={'levelshift': 0.3})
     out = tmp_path / 'rows.csv'
+    made = []
+    make_scf = bench.make_scf
+
+    def recording_make_scf(*args, **kwargs):
+        made.append(make_scf(*args, **kwargs))
+        return made[-1]
+    monkeypatch.setattr(bench, 'make_scf', recording_make_scf)
     assert bench.main([_xyz(tmp_path), '--levels', 'hf/sto-3g', '--guesses', 'minao', '1e',
                        '--level-shift', '0.3', '--csv', str(out), '--no-progress']) == 0
+    assert [mf.level_shift for mf in made] == [0.3, 0.3]
     rows = _read_rows(str(out))
     assert [r['guess'] for r in rows] == ['minao', '1e']
     for r in rows:

@@ -101,6 +101,14 @@ def test_grown_model_starts_where_the_small_one_was():
     multi = model_mod.build_model(channels=4, blocks=2, coarse_blocks=2, coarse_channels=6)
     assert model_mod.load_grown(multi, small.state_dict()) == ['branch']
     assert torch.equal(multi(x), small(x))
+    # ... and more blocks in an existing branch (how densr-small-v5 grew from v4)
+    for p in multi.branch.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    deeper = model_mod.build_model(channels=4, blocks=2, coarse_blocks=4, coarse_channels=6,
+                                   coarse_dilations=[1, 1, 2, 1])
+    assert model_mod.load_grown(deeper, multi.state_dict()) == ['branch.blocks.2',
+                                                                'branch.blocks.3']
+    assert torch.equal(deeper(x), multi(x))
     other = model_mod.build_model(channels=8, blocks=4)
     with pytest.raises(model_mod.ModelError, match='shape mismatch'):
         model_mod.load_grown(other, small.state_dict())
