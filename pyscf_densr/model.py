@@ -268,9 +268,10 @@ def load_grown(net, state):
     net.load_state_dict(state, strict=False)
     # a whole new branch is named 'branch'; blocks added to an existing one 'branch.blocks.N'
     new_branch = 'branch.down.weight' in missing
-    return sorted({'branch' if new_branch and k.startswith('branch.')
-                   else '.'.join(k.split('.')[:3 if k.startswith('branch.') else 2])
-                   for k in missing})
+    names = {'branch' if new_branch and k.startswith('branch.')
+             else '.'.join(k.split('.')[:3 if k.startswith('branch.') else 2]) for k in missing}
+    # numeric order: branch.blocks.8 before branch.blocks.10
+    return sorted(names, key=lambda n: [int(p) if p.isdigit() else p for p in n.split('.')])
 
 
 def save_model(model, path, meta=None):

@@ -109,6 +109,11 @@ def test_grown_model_starts_where_the_small_one_was():
     assert model_mod.load_grown(deeper, multi.state_dict()) == ['branch.blocks.2',
                                                                 'branch.blocks.3']
     assert torch.equal(deeper(x), multi(x))
+    # names in numeric order past ten blocks (as v6 grew from v5)
+    deepest = model_mod.build_model(channels=4, blocks=2, coarse_blocks=12, coarse_channels=6)
+    assert model_mod.load_grown(deepest, deeper.state_dict()) == [
+        'branch.blocks.%d' % i for i in range(4, 12)]
+    assert torch.allclose(deepest(x), deeper(x), atol=1e-6)
     other = model_mod.build_model(channels=8, blocks=4)
     with pytest.raises(model_mod.ModelError, match='shape mismatch'):
         model_mod.load_grown(other, small.state_dict())
