@@ -1,7 +1,7 @@
 """Training and fine-tuning: grids from labelled shards, random crops, checkpoints.
 
 ``densr train CONFIG.yaml`` and ``densr finetune CONFIG.yaml`` run :func:`train`. The config
-(YAML or JSON) holds everything; see ``docs/training.md`` and ``examples/train_small.yaml``.
+(YAML, TOML or JSON) holds everything; see ``docs/training.md`` and ``examples/train_default.yaml``.
 
 Grids are made once per molecule from the shard's orbitals (the converged density) and
 PySCF's minao guess (the SAD density), with the same box rules as inference
@@ -53,8 +53,21 @@ TRAIN_DEFAULTS = {
 }
 
 
+def _load_toml(text, path):
+    try:
+        import tomllib
+    except ImportError:   # Python < 3.11
+        try:
+            import tomli as tomllib
+        except ImportError:
+            raise ImportError('%s: TOML configs need Python >= 3.11 or the tomli package '
+                              '(pip install tomli); YAML and JSON work everywhere' % path)
+    return tomllib.loads(text)
+
+
 def load_config(path_or_dict):
-    """The training config: file (YAML/JSON) or dict, on top of :data:`TRAIN_DEFAULTS`."""
+    """The training config: file (YAML, TOML or JSON, by extension) or dict, on top of
+    :data:`TRAIN_DEFAULTS`. TOML has no null: leave an option out to keep its default."""
     cfg = dict(TRAIN_DEFAULTS)
     if isinstance(path_or_dict, dict):
         user = path_or_dict
@@ -64,6 +77,8 @@ def load_config(path_or_dict):
             text = f.read()
         if str(path_or_dict).endswith('.json'):
             user = json.loads(text)
+        elif str(path_or_dict).endswith('.toml'):
+            user = _load_toml(text, path_or_dict)
         else:
             import yaml
             user = yaml.safe_load(text) or {}

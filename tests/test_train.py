@@ -23,6 +23,21 @@ def test_symmetry_keeps_fine_voxels_under_their_coarse_parent():
         assert np.array_equal(f, c.repeat(2, 0).repeat(2, 1).repeat(2, 2))
 
 
+def test_toml_config_reads_like_yaml(tmp_path):
+    pytest.importorskip('tomllib' if sys.version_info >= (3, 11) else 'tomli')
+    (tmp_path / 'a.yaml').write_text(
+        "data: ['shards/*.h5']\ntrain_range: [0, 40]\nlr: 2.0e-4\n"
+        "model:\n  coarse_blocks: 4\n  coarse_dilations: [1, 2, 4, 1]\n")
+    (tmp_path / 'a.toml').write_text(
+        "data = ['shards/*.h5']\ntrain_range = [0, 40]\nlr = 2.0e-4\n"
+        "[model]\ncoarse_blocks = 4\ncoarse_dilations = [1, 2, 4, 1]\n")
+    assert train.load_config(str(tmp_path / 'a.toml')) == \
+        train.load_config(str(tmp_path / 'a.yaml'))
+    (tmp_path / 'b.toml').write_text("learning_rate = 1e-3\n")
+    with pytest.raises(ValueError, match='unknown training options: learning_rate'):
+        train.load_config(str(tmp_path / 'b.toml'))
+
+
 @pytest.fixture(scope='module')
 def tiny_config(tmp_path_factory, shared_dir):
     out = tmp_path_factory.mktemp('train')
