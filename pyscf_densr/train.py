@@ -151,9 +151,13 @@ def cache_dir(cfg, mcfg):
     return os.path.join(_path(cfg, cfg['cache']), tag)
 
 
-def build_cache(cfg, ranges=None, progress=True):
-    """Compute and store the grids of every molecule in ``ranges`` (default: all three)."""
-    import h5py
+def build_cache(cfg, ranges=None, progress=True, workers=1):
+    """Compute and store the grids of every molecule in ``ranges`` (default: all three).
+
+    ``workers`` > 1 builds them in that many processes, each with an equal share of PySCF's
+    threads (``lib.num_threads()``); entries already complete are skipped, so an interrupted
+    build resumes.
+    """
     mcfg = _model_config(cfg)
     cdir = cache_dir(cfg, mcfg)
     os.makedirs(cdir, exist_ok=True)
@@ -162,29 +166,58 @@ def build_cache(cfg, ranges=None, progress=True):
         v0, v1 = cfg['val_range']
         ranges = [[v0, min(v1, v0 + cfg['max_val'])], cfg['train_range'], cfg['val_range'],
                   cfg['test_range']]
-    todo = []
+    todo, seen = [], set()
     for lo, hi in ranges:
-        todo += list_molecules(files, lo, hi)
-    it = todo
+        for fn, key in list_molecules(files, lo, hi):
+            if key not in seen and not os.path.exists(os.path.join(cdir, key + '.json')):
+                todo.append((fn, key))
+            seen.add(key)
+    bar = None
     if progress:
         from tqdm import tqdm
-        it = tqdm(todo, desc='grids', file=sys.stderr)
-    for fn, key in it:
-        stem = os.path.join(cdir, key)
-        if os.path.exists(stem + '.json'):
-            continue
-        with h5py.File(fn, 'r') as f:
-            mol, dm = data.read_molecule(f[key])
-        if dm.ndim == 3:
-            dm = dm.sum(axis=0)
-        rho_sad, delta, box = make_grids(mol, dm, mcfg)
-        np.save(stem + '.sad.npy', rho_sad)
-        np.save(stem + '.delta.npy', delta)
-        with open(stem + '.json', 'w') as f:  # written last: marks the entry complete
-            json.dump({'origin': box.origin.tolist(), 'spacing': box.spacing,
-                       'shape': box.shape, 'nelectron': mol.nelectron,
-                       'file': os.path.basename(fn)}, f)
+        bar = tqdm(total=len(todo), desc='grids', file=sys.stderr)
+    if workers > 1 and len(todo) > 1:
+        import multiprocessing
+        from pyscf import lib
+        threads = max(1, lib.num_threads() // workers)
+        # spawn: torch and OpenMP state are not safe to fork
+        ctx = multiprocessing.get_context('spawn')
+        with ctx.Pool(workers, initializer=_cache_worker_init, initargs=(threads,)) as pool:
+            for _ in pool.imap_unordered(_cache_one, [(fn, key, cdir, mcfg) for fn, key in todo]):
+                if bar is not None:
+                    bar.update()
+    else:
+        for fn, key in todo:
+            _cache_one((fn, key, cdir, mcfg))
+            if bar is not None:
+                bar.update()
+    if bar is not None:
+        bar.close()
     return cdir
+
+
+def _cache_worker_init(threads):
+    from pyscf import lib
+    lib.num_threads(threads)
+    torch.set_num_threads(1)
+
+
+def _cache_one(job):
+    import h5py
+    fn, key, cdir, mcfg = job
+    stem = os.path.join(cdir, key)
+    with h5py.File(fn, 'r') as f:
+        mol, dm = data.read_molecule(f[key])
+    if dm.ndim == 3:
+        dm = dm.sum(axis=0)
+    rho_sad, delta, box = make_grids(mol, dm, mcfg)
+    np.save(stem + '.sad.npy', rho_sad)
+    np.save(stem + '.delta.npy', delta)
+    with open(stem + '.json', 'w') as f:  # written last: marks the entry complete
+        json.dump({'origin': box.origin.tolist(), 'spacing': box.spacing,
+                   'shape': box.shape, 'nelectron': mol.nelectron,
+                   'file': os.path.basename(fn)}, f)
+    return key
 
 
 def _model_config(cfg):
@@ -455,12 +488,15 @@ def main(argv=None, finetune=False):
     import argparse
     prog = 'densr finetune' if finetune else 'densr train'
     p = argparse.ArgumentParser(prog=prog, description=__doc__.split('\n')[0])
-    p.add_argument('config', help='training config (YAML or JSON)')
+    p.add_argument('config', help='training config (YAML, TOML or JSON)')
     p.add_argument('--build-cache', action='store_true',
                    help='only compute the grid cache of all ranges, then exit')
     p.add_argument('--evaluate', metavar='MODEL', default=None,
                    help='print the NMAE of MODEL (name or path) on the cached test range '
                         '(and SAD\'s), building missing grids first; no training')
+    p.add_argument('--workers', type=int, default=1,
+                   help='processes for building grids (--build-cache, --evaluate); each gets '
+                        'an equal share of PySCF\'s threads (default 1)')
     p.add_argument('--set', nargs='*', default=[], metavar='KEY=VALUE',
                    help='override config entries (values parsed as YAML)')
     a = p.parse_args(argv)
@@ -472,12 +508,12 @@ def main(argv=None, finetune=False):
     if finetune and not cfg.get('init'):
         cfg['init'] = model_mod.DEFAULT_MODEL
     if a.build_cache:
-        build_cache(cfg)
+        build_cache(cfg, workers=a.workers)
         return
     if a.evaluate:
         net = model_mod.from_pretrained(a.evaluate)
         cfg['model'] = dict(net.config)
-        build_cache(cfg, ranges=[cfg['test_range']], progress=False)
+        build_cache(cfg, ranges=[cfg['test_range']], progress=False, workers=a.workers)
         keys = cached_keys(cache_dir(cfg, net.config), *cfg['test_range'])
         nmae, nsad = evaluate_nmae(net, cache_dir(cfg, net.config), keys)
         print('test range %s: %d molecules, NMAE %.2f%% (SAD %.2f%%)'

@@ -69,6 +69,19 @@ def test_grid_cache_is_consistent(tiny_config):
     assert sad.sum() * meta["spacing"] ** 3 == pytest.approx(meta["nelectron"], rel=0.15)
 
 
+def test_parallel_cache_build_matches_serial(tiny_config, tmp_path):
+    cfg = train.load_config(str(tiny_config))
+    serial = train.cache_dir(cfg, train._model_config(cfg))
+    cfg['cache'] = str(tmp_path / 'cache')
+    par = train.build_cache(cfg, ranges=[[0, 2]], progress=False, workers=2)
+    assert train.cached_keys(par, 0, 2) == ['000000', '000001']
+    for key in ('000000', '000001'):
+        for part in ('sad', 'delta'):
+            a = np.load(os.path.join(serial, '%s.%s.npy' % (key, part)))
+            b = np.load(os.path.join(par, '%s.%s.npy' % (key, part)))
+            assert np.allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
 def test_train_resume_and_export(tiny_config):
     cfg = train.load_config(str(tiny_config))
     best = train.train(cfg, log=lambda *a: None)
