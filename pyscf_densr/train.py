@@ -13,6 +13,7 @@ the integral of the reference density).
 
 import glob
 import json
+import math
 import os
 import sys
 import time
@@ -40,6 +41,9 @@ TRAIN_DEFAULTS = {
     'weight_decay': 0.0,
     'steps': 20000,
     'max_minutes': None,          # stop (and export) after this wall time
+    'schedule': 'steps',          # cosine from lr to min_lr over 'steps', or over 'minutes'
+                                  # (max_minutes of wall time, summed over resumed runs): for a
+                                  # fixed budget on hardware of unknown speed
     'batch': 4,
     'crop': 16,                   # coarse voxels of the core of each crop (edge); 0: whole boxes
     'crop_halo': 'auto',          # coarse voxels each side fed but not scored; 'auto': the
@@ -400,7 +404,11 @@ def train(cfg, log=print):
     net.to(device)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg['lr'], weight_decay=cfg['weight_decay'])
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg['steps'], eta_min=cfg['min_lr'])
-    step, best = 0, float('inf')
+    if cfg['schedule'] not in ('steps', 'minutes'):
+        raise ValueError("schedule must be 'steps' or 'minutes', not %r" % cfg['schedule'])
+    if cfg['schedule'] == 'minutes' and not cfg['max_minutes']:
+        raise ValueError("schedule: minutes needs max_minutes")
+    step, best, minutes_before = 0, float('inf'), 0.0
     ckpt = os.path.join(out, 'checkpoint.pt')
     if os.path.exists(ckpt):
         st = torch.load(ckpt, map_location='cpu', weights_only=True)
@@ -408,6 +416,8 @@ def train(cfg, log=print):
         opt.load_state_dict(st['opt'])
         sched.load_state_dict(st['sched'])
         step, best = int(st['step']), float(st['best'])
+        if cfg['schedule'] == 'minutes':
+            minutes_before = float(st.get('minutes', 0.0))
         log('resumed from %s at step %d (best val NMAE %.3f%%)' % (ckpt, step, best))
     model = net
     if ddp:
@@ -425,7 +435,7 @@ def train(cfg, log=print):
         raise RuntimeError('no cached training grids in %s: run `densr train --build-cache` '
                            'or let a cache build run first' % cdir)
     sampler = CropSampler(cdir, train_keys, crop, halo, r, cfg['augment'], cfg['seed'] + 1000 * rank + step)
-    t_start = time.time()
+    t_start = time.time() - 60 * minutes_before
     history = os.path.join(out, 'history.jsonl')
     net.train()
     while step < cfg['steps']:
@@ -449,6 +459,11 @@ def train(cfg, log=print):
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
         opt.step()
         sched.step()
+        if cfg['schedule'] == 'minutes':
+            frac = min(1.0, (time.time() - t_start) / (60 * cfg['max_minutes']))
+            for g in opt.param_groups:
+                g['lr'] = float(cfg['min_lr'] + 0.5 * (cfg['lr'] - cfg['min_lr'])
+                                * (1 + math.cos(math.pi * frac)))
         step += 1
         done = step >= cfg['steps'] or (cfg['max_minutes'] and
                                          time.time() - t_start > 60 * cfg['max_minutes'])
@@ -456,7 +471,7 @@ def train(cfg, log=print):
             nmae, nsad = evaluate_nmae(net, cdir, val_keys, device)
             net.train()
             rec = {'step': step, 'loss': float(loss.detach()), 'val_nmae': nmae, 'sad_nmae': nsad,
-                   'lr': sched.get_last_lr()[0], 'minutes': (time.time() - t_start) / 60,
+                   'lr': opt.param_groups[0]['lr'], 'minutes': (time.time() - t_start) / 60,
                    'ntrain': len(sampler.keys)}
             log(json.dumps(rec))
             with open(history, 'a') as f:
@@ -468,7 +483,8 @@ def train(cfg, log=print):
                     'train_range': cfg['train_range'], 'val_range': cfg['val_range'],
                     'test_range': cfg['test_range'], 'data': cfg['data']})
             torch.save({'model': net.state_dict(), 'opt': opt.state_dict(),
-                        'sched': sched.state_dict(), 'step': step, 'best': best}, ckpt + '.tmp')
+                        'sched': sched.state_dict(), 'step': step, 'best': best,
+                        'minutes': (time.time() - t_start) / 60}, ckpt + '.tmp')
             os.replace(ckpt + '.tmp', ckpt)
             sampler.refresh(cached_keys(cdir, *cfg['train_range']) or sampler.keys)
         if done:

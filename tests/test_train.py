@@ -103,6 +103,25 @@ def test_train_resume_and_export(tiny_config):
     assert [h['step'] for h in hist] == [2, 4, 6]
 
 
+def test_minutes_schedule_ends_at_min_lr_and_resumes_the_clock(tiny_config, tmp_path):
+    """schedule: minutes anneals over max_minutes of wall time: the run stops at min_lr,
+    and a resumed run continues the clock instead of restarting the schedule."""
+    cfg = train.load_config(str(tiny_config))
+    cfg.update(schedule='minutes', max_minutes=0.15, steps=10**6, val_every=3, lr=1e-3,
+               min_lr=1e-5, out=str(tmp_path / 'timed'))
+    train.train(cfg, log=lambda *a: None)
+    hist = [json.loads(l) for l in open(os.path.join(cfg['out'], 'history.jsonl'))]
+    assert hist[-1]['lr'] == pytest.approx(1e-5)
+    assert hist[0]['lr'] > 1e-5 and hist[-1]['minutes'] >= 0.15
+    # resumed with the budget already spent: one step, still at min_lr
+    train.train(cfg, log=lambda *a: None)
+    more = [json.loads(l) for l in open(os.path.join(cfg['out'], 'history.jsonl'))][len(hist):]
+    assert len(more) == 1 and more[0]['step'] == hist[-1]['step'] + 1
+    assert more[0]['lr'] == pytest.approx(1e-5)
+    with pytest.raises(ValueError, match='needs max_minutes'):
+        train.train(dict(cfg, max_minutes=None, out=str(tmp_path / 'x')), log=lambda *a: None)
+
+
 def test_finetune_starts_from_the_model(tiny_config, tmp_path):
     cfg = train.load_config(str(tiny_config))
     base = model_mod.build_model(channels=4, blocks=1)
