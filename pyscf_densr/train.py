@@ -176,52 +176,44 @@ def build_cache(cfg, ranges=None, progress=True, workers=1):
             if key not in seen and not os.path.exists(os.path.join(cdir, key + '.json')):
                 todo.append((fn, key))
             seen.add(key)
-    bar = None
     if progress:
         from tqdm import tqdm
         bar = tqdm(total=len(todo), desc='grids', file=sys.stderr)
-    if workers > 1 and len(todo) > 1:
-        import multiprocessing
+    opts = {'cdir': cdir, 'config': mcfg}
+    if workers > 1:  # each process gets its share of PySCF's threads
         from pyscf import lib
-        threads = max(1, lib.num_threads() // workers)
-        # spawn: torch and OpenMP state are not safe to fork
-        ctx = multiprocessing.get_context('spawn')
-        with ctx.Pool(workers, initializer=_cache_worker_init, initargs=(threads,)) as pool:
-            for _ in pool.imap_unordered(_cache_one, [(fn, key, cdir, mcfg) for fn, key in todo]):
-                if bar is not None:
-                    bar.update()
-    else:
-        for fn, key in todo:
-            _cache_one((fn, key, cdir, mcfg))
-            if bar is not None:
-                bar.update()
-    if bar is not None:
+        opts['threads'] = max(1, lib.num_threads() // workers)
+    # data.run_tasks: the spawn process pool of `densr data`; tasks are (key, shard file)
+    for res in data.run_tasks(_cache_one, [(key, fn) for fn, key in todo], opts, workers):
+        if not res['ok']:
+            raise RuntimeError('grids of molecule %s failed: %s' % (res['index'], res['reason']))
+        if progress:
+            bar.update()
+    if progress:
         bar.close()
     return cdir
 
 
-def _cache_worker_init(threads):
-    from pyscf import lib
-    lib.num_threads(threads)
-    torch.set_num_threads(1)
-
-
-def _cache_one(job):
+def _cache_one(key, shard, opts):
+    """Grids of molecule ``key`` of ``shard`` into ``opts['cdir']`` (a :func:`data.run_tasks`
+    task)."""
     import h5py
-    fn, key, cdir, mcfg = job
-    stem = os.path.join(cdir, key)
-    with h5py.File(fn, 'r') as f:
+    from pyscf import lib
+    if opts.get('threads'):
+        lib.num_threads(opts['threads'])
+    stem = os.path.join(opts['cdir'], key)
+    with h5py.File(shard, 'r') as f:
         mol, dm = data.read_molecule(f[key])
     if dm.ndim == 3:
         dm = dm.sum(axis=0)
-    rho_sad, delta, box = make_grids(mol, dm, mcfg)
+    rho_sad, delta, box = make_grids(mol, dm, opts['config'])
     np.save(stem + '.sad.npy', rho_sad)
     np.save(stem + '.delta.npy', delta)
     with open(stem + '.json', 'w') as f:  # written last: marks the entry complete
         json.dump({'origin': box.origin.tolist(), 'spacing': box.spacing,
                    'shape': box.shape, 'nelectron': mol.nelectron,
-                   'file': os.path.basename(fn)}, f)
-    return key
+                   'file': os.path.basename(shard)}, f)
+    return {'index': key, 'ok': True}
 
 
 def _model_config(cfg):
