@@ -162,3 +162,23 @@ def test_shipped_default_model_loads():
     assert model_mod.DEFAULT_MODEL in model_mod.available_models()
     net = model_mod.from_pretrained()
     assert not net.training
+
+
+def test_half_precision_weights_load_as_float32(tmp_path):
+    """Shipped weights may be stored in float16 (densr-small-v6, to keep the file small):
+    the loaded network computes in float32 with the rounded weights."""
+    torch.manual_seed(2)
+    net = model_mod.build_model(channels=4, blocks=2, coarse_blocks=1, coarse_channels=6)
+    for p in net.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    model_mod.save_model(net, str(tmp_path / 'm'))
+    state = torch.load(tmp_path / 'm.pt', weights_only=True)
+    torch.save({k: v.half() for k, v in state.items()}, tmp_path / 'm.pt')
+    half = model_mod.from_pretrained(str(tmp_path / 'm.pt'))
+    assert all(p.dtype == torch.float32 for p in half.parameters())
+    x = torch.rand(1, 9, 8, 7)
+    with torch.no_grad():
+        a, b = net.eval()(x), half(x)
+    assert 0 < float((a - b).abs().max()) < 0.01 * float(a.abs().max())   # rounded, not lost
+    assert model_mod.from_pretrained('densr-small-v6').up.weight.dtype == torch.float32
+
