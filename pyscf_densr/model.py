@@ -250,26 +250,54 @@ def from_pretrained(name_or_path=None, device='cpu'):
     return model.to(device).eval()
 
 
+def _widened(fresh, old):
+    """``old`` copied into the leading slice of ``fresh`` (a tensor at least as large in its
+    first two dimensions, equal in the others), or None where that is not possible.
+
+    Old output channels get zero weights on the new input channels, so they compute what
+    they did; new output channels keep their fresh (random) initialisation, so they carry a
+    signal that the zero weights reading it can learn from (two zero sides would never move).
+    """
+    if fresh.dim() != old.dim() or fresh.shape[2:] != old.shape[2:] or any(
+            f < o for f, o in zip(fresh.shape[:2], old.shape[:2])) or fresh.dim() == 0:
+        return None
+    new = fresh.clone()
+    if old.dim() == 1:
+        new[:old.shape[0]] = old
+    else:
+        new[:old.shape[0]] = 0
+        new[:old.shape[0], :old.shape[1]] = old
+    return new
+
+
 def load_grown(net, state):
-    """Load ``state`` into ``net``, which may have more residual blocks than ``state``, or a
-    half-resolution branch that ``state`` lacks.
+    """Load ``state`` into ``net``, which may have more residual blocks than ``state``, a
+    half-resolution branch that ``state`` lacks, or more channels.
 
     The extra blocks keep their initialisation (the identity, see :class:`ResBlock` and
-    :class:`CoarseBranch`), so the grown network computes what the smaller one did. Returns
-    the names of the new parts. Any other mismatch raises :class:`ModelError`.
+    :class:`CoarseBranch`); extra channels are added so that no old channel reads them (see
+    :func:`_widened`). Either way the grown network computes what the smaller one did.
+    Returns the names of the new parts (blocks, 'branch', or 'widened' tensors). Any other
+    mismatch raises :class:`ModelError`.
     """
     own = net.state_dict()
     unexpected = [k for k in state if k not in own]
-    bad = [k for k in state if k in own and own[k].shape != state[k].shape]
+    widened = {k: _widened(own[k], state[k]) for k in state
+               if k in own and own[k].shape != state[k].shape}
+    bad = [k for k, v in widened.items() if v is None]
     missing = [k for k in own if k not in state]
     if unexpected or bad or any(not k.startswith(('body.', 'branch.')) for k in missing):
         raise ModelError('cannot start from this model: unexpected %s, shape mismatch %s, '
                          'missing %s' % (unexpected, bad, missing))
+    state = dict(state)
+    state.update(widened)
     net.load_state_dict(state, strict=False)
     # a whole new branch is named 'branch'; blocks added to an existing one 'branch.blocks.N'
     new_branch = 'branch.down.weight' in missing
     names = {'branch' if new_branch and k.startswith('branch.')
              else '.'.join(k.split('.')[:3 if k.startswith('branch.') else 2]) for k in missing}
+    if widened:
+        names.add('widened')
     # numeric order: branch.blocks.8 before branch.blocks.10
     return sorted(names, key=lambda n: [int(p) if p.isdigit() else p for p in n.split('.')])
 

@@ -114,9 +114,22 @@ def test_grown_model_starts_where_the_small_one_was():
     assert model_mod.load_grown(deepest, deeper.state_dict()) == [
         'branch.blocks.%d' % i for i in range(4, 12)]
     assert torch.allclose(deepest(x), deeper(x), atol=1e-6)
-    other = model_mod.build_model(channels=8, blocks=4)
+    # ... and wider: more half-resolution and full-resolution channels
+    for p in deepest.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    wide = model_mod.build_model(channels=6, blocks=2, coarse_blocks=12, coarse_channels=9)
+    assert model_mod.load_grown(wide, deepest.state_dict()) == ['widened']
+    assert torch.allclose(wide(x), deepest(x), atol=1e-6)
+    # the new channels carry a signal, and the output learns from it at once
+    wide(x).pow(2).sum().backward()
+    assert wide.up.weight.grad[:, 4:].abs().sum() > 0
+    assert wide.branch.up.weight.grad[:, 6:].abs().sum() > 0
+    other = model_mod.build_model(channels=4, blocks=2, kernel=5)
     with pytest.raises(model_mod.ModelError, match='shape mismatch'):
         model_mod.load_grown(other, small.state_dict())
+    narrow = model_mod.build_model(channels=3, blocks=2)
+    with pytest.raises(model_mod.ModelError, match='shape mismatch'):
+        model_mod.load_grown(narrow, small.state_dict())
     with pytest.raises(model_mod.ModelError, match='dilations'):
         model_mod.build_model(channels=4, blocks=3, dilations=[1, 2])
 
