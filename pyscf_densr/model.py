@@ -259,7 +259,7 @@ def _widened(fresh, old):
     signal that the zero weights reading it can learn from (two zero sides would never move).
     """
     if fresh.dim() != old.dim() or fresh.shape[2:] != old.shape[2:] or any(
-            f < o for f, o in zip(fresh.shape[:2], old.shape[:2])) or fresh.dim() == 0:
+            f < o for f, o in zip(fresh.shape[:2], old.shape[:2])):
         return None
     new = fresh.clone()
     if old.dim() == 1:
@@ -284,7 +284,11 @@ def load_grown(net, state):
     unexpected = [k for k in state if k not in own]
     widened = {k: _widened(own[k], state[k]) for k in state
                if k in own and own[k].shape != state[k].shape}
-    bad = [k for k, v in widened.items() if v is None]
+    # only hidden channels may grow: the input features (head) and the sub-voxels of the
+    # pixel shuffle (up; another upsample factor) must match, or the outputs mean other things
+    outer = {'head.weight': 1, 'up.weight': 0, 'up.bias': 0}
+    bad = [k for k, v in widened.items()
+           if v is None or (k in outer and own[k].shape[outer[k]] != state[k].shape[outer[k]])]
     missing = [k for k in own if k not in state]
     if unexpected or bad or any(not k.startswith(('body.', 'branch.')) for k in missing):
         raise ModelError('cannot start from this model: unexpected %s, shape mismatch %s, '

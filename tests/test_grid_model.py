@@ -130,6 +130,9 @@ def test_grown_model_starts_where_the_small_one_was():
     narrow = model_mod.build_model(channels=3, blocks=2)
     with pytest.raises(model_mod.ModelError, match='shape mismatch'):
         model_mod.load_grown(narrow, small.state_dict())
+    finer = model_mod.build_model(channels=4, blocks=2, upsample=3)   # 27 sub-voxels, not 8
+    with pytest.raises(model_mod.ModelError, match=r"shape mismatch \['up.weight', 'up.bias'\]"):
+        model_mod.load_grown(finer, small.state_dict())
     with pytest.raises(model_mod.ModelError, match='dilations'):
         model_mod.build_model(channels=4, blocks=3, dilations=[1, 2])
 
@@ -178,7 +181,7 @@ def test_shipped_default_model_loads():
 
 
 def test_half_precision_weights_load_as_float32(tmp_path):
-    """Shipped weights may be stored in float16 (densr-small-v6, to keep the file small):
+    """Shipped weights may be stored in float16 (densr-small-v6 and -v7, to keep the files small):
     the loaded network computes in float32 with the rounded weights."""
     torch.manual_seed(2)
     net = model_mod.build_model(channels=4, blocks=2, coarse_blocks=1, coarse_channels=6)
@@ -193,5 +196,6 @@ def test_half_precision_weights_load_as_float32(tmp_path):
     with torch.no_grad():
         a, b = net.eval()(x), half(x)
     assert 0 < float((a - b).abs().max()) < 0.01 * float(a.abs().max())   # rounded, not lost
-    assert model_mod.from_pretrained('densr-small-v6').up.weight.dtype == torch.float32
+    for name in ('densr-small-v6', model_mod.DEFAULT_MODEL):   # both shipped in float16
+        assert model_mod.from_pretrained(name).up.weight.dtype == torch.float32
 
