@@ -1,4 +1,4 @@
-"""Where a model's density error sits: NMAE (%) split by the reference density of each voxel
+"""Where a model's density error sits: NMAE (%) split by the (approximate) converged density of each voxel
 (tails, valence, near nuclei), for the model and for SAD alone, on cached grids.
 
     python examples/diagnostics/error_by_density.py densr-small-v6 [LO HI] [cache dir]
@@ -27,7 +27,9 @@ for k in keys:
     r = net.config['upsample']
     dv = (meta['spacing'] / r) ** 3
     pred = model_mod.predict(net, sad)
-    # the reference density on the fine grid: SAD interpolated as in training, plus delta-rho
+    # binning density: SAD interpolated trilinearly to the fine grid (as the network's
+    # relative output is scaled) plus delta-rho; rho_conv up to that interpolation error,
+    # which is largest at the nuclear peaks (the cache holds no exact rho_conv)
     rho = F.interpolate(torch.from_numpy(sad)[None, None], scale_factor=r, mode='trilinear',
                         align_corners=False)[0, 0].numpy() + delta
     scale = dv / meta['nelectron'] * 100 / len(keys)
