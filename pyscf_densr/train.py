@@ -36,6 +36,11 @@ TRAIN_DEFAULTS = {
     'init': None,                 # a model to start from (fine-tuning)
     'loss': 'huber',              # 'huber' (smooth L1) or 'l1'; on delta-rho in 0.01 e/Bohr^3
     'huber_beta': 0.5,            # 0.005 e/Bohr^3: quadratic below, L1 (= NMAE) above
+    'coulomb_weight': 0.0,        # + this times (e|e) / Eh, the Coulomb self-energy (x2) of
+                                  # the error e = pred - target on the coarse grid: the guess's
+                                  # cycles follow its Coulomb potential (docs/training.md)
+    'select': 'val_nmae',         # the validation score that picks 'best': 'val_nmae' or
+                                  # 'val_coulomb' (mean (e|e) / Eh of the model's error)
     'lr': 1e-3,
     'min_lr': 5e-5,
     'weight_decay': 0.0,
@@ -329,26 +334,75 @@ def load_cached(cdir, key):
 
 
 @torch.no_grad()
-def evaluate_nmae(model, cdir, keys, device='cpu'):
-    """Mean over molecules of NMAE (%) of the model and of SAD alone, on full boxes."""
+def evaluate_nmae(model, cdir, keys, device='cpu', coulomb=None):
+    """Mean over molecules of NMAE (%) of the model and of SAD alone, on full boxes. With a
+    list ``coulomb``, also appends each molecule's (e|e) / Eh of the model's error to it."""
     model.eval()
     nm, ns = [], []
     for k in keys:
         sad, delta, meta = load_cached(cdir, k)
-        dv = (meta['spacing'] / model.config['upsample']) ** 3
+        h = meta['spacing'] / model.config['upsample']
         pred = model_mod.predict(model, sad, device=device)
-        nm.append(np.abs(pred - delta).sum() * dv / meta['nelectron'] * 100)
-        ns.append(np.abs(delta).sum() * dv / meta['nelectron'] * 100)
+        nm.append(np.abs(pred - delta).sum() * h ** 3 / meta['nelectron'] * 100)
+        ns.append(np.abs(delta).sum() * h ** 3 / meta['nelectron'] * 100)
+        if coulomb is not None:
+            err = torch.from_numpy(np.asarray(pred - delta, dtype=np.float32))[None]
+            coulomb.append(float(coulomb_error(err, h, model.config['upsample'])[0]))
     return float(np.mean(nm)), float(np.mean(ns))
 
 
-def _loss(pred, target, cfg):
-    """Training loss on delta-rho (e/Bohr^3), in units of 0.01 e/Bohr^3: O(1) numbers."""
+_GREEN = {}
+
+
+def _green_fft(shape, h, device):
+    """FFT of 1/|r| on the doubled grid of ``shape`` (spacing ``h`` Bohr), for Hockney's
+    free-space convolution; the r = 0 voxel holds the cube's mean of 1/|r| (2.3800774 / h)."""
+    key = (tuple(shape), float(h), str(device))
+    if key not in _GREEN:
+        ax = [torch.fft.fftfreq(2 * n, 1.0 / (2 * n), dtype=torch.float64) for n in shape]
+        ix, iy, iz = torch.meshgrid(*ax, indexing='ij')
+        r = h * torch.sqrt(ix ** 2 + iy ** 2 + iz ** 2)
+        g = 1.0 / torch.where(r > 0, r, torch.ones_like(r))
+        g[0, 0, 0] = 2.3800774 / h
+        if len(_GREEN) > 64:
+            _GREEN.clear()
+        _GREEN[key] = torch.fft.rfftn(g.float()).to(device)
+    return _GREEN[key]
+
+
+def coulomb_error(err, spacing, pool=1):
+    """(e|e) = int int e(r) e(r') / |r - r'| in Hartree, per item of a batch of error
+    densities ``err`` (B, X, Y, Z) in e/Bohr^3 on a grid of ``spacing`` Bohr; averaged over
+    ``pool``^3 blocks first (the charge is kept; the Coulomb metric lives at low frequency)."""
+    e = err.float()
+    if pool > 1:
+        e = torch.nn.functional.avg_pool3d(e[:, None], pool)[:, 0]
+        spacing = spacing * pool
+    shape = e.shape[1:]
+    g = _green_fft(shape, spacing, e.device)
+    ek = torch.fft.rfftn(e, s=[2 * n for n in shape])
+    v = torch.fft.irfftn(ek * g, s=[2 * n for n in shape])[:, :shape[0], :shape[1], :shape[2]]
+    return (e * v).sum(dim=(1, 2, 3)) * spacing ** 6
+
+
+def _loss(pred, target, cfg, spacing=None, pool=1):
+    """Training loss on delta-rho (e/Bohr^3), in units of 0.01 e/Bohr^3: O(1) numbers;
+    plus ``coulomb_weight`` (e|e) / Eh of the error on the grid of ``spacing`` Bohr pooled
+    ``pool``-fold when the weight is set."""
     if cfg['loss'] == 'l1':
-        return (pred - target).abs().mean() * 100
-    # pure L1 (the NMAE itself) barely moved a small network away from zero in a few
-    # hundred steps; smooth L1 learns from the start and is L1 for large residuals
-    return torch.nn.functional.smooth_l1_loss(pred * 100, target * 100, beta=cfg['huber_beta'])
+        loss = (pred - target).abs().mean() * 100
+    else:
+        # pure L1 (the NMAE itself) barely moved a small network away from zero in a few
+        # hundred steps; smooth L1 learns from the start and is L1 for large residuals
+        loss = torch.nn.functional.smooth_l1_loss(pred * 100, target * 100,
+                                                  beta=cfg['huber_beta'])
+    w = float(cfg.get('coulomb_weight') or 0.0)
+    if w:
+        if spacing is None:
+            raise ValueError('coulomb_weight needs the grid spacing')
+        err = (pred - target).reshape(-1, *pred.shape[-3:])
+        loss = loss + w * coulomb_error(err, spacing, pool).mean()
+    return loss
 
 
 def _device(cfg):
@@ -400,6 +454,8 @@ def train(cfg, log=print):
         raise ValueError("schedule must be 'steps' or 'minutes', not %r" % cfg['schedule'])
     if cfg['schedule'] == 'minutes' and not cfg['max_minutes']:
         raise ValueError("schedule: minutes needs max_minutes")
+    if cfg['select'] not in ('val_nmae', 'val_coulomb'):
+        raise ValueError("select must be 'val_nmae' or 'val_coulomb', not %r" % cfg['select'])
     step, best, minutes_before = 0, float('inf'), 0.0
     ckpt = os.path.join(out, 'checkpoint.pt')
     if os.path.exists(ckpt):
@@ -410,7 +466,7 @@ def train(cfg, log=print):
         step, best = int(st['step']), float(st['best'])
         if cfg['schedule'] == 'minutes':
             minutes_before = float(st.get('minutes', 0.0))
-        log('resumed from %s at step %d (best val NMAE %.3f%%)' % (ckpt, step, best))
+        log('resumed from %s at step %d (best %s %.4g)' % (ckpt, step, cfg['select'], best))
     model = net
     if ddp:
         model = torch.nn.parallel.DistributedDataParallel(
@@ -445,7 +501,7 @@ def train(cfg, log=print):
             if crop:
                 core = core[:, halo * r:(halo + crop) * r, halo * r:(halo + crop) * r,
                             halo * r:(halo + crop) * r]
-            part = _loss(core, y, cfg) / len(parts)
+            part = _loss(core, y, cfg, mcfg['spacing'] / r, r) / len(parts)
             part.backward()
             loss = loss + part.detach()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
@@ -460,18 +516,21 @@ def train(cfg, log=print):
         done = step >= cfg['steps'] or (cfg['max_minutes'] and
                                          time.time() - t_start > 60 * cfg['max_minutes'])
         if rank == 0 and (step % cfg['val_every'] == 0 or done):
-            nmae, nsad = evaluate_nmae(net, cdir, val_keys, device)
+            coul = []
+            nmae, nsad = evaluate_nmae(net, cdir, val_keys, device, coulomb=coul)
             net.train()
             rec = {'step': step, 'loss': float(loss.detach()), 'val_nmae': nmae, 'sad_nmae': nsad,
+                   'val_coulomb': float(np.mean(coul)),
                    'lr': opt.param_groups[0]['lr'], 'minutes': (time.time() - t_start) / 60,
                    'ntrain': len(sampler.keys)}
             log(json.dumps(rec))
             with open(history, 'a') as f:
                 f.write(json.dumps(rec) + '\n')
-            if nmae < best:
-                best = nmae
+            if rec[cfg['select']] < best:
+                best = rec[cfg['select']]
                 model_mod.save_model(net, os.path.join(out, 'best'), {
-                    'val_nmae': nmae, 'val_sad_nmae': nsad, 'step': step,
+                    'val_nmae': nmae, 'val_sad_nmae': nsad, 'val_coulomb': rec['val_coulomb'],
+                    'step': step,
                     'train_range': cfg['train_range'], 'val_range': cfg['val_range'],
                     'test_range': cfg['test_range'], 'data': cfg['data']})
             torch.save({'model': net.state_dict(), 'opt': opt.state_dict(),
@@ -523,9 +582,11 @@ def main(argv=None, finetune=False):
         cfg['model'] = dict(net.config)
         build_cache(cfg, ranges=[cfg['test_range']], progress=False, workers=a.workers)
         keys = cached_keys(cache_dir(cfg, net.config), *cfg['test_range'])
-        nmae, nsad = evaluate_nmae(net, cache_dir(cfg, net.config), keys)
-        print('test range %s: %d molecules, NMAE %.2f%% (SAD %.2f%%)'
-              % (cfg['test_range'], len(keys), nmae, nsad))
+        coul = []
+        nmae, nsad = evaluate_nmae(net, cache_dir(cfg, net.config), keys, coulomb=coul)
+        print('test range %s: %d molecules, NMAE %.2f%% (SAD %.2f%%), Coulomb error '
+              '(e|e) median %.4f Eh' % (cfg['test_range'], len(keys), nmae, nsad,
+                                         float(np.median(coul))))
         return
     train(cfg)
 
