@@ -15,22 +15,17 @@ import numpy as np
 import pyscf_densr
 from pyscf_densr import bench, hook, project
 
+import _validation
+
 n = int(sys.argv[1]) if len(sys.argv) > 1 else 6
 cut = float(sys.argv[2]) if len(sys.argv) > 2 else 1.0
-mols = bench.molecules_from_heldout('../shared/data', 400, 450, limit=n)
 net = pyscf_densr.load_model()
-level = bench.parse_level('pbe/def2-svp')
 mix, glevel = hook.guess_mix(net), hook.guess_grids_level(net)
-tot = {}
-for m in mols:
-    mol = bench.build_mol(m, 'def2-svp')
-    mf = bench.make_scf(mol, level)
-    mf.kernel()
-    dm_conv, e_ref = mf.make_rdm1(), mf.e_tot
-    dm_sad = mf.init_guess_by_minao(mol)
-    ref = bench.reference_grids(mol, dm_conv, dm_sad, net.config)
-    fine, exact = ref['grid'], ref['rho_conv'] - ref['rho_sad']
-    pred, _ = hook.predict_delta_rho(mol, dm_sad, net)
+tot, nmol = {}, 0
+for c in _validation.cases(net, n):
+    m, mol, mf, dm_sad, e_ref, ref, level = c.m, c.mol, c.mf, c.dm_sad, c.e_ref, c.ref, c.level
+    fine, exact, pred = ref['grid'], c.exact, c.pred
+    nmol += 1
     core = ref['rho_conv'] > cut
     variants = {'model': pred, 'exact core': np.where(core, exact, pred),
                 'exact valence': np.where(core, pred, exact), 'exact': exact}
@@ -51,6 +46,6 @@ for m in mols:
         t[1] += v[1]
     print(m['name'], {k: (c, round(e, 4), None if x is None else round(x, 2))
                       for k, (c, e, x) in res.items()}, flush=True)
-print('summed over %d molecules (cycles, E[P_guess] - E_conv / Eh):' % len(mols))
+print('summed over %d molecules (cycles, E[P_guess] - E_conv / Eh):' % nmol)
 for k, (c, e) in tot.items():
     print('  %-14s %4d  %8.4f' % (k, c, e))

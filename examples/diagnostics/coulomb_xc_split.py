@@ -15,24 +15,20 @@ import sys
 import numpy as np
 
 import pyscf_densr
-from pyscf_densr import bench, hook, project
+from pyscf_densr import bench, project
+
+import _validation
 
 n = int(sys.argv[1]) if len(sys.argv) > 1 else 5
 first = int(sys.argv[2]) if len(sys.argv) > 2 else 400
-mols = bench.molecules_from_heldout('../shared/data', first, 450, limit=n)
 net = pyscf_densr.load_model()
-level = bench.parse_level('pbe/def2-svp')
-tot = {}
-for m in mols:
-    mol = bench.build_mol(m, 'def2-svp')
-    mf = bench.make_scf(mol, level)
-    mf.kernel()
-    dm_conv, e_ref = mf.make_rdm1(), mf.e_tot
-    dm_sad = mf.init_guess_by_minao(mol)
-    ref = bench.reference_grids(mol, dm_conv, dm_sad, net.config)
-    grid = ref['grid']
-    pred, _ = hook.predict_delta_rho(mol, dm_sad, net)
-    deltas = {'model': pred, 'exact': ref['rho_conv'] - ref['rho_sad']}
+tot, nmol = {}, 0
+for cs in _validation.cases(net, n, first):
+    m, mol, mf, dm_sad, e_ref, ref, level = (cs.m, cs.mol, cs.mf, cs.dm_sad, cs.e_ref, cs.ref,
+                                             cs.level)
+    nmol += 1
+    grid, pred = ref['grid'], cs.pred
+    deltas = {'model': pred, 'exact': cs.exact}
     auxmol = project.make_auxmol(mol, net.config.get('auxbasis'))
     s1e, h1e = mf.get_ovlp(), mf.get_hcore()
     nsad = float(np.einsum('ij,ji->', dm_sad, s1e))
@@ -64,6 +60,6 @@ for m in mols:
         t[1] += eg
     print(m['name'], 'NMAE %.2f%% Coulomb error %.4f' % (nmae, coul),
           ' '.join('J %s/XC %s:%d(%.4f)' % (k + v) for k, v in res.items()), flush=True)
-print('summed over %d molecules (J from, XC from, cycles, E[P_guess] - E_conv / Eh):' % len(mols))
+print('summed over %d molecules (J from, XC from, cycles, E[P_guess] - E_conv / Eh):' % nmol)
 for (a, b), (cy, eg) in tot.items():
     print('  J %-6s XC %-6s %4d  %9.4f' % (a, b, cy, eg))

@@ -12,24 +12,20 @@ import sys
 import pyscf_densr
 from pyscf_densr import bench, hook, project
 
+import _validation
+
 n = int(sys.argv[1]) if len(sys.argv) > 1 else 5
 first = int(sys.argv[2]) if len(sys.argv) > 2 else 400
-mols = bench.molecules_from_heldout('../shared/data', first, 450, limit=n)
 net = pyscf_densr.load_model()
-level = bench.parse_level('pbe/def2-svp')
 settings = list(itertools.product((0.85, 1.0), (0, 1)))
 print('default model %s, shipped guess_mix %s, guess_grids_level %s'
-      % (pyscf_densr.model.DEFAULT_MODEL, hook.guess_mix(net), hook.guess_grids_level(net)), flush=True)
-tot = {}
-for m in mols:
-    mol = bench.build_mol(m, 'def2-svp')
-    mf = bench.make_scf(mol, level)
-    mf.kernel()
-    dm_conv, e_ref = mf.make_rdm1(), mf.e_tot
-    dm_sad = mf.init_guess_by_minao(mol)
-    ref = bench.reference_grids(mol, dm_conv, dm_sad, net.config)
-    pred, _ = hook.predict_delta_rho(mol, dm_sad, net)
-    deltas = {'model': pred, 'exact': ref['rho_conv'] - ref['rho_sad']}
+      % (pyscf_densr.model.DEFAULT_MODEL, hook.guess_mix(net), hook.guess_grids_level(net)),
+      flush=True)
+tot, nmol = {}, 0
+for c in _validation.cases(net, n, first):
+    m, mol, mf, dm_sad, e_ref, ref, level = c.m, c.mol, c.mf, c.dm_sad, c.e_ref, c.ref, c.level
+    nmol += 1
+    deltas = {'model': c.pred, 'exact': c.exact}
     res = {('minao', None, None): (mf.cycles, mf.energy_tot(dm_sad) - e_ref)}
     for (name, delta), (mix, glevel) in itertools.product(deltas.items(), settings):
         mf2 = bench.make_scf(mol, level)
@@ -40,13 +36,13 @@ for m in mols:
         mf2.kernel(dm0)
         assert abs(mf2.e_tot - e_ref) < 1e-6, (m['name'], name, mix, glevel)
         res[(name, mix, glevel)] = (mf2.cycles, eg)
-    for k, (c, e) in res.items():
+    for k, (cy, e) in res.items():
         t = tot.setdefault(k, [0, 0.0])
-        t[0] += c
+        t[0] += cy
         t[1] += e
     print(m['name'], ' '.join('%s/%s/%s:%d(%.3f)' % (k + v) for k, v in res.items()),
           flush=True)
 print('summed over %d molecules: density, guess_mix, guess grids level, cycles, '
-      'E[P_guess] - E_conv / Eh' % len(mols))
+      'E[P_guess] - E_conv / Eh' % nmol)
 for (name, mix, glevel), (c, e) in tot.items():
     print('  %-6s %5s %5s %5d %9.4f' % (name, mix, glevel, c, e))
