@@ -467,6 +467,11 @@ def train(cfg, log=print):
         if cfg['schedule'] == 'minutes':
             minutes_before = float(st.get('minutes', 0.0))
         log('resumed from %s at step %d (best %s %.4g)' % (ckpt, step, cfg['select'], best))
+        if st.get('select', 'val_nmae') != cfg['select']:
+            # the stored best is in the other score's units: the next validation sets it
+            log('select changed from %s to %s: the next validation sets the best checkpoint'
+                % (st.get('select', 'val_nmae'), cfg['select']))
+            best = float('inf')
     model = net
     if ddp:
         model = torch.nn.parallel.DistributedDataParallel(
@@ -535,6 +540,7 @@ def train(cfg, log=print):
                     'test_range': cfg['test_range'], 'data': cfg['data']})
             torch.save({'model': net.state_dict(), 'opt': opt.state_dict(),
                         'sched': sched.state_dict(), 'step': step, 'best': best,
+                        'select': cfg['select'],
                         'minutes': (time.time() - t_start) / 60}, ckpt + '.tmp')
             os.replace(ckpt + '.tmp', ckpt)
             sampler.refresh(cached_keys(cdir, *cfg['train_range']) or sampler.keys)

@@ -221,5 +221,9 @@ def test_coulomb_loss_lowers_the_coulomb_error(tiny_config, tmp_path):
     assert hist[-1]['val_coulomb'] < plain[-1]['val_coulomb']
     meta = json.load(open(tmp_path / 'coul' / 'best.json'))
     assert meta['val_coulomb'] == pytest.approx(hist[-1]['val_coulomb'])
+    logged = []   # resuming under the other score must not compare it with the stored best
+    train.train(dict(cfg, select='val_nmae', steps=9, val_every=1), log=logged.append)
+    assert any('select changed' in m for m in logged)
+    assert json.load(open(tmp_path / 'coul' / 'best.json'))['step'] == 9
     with pytest.raises(ValueError, match='select'):
         train.train(dict(cfg, select='loss', out=str(tmp_path / 'bad')), log=lambda *a: None)
