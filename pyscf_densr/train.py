@@ -11,6 +11,7 @@ together. Validation is the NMAE of full boxes of held-out molecules (normalised
 the integral of the reference density).
 """
 
+import functools
 import glob
 import json
 import math
@@ -351,23 +352,18 @@ def evaluate_nmae(model, cdir, keys, device='cpu', coulomb=None):
     return float(np.mean(nm)), float(np.mean(ns))
 
 
-_GREEN = {}
-
-
+@functools.lru_cache(maxsize=8)
 def _green_fft(shape, h, device):
     """FFT of 1/|r| on the doubled grid of ``shape`` (spacing ``h`` Bohr), for Hockney's
-    free-space convolution; the r = 0 voxel holds the cube's mean of 1/|r| (2.3800774 / h)."""
-    key = (tuple(shape), float(h), str(device))
-    if key not in _GREEN:
-        ax = [torch.fft.fftfreq(2 * n, 1.0 / (2 * n), dtype=torch.float64) for n in shape]
-        ix, iy, iz = torch.meshgrid(*ax, indexing='ij')
-        r = h * torch.sqrt(ix ** 2 + iy ** 2 + iz ** 2)
-        g = 1.0 / torch.where(r > 0, r, torch.ones_like(r))
-        g[0, 0, 0] = 2.3800774 / h
-        if len(_GREEN) > 64:
-            _GREEN.clear()
-        _GREEN[key] = torch.fft.rfftn(g.float()).to(device)
-    return _GREEN[key]
+    free-space convolution; the r = 0 voxel holds the cube's mean of 1/|r| (2.3800774 / h).
+    Cached for a few shapes only: whole boxes differ in shape, and each entry of a QM9 box
+    is about 14 MB, while rebuilding one costs a single FFT."""
+    ax = [torch.fft.fftfreq(2 * n, 1.0 / (2 * n), dtype=torch.float64) for n in shape]
+    ix, iy, iz = torch.meshgrid(*ax, indexing='ij')
+    r = h * torch.sqrt(ix ** 2 + iy ** 2 + iz ** 2)
+    g = 1.0 / torch.where(r > 0, r, torch.ones_like(r))
+    g[0, 0, 0] = 2.3800774 / h
+    return torch.fft.rfftn(g.float()).to(device)
 
 
 def coulomb_error(err, spacing, pool=1):
@@ -379,7 +375,7 @@ def coulomb_error(err, spacing, pool=1):
         e = torch.nn.functional.avg_pool3d(e[:, None], pool)[:, 0]
         spacing = spacing * pool
     shape = e.shape[1:]
-    g = _green_fft(shape, spacing, e.device)
+    g = _green_fft(tuple(shape), float(spacing), str(e.device))
     ek = torch.fft.rfftn(e, s=[2 * n for n in shape])
     v = torch.fft.irfftn(ek * g, s=[2 * n for n in shape])[:, :shape[0], :shape[1], :shape[2]]
     return (e * v).sum(dim=(1, 2, 3)) * spacing ** 6
@@ -591,8 +587,8 @@ def main(argv=None, finetune=False):
         coul = []
         nmae, nsad = evaluate_nmae(net, cache_dir(cfg, net.config), keys, coulomb=coul)
         print('test range %s: %d molecules, NMAE %.2f%% (SAD %.2f%%), Coulomb error '
-              '(e|e) median %.4f Eh' % (cfg['test_range'], len(keys), nmae, nsad,
-                                         float(np.median(coul))))
+              '(e|e) mean %.4f median %.4f Eh' % (cfg['test_range'], len(keys), nmae, nsad,
+                                                  float(np.mean(coul)), float(np.median(coul))))
         return
     train(cfg)
 
