@@ -227,3 +227,48 @@ def test_coulomb_loss_lowers_the_coulomb_error(tiny_config, tmp_path):
     assert json.load(open(tmp_path / 'coul' / 'best.json'))['step'] == 9
     with pytest.raises(ValueError, match='select'):
         train.train(dict(cfg, select='loss', out=str(tmp_path / 'bad')), log=lambda *a: None)
+
+
+def test_train_range_list_keeps_held_out_molecules_out(tmp_path):
+    """train_range may be a list of ranges (the shards plus labels generated past them);
+    none may overlap the validation or test range, whichever way the config arrives."""
+    cfg = train.load_config({'train_range': [[0, 400], [500, 1000]]})
+    assert train.train_ranges(cfg) == [[0, 400], [500, 1000]]
+    assert train.train_ranges(train.load_config({})) == [[0, 400]]
+    cdir = tmp_path / 'cache'
+    cdir.mkdir()
+    for k in (0, 399, 420, 460, 500, 999, 1000):
+        (cdir / ('%06d.json' % k)).write_text('{}')
+    assert train._train_keys(str(cdir), cfg) == ['000000', '000399', '000500', '000999']
+    with pytest.raises(ValueError, match='overlaps val_range'):
+        train.load_config({'train_range': [[0, 400], [440, 460]]})
+    with pytest.raises(ValueError, match='overlaps test_range'):
+        train.load_config({'train_range': [0, 460], 'val_range': [900, 950]})
+    with pytest.raises(ValueError, match='train_range must be'):
+        train.load_config({'train_range': [[0, 400], [600, 500]]})
+    (tmp_path / 'c.yaml').write_text("train_range: [0, 400]\n")
+    with pytest.raises(ValueError, match='overlaps test_range'):
+        train.main([str(tmp_path / 'c.yaml'), '--set', 'train_range=[[0, 400], [450, 451]]'])
+
+
+def test_learning_rate_warms_up_then_follows_the_cosine():
+    cfg = train.load_config({'lr': 1e-3, 'min_lr': 1e-5, 'steps': 1000, 'warmup_steps': 10})
+    cos = lambda f: 1e-5 + 0.5 * (1e-3 - 1e-5) * (1 + np.cos(np.pi * f))
+    assert train.learning_rate(cfg, 0, 0) == pytest.approx(cos(0) / 10)
+    assert train.learning_rate(cfg, 4, 0) == pytest.approx(cos(0.004) / 2)
+    assert train.learning_rate(cfg, 10, 0) == pytest.approx(cos(0.01))
+    assert train.learning_rate(cfg, 1000, 0) == pytest.approx(1e-5)
+    cfg.update(schedule='minutes', max_minutes=20, warmup_steps=0)
+    assert train.learning_rate(cfg, 5, 10.0) == pytest.approx(cos(0.5))
+    assert train.learning_rate(cfg, 5, 30.0) == pytest.approx(1e-5)
+
+
+def test_run_minutes_stops_this_run_and_the_next_resumes(tiny_config, tmp_path):
+    """run_minutes ends one process's share (a lent machine's call) with a checkpoint; the
+    next run resumes from it, the schedule's clock untouched."""
+    cfg = train.load_config(str(tiny_config))
+    cfg.update(run_minutes=1e-4, steps=50, val_every=50, out=str(tmp_path / 'share'))
+    train.train(cfg, log=lambda *a: None)
+    train.train(cfg, log=lambda *a: None)
+    hist = [json.loads(l) for l in open(os.path.join(cfg['out'], 'history.jsonl'))]
+    assert [h['step'] for h in hist] == [1, 2]
