@@ -8,7 +8,8 @@ get their collinear twin's guess in PySCF's GHF layout.
 
 Options without code changes (environment variables):
 
-``PYSCF_DENSR_MODEL``     shipped model name or path to NAME.pt (default ``densr-small-v7``)
+``PYSCF_DENSR_MODEL``     shipped model name or path to NAME.pt (default ``densr-small-v8``;
+                          ``densr-gpu``: the larger model, for GPU users)
 ``PYSCF_DENSR_DEVICE``    ``cpu``, ``cuda``, ``cuda:1``... (default: CUDA if available)
 ``PYSCF_DENSR_FALLBACK``  ``error`` (default) or ``minao``: what to do when the guess
                           cannot be made (any :class:`DensrError` or ``ModelError``: bad

@@ -20,7 +20,7 @@ from torch import nn
 import torch.nn.functional as F
 
 MODEL_DIR = os.path.join(os.path.dirname(__file__), 'models')
-DEFAULT_MODEL = 'densr-small-v7'
+DEFAULT_MODEL = 'densr-small-v8'
 
 DEFAULT_CONFIG = {
     'arch': 'ResUpNet3d',

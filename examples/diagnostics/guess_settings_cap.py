@@ -1,10 +1,11 @@
 """Which guess setting caps a better density: the projection fed the model's delta-rho and the
 exact one, each at guess_mix 0.85 / 1.0 and guess grids level 0 / 1.
 
-    python examples/diagnostics/guess_settings_cap.py [N] [FIRST]
+    python examples/diagnostics/guess_settings_cap.py [N] [FIRST] [MODEL] [--model-only]
 
-Validation molecules FIRST.. (default 400, N of them, default 5), the default model. Prints per
-molecule, then summed: cycles and E[P_guess] - E_conv (Eh) for each (density, mix, level).
+Validation molecules FIRST.. (default 400, N of them, default 5), MODEL (name or path; default
+the default model); --model-only skips the exact delta-rho. Prints per molecule, then summed:
+cycles and E[P_guess] - E_conv (Eh) for each (density, mix, level).
 """
 import itertools
 import sys
@@ -14,18 +15,20 @@ from pyscf_densr import bench, hook, project
 
 import _validation
 
-n = int(sys.argv[1]) if len(sys.argv) > 1 else 5
-first = int(sys.argv[2]) if len(sys.argv) > 2 else 400
-net = pyscf_densr.load_model()
+model_only = '--model-only' in sys.argv
+args = [a for a in sys.argv[1:] if a != '--model-only']
+n = int(args[0]) if len(args) > 0 else 5
+first = int(args[1]) if len(args) > 1 else 400
+name = args[2] if len(args) > 2 else pyscf_densr.model.DEFAULT_MODEL
+net = pyscf_densr.load_model(name)
 settings = list(itertools.product((0.85, 1.0), (0, 1)))
-print('default model %s, shipped guess_mix %s, guess_grids_level %s'
-      % (pyscf_densr.model.DEFAULT_MODEL, hook.guess_mix(net), hook.guess_grids_level(net)),
-      flush=True)
+print('model %s, shipped guess_mix %s, guess_grids_level %s'
+      % (name, hook.guess_mix(net), hook.guess_grids_level(net)), flush=True)
 tot, nmol = {}, 0
 for c in _validation.cases(net, n, first):
     m, mol, mf, dm_sad, e_ref, ref, level = c.m, c.mol, c.mf, c.dm_sad, c.e_ref, c.ref, c.level
     nmol += 1
-    deltas = {'model': c.pred, 'exact': c.exact}
+    deltas = {'model': c.pred} if model_only else {'model': c.pred, 'exact': c.exact}
     res = {('minao', None, None): (mf.cycles, mf.energy_tot(dm_sad) - e_ref)}
     for (name, delta), (mix, glevel) in itertools.product(deltas.items(), settings):
         mf2 = bench.make_scf(mol, level)
