@@ -571,6 +571,10 @@ def train(cfg, log=print):
         done = step >= cfg['steps'] or (cfg['max_minutes'] and
                                          time.time() - t_start > 60 * cfg['max_minutes'])
         done = done or bool(cfg['run_minutes'] and time.time() - t_run > 60 * cfg['run_minutes'])
+        if ddp:  # rank 0's clock decides for all: ranks that disagree would wait on each other
+            flag = torch.tensor([float(done)], device=device)
+            torch.distributed.broadcast(flag, 0)
+            done = bool(flag.item())
         if rank == 0 and (step % cfg['val_every'] == 0 or done):
             coul = []
             nmae, nsad = evaluate_nmae(net, cdir, val_keys, device, coulomb=coul)
