@@ -8,8 +8,10 @@
 # each run's best model and history to $OUT/<run>/.
 set -u -o pipefail
 MIN=$1; shift
-if [ ! -f /tmp/site/pyscf/__init__.py ]; then
-    mkdir -p /tmp/site && tar -xJf gpu/pyscf_trim.tar.xz -C /tmp/site || exit 1
+sum=$(md5sum gpu/pyscf_trim.tar.xz | cut -d' ' -f1)
+if [ "$(cat /tmp/site/.bundle 2>/dev/null)" != "$sum" ]; then   # none yet, or another bundle
+    rm -rf /tmp/site && mkdir -p /tmp/site && tar -xJf gpu/pyscf_trim.tar.xz -C /tmp/site \
+        && echo "$sum" > /tmp/site/.bundle || exit 1
 fi
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1
 DATA="data=['../data/qm9_pbe_def2svp_*.h5']"
