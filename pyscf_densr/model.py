@@ -238,6 +238,7 @@ def from_pretrained(name_or_path=None, device='cpu'):
                          'state_dict): %s' % (wpath, e))
     model = build_model(config)
     try:
+        state = dequantize_state(state)
         model.load_state_dict(state)
     except Exception as e:
         raise ModelError('densr model weights %s do not match the architecture in %s: %s'
@@ -248,6 +249,41 @@ def from_pretrained(name_or_path=None, device='cpu'):
     model.meta = meta
     model.path = wpath
     return model.to(device).eval()
+
+
+QSCALE = '.qscale'
+
+
+def quantize_state(state):
+    """``state`` with every weight of two or more dimensions stored as int8 with one float32
+    scale per output channel (key + ``QSCALE``), other tensors as float16: a quarter of the
+    float32 size, for shipped files (``densr-gpu``); :func:`from_pretrained` undoes it."""
+    out = {}
+    for k, v in state.items():
+        v = v.detach().cpu()
+        if torch.is_floating_point(v) and v.dim() >= 2:
+            w = v.float().reshape(v.shape[0], -1)
+            scale = (w.abs().amax(dim=1) / 127).clamp_min(1e-30)
+            out[k] = torch.round(w / scale[:, None]).to(torch.int8).reshape(v.shape)
+            out[k + QSCALE] = scale
+        else:
+            out[k] = v.half() if torch.is_floating_point(v) else v
+    return out
+
+
+def dequantize_state(state):
+    """Float32 weights from a state_dict that :func:`quantize_state` wrote (others pass)."""
+    if not any(k.endswith(QSCALE) for k in state):
+        return state
+    out = {}
+    for k, v in state.items():
+        if k.endswith(QSCALE):
+            continue
+        if k + QSCALE in state:
+            scale = state[k + QSCALE].float()
+            v = v.float() * scale.reshape(-1, *([1] * (v.dim() - 1)))
+        out[k] = v
+    return out
 
 
 def _widened(fresh, old):

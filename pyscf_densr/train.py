@@ -123,9 +123,8 @@ def check_ranges(cfg):
 def train_ranges(cfg):
     """``cfg['train_range']`` as a list of [lo, hi) index ranges."""
     r = cfg['train_range']
-    pairs = [r] if len(r) == 2 and all(isinstance(x, (int, np.integer)) for x in r) else r
     out = []
-    for pr in pairs:
+    for pr in (r if r and isinstance(r[0], (list, tuple)) else [r]):
         if len(pr) != 2 or not all(isinstance(x, (int, np.integer)) for x in pr) or pr[0] >= pr[1]:
             raise ValueError('train_range must be [lo, hi] or a list of them, not %r' % (r,))
         out.append([int(pr[0]), int(pr[1])])
@@ -497,7 +496,6 @@ def train(cfg, log=print):
             log('new parts of the network (%s) start as the identity' % ', '.join(grown))
     net.to(device)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg['lr'], weight_decay=cfg['weight_decay'])
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg['steps'], eta_min=cfg['min_lr'])
     if cfg['schedule'] not in ('steps', 'minutes'):
         raise ValueError("schedule must be 'steps' or 'minutes', not %r" % cfg['schedule'])
     if cfg['schedule'] == 'minutes' and not cfg['max_minutes']:
@@ -510,7 +508,6 @@ def train(cfg, log=print):
         st = torch.load(ckpt, map_location='cpu', weights_only=True)
         net.load_state_dict(st['model'])
         opt.load_state_dict(st['opt'])
-        sched.load_state_dict(st['sched'])
         step, best = int(st['step']), float(st['best'])
         if cfg['schedule'] == 'minutes':
             minutes_before = float(st.get('minutes', 0.0))
@@ -565,13 +562,13 @@ def train(cfg, log=print):
             loss = loss + part.detach()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
         opt.step()
-        sched.step()   # kept for the checkpoints' format; the rate is set here:
         step += 1
         set_lr(step)
         done = step >= cfg['steps'] or (cfg['max_minutes'] and
                                          time.time() - t_start > 60 * cfg['max_minutes'])
         done = done or bool(cfg['run_minutes'] and time.time() - t_run > 60 * cfg['run_minutes'])
-        if ddp:  # rank 0's clock decides for all: ranks that disagree would wait on each other
+        if ddp and (cfg['max_minutes'] or cfg['run_minutes']):
+            # rank 0's clock decides for all: ranks that disagree would wait on each other
             flag = torch.tensor([float(done)], device=device)
             torch.distributed.broadcast(flag, 0)
             done = bool(flag.item())
@@ -594,7 +591,7 @@ def train(cfg, log=print):
                     'train_range': cfg['train_range'], 'val_range': cfg['val_range'],
                     'test_range': cfg['test_range'], 'data': cfg['data']})
             torch.save({'model': net.state_dict(), 'opt': opt.state_dict(),
-                        'sched': sched.state_dict(), 'step': step, 'best': best,
+                        'step': step, 'best': best,
                         'select': cfg['select'],
                         'minutes': (time.time() - t_start) / 60}, ckpt + '.tmp')
             os.replace(ckpt + '.tmp', ckpt)
