@@ -180,15 +180,21 @@ def test_shipped_default_model_loads():
     assert not net.training
 
 
-def test_half_precision_weights_load_as_float32(tmp_path):
-    """Shipped weights may be stored in float16 (densr-small-v6 and -v7, to keep the files small):
-    the loaded network computes in float32 with the rounded weights."""
-    torch.manual_seed(2)
+def _saved_random_net(tmp_path, seed):
+    """A small random network saved as tmp_path/m.pt/.json, and its float32 state_dict."""
+    torch.manual_seed(seed)
     net = model_mod.build_model(channels=4, blocks=2, coarse_blocks=1, coarse_channels=6)
     for p in net.parameters():
         torch.nn.init.normal_(p, std=0.2)
     model_mod.save_model(net, str(tmp_path / 'm'))
     state = torch.load(tmp_path / 'm.pt', weights_only=True)
+    return net, state
+
+
+def test_half_precision_weights_load_as_float32(tmp_path):
+    """Shipped weights may be stored in float16 (densr-small-v6 and -v7, to keep the files small):
+    the loaded network computes in float32 with the rounded weights."""
+    net, state = _saved_random_net(tmp_path, 2)
     torch.save({k: v.half() for k, v in state.items()}, tmp_path / 'm.pt')
     half = model_mod.from_pretrained(str(tmp_path / 'm.pt'))
     assert all(p.dtype == torch.float32 for p in half.parameters())
@@ -206,12 +212,7 @@ def test_int8_weights_load_close_to_float32(tmp_path):
     its channel's 127 levels and loads as float32 through from_pretrained; on this random
     network the output moves by a few percent of its size (the shipped model's test NMAE is
     what docs/training.md reports)."""
-    torch.manual_seed(3)
-    net = model_mod.build_model(channels=4, blocks=2, coarse_blocks=1, coarse_channels=6)
-    for p in net.parameters():
-        torch.nn.init.normal_(p, std=0.2)
-    model_mod.save_model(net, str(tmp_path / 'm'))
-    state = torch.load(tmp_path / 'm.pt', weights_only=True)
+    net, state = _saved_random_net(tmp_path, 3)
     q = model_mod.quantize_state(state)
     assert q['head.weight'].dtype == torch.int8
     back = model_mod.dequantize_state(q)
