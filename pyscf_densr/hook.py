@@ -37,6 +37,9 @@ Options without code changes (environment variables):
 ``PYSCF_DENSR_MIX``       the returned guess is P_SAD + mix (P_Fock - P_SAD) (see
                           :func:`project.mix_with_sad`); default: the model's ``guess_mix``
                           (chosen on its validation molecules), else 1.
+``PYSCF_DENSR_FOCK_BUILDS`` 1 or 2: Fock builds of the projection (2: a second build and
+                          the Anderson combination of the two, :func:`project.anderson_step`);
+                          default: the model's ``guess_fock_builds``, else 1.
 """
 
 import os
@@ -305,13 +308,29 @@ def guess_mix(net, mix=None):
     return mix
 
 
+def guess_fock_builds(net, builds=None):
+    """Fock builds of the projection (1, or 2: :func:`project.anderson_step`): ``builds``,
+    else PYSCF_DENSR_FOCK_BUILDS, else the model's ``guess_fock_builds`` (default 1)."""
+    if builds is None:
+        builds = os.environ.get('PYSCF_DENSR_FOCK_BUILDS') or net.config.get(
+            'guess_fock_builds', 1)
+    try:
+        builds = int(builds)
+    except ValueError:
+        raise ValueError('PYSCF_DENSR_FOCK_BUILDS must be 1 or 2, not %r' % builds) from None
+    if builds not in (1, 2):
+        raise ValueError('the guess\'s Fock builds must be 1 or 2, not %d' % builds)
+    return builds
+
+
 def guess_grids_level(net):
     """The molecular grid level of the guess's XC step: the model's ``guess_grids_level``
     (default 1; see :func:`project.guess_grids`)."""
     return int(net.config.get('guess_grids_level', 1))
 
 
-def init_guess(mf, mol=None, model=None, device=None, exchange=None, fallback=None, mix=None):
+def init_guess(mf, mol=None, model=None, device=None, exchange=None, fallback=None, mix=None,
+               fock_builds=None):
     """The densr initial guess density matrix for SCF object ``mf``.
 
     Args:
@@ -324,6 +343,8 @@ def init_guess(mf, mol=None, model=None, device=None, exchange=None, fallback=No
         fallback: 'error' or 'minao' (see the module docstring).
         mix: P_SAD + mix (P_Fock - P_SAD) is returned; default PYSCF_DENSR_MIX or the
             model's ``guess_mix`` (see :func:`project.mix_with_sad`).
+        fock_builds: 1 or 2 (see :func:`project.anderson_step`); default
+            PYSCF_DENSR_FOCK_BUILDS or the model's ``guess_fock_builds``.
 
     Returns:
         The density matrix in ``mf``'s convention (2D for RHF/RKS, (2, nao, nao) otherwise)
@@ -348,7 +369,8 @@ def init_guess(mf, mol=None, model=None, device=None, exchange=None, fallback=No
                          'not supported; use init_guess=\'minao\' (or set '
                          'PYSCF_DENSR_FALLBACK=minao)' % type(mf).__name__)
     if isinstance(mf, ghf.GHF):
-        return _generalized_guess(mf, mol, model, device, exchange, fallback, mix, log)
+        return _generalized_guess(mf, mol, model, device, exchange, fallback, mix, log,
+                                  fock_builds)
     t_start = time.perf_counter()
     try:
         dm_sad = mf.init_guess_by_minao(mol)
@@ -375,7 +397,7 @@ def init_guess(mf, mol=None, model=None, device=None, exchange=None, fallback=No
             dm = project.density_matrix_from_delta_rho(
                 mf, delta, fine, dm_sad=dm_sad, auxbasis=net.config.get('auxbasis'),
                 exchange=exchange, log=log, charge=expected, mix=guess_mix(net, mix),
-                grids_level=guess_grids_level(net))
+                grids_level=guess_grids_level(net), fock_builds=guess_fock_builds(net, fock_builds))
             log.info('densr: projection to a density matrix in %.2f s', time.perf_counter() - t0)
         except MemoryError as e:
             raise DensrError('densr guess ran out of memory (%s); lower PYSCF_DENSR_BLOCK_MEMORY '
@@ -412,14 +434,14 @@ def _collinear_twin(mf, mol):
     return twin
 
 
-def _generalized_guess(mf, mol, model, device, exchange, fallback, mix, log):
+def _generalized_guess(mf, mol, model, device, exchange, fallback, mix, log, fock_builds=None):
     """GHF/GKS: the total density of the collinear twin's guess (:func:`_collinear_twin`),
     laid out as PySCF lays out its own minao guess for GHF: half in each spin block, plus
     an alpha-beta coupling of 5% of the diagonal. Keeping the twin's spin polarisation
     instead led an open-shell spin-orbit (X2C) GHF to another state than minao's."""
     from pyscf.scf import ghf
     dm = np.asarray(init_guess(_collinear_twin(mf, mol), mol, model, device, exchange,
-                               fallback, mix))
+                               fallback, mix, fock_builds))
     if dm.ndim == 3:
         dm = dm[0] + dm[1]
     log.info('densr: GHF/GKS guess from the total density of the %s twin',

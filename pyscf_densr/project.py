@@ -242,41 +242,79 @@ def _coulomb_of_aux_direct(mol, auxmol, c, direct_scf_tol=1e-13):
     return _vj_pass2(mol, auxmol, _vj_opt(mol, auxmol, direct_scf_tol), c)
 
 
-def fit_coulomb_of_dm(mol, auxmol, dm, opt=None, j2c=None):
-    """Coulomb-metric density fit of the density matrix ``dm``: d = (k|l)^-1 (l|mu nu) P_mu nu.
+class AuxCoulomb:
+    """The Coulomb side of one guess in an auxiliary basis: PySCF's screened 3-centre passes
+    and one Cholesky factor of the metric (k|l), shared by every fit and J build.
 
-    ``sum_k d_k chi_k`` is the robust DF approximation of rho[dm] (the one PySCF's DF-J uses),
-    so ``coulomb_of_aux(mol, auxmol, d)`` is its DF Coulomb matrix. ``j2c`` (the metric,
-    overwritten) is computed when not given.
+    The fit d = (k|l)^-1 (l|mu nu) P_mu nu is the robust DF approximation of rho[P] (the
+    one PySCF's DF-J uses), so ``coulomb(fit(dm)[0])`` is its DF Coulomb matrix.
+
+    ``project(dm)`` gives (k|rho[dm]), ``solve(v)`` the coefficients (k|l)^-1 v, ``fit(dm)``
+    both, ``coulomb(d)`` the J matrix of sum_k d_k chi_k (Hartree). Raises ImportError,
+    AttributeError or TypeError where PySCF's private 3-centre driver is unavailable.
     """
-    from pyscf.scf import jk
-    if j2c is None:
+
+    def __init__(self, mol, auxmol, direct_scf_tol=1e-13):
+        self.mol, self.auxmol = mol, auxmol
         j2c = auxmol.intor('int2c2e', hermi=1)
-    opt = opt or _vj_opt(mol, auxmol, j2c=j2c)
-    dm = np.asarray(dm, dtype=np.float64, order='C').reshape(1, mol.nao, mol.nao)
-    with lib.temporary_env(opt, prescreen='CVHFnr3c2e_vj_pass1_prescreen'):
-        jaux = jk.get_jk(opt.fakemol, dm, ['ijkl,ji->kl'], 'int3c2e', aosym='s2ij', hermi=0,
-                         shls_slice=_vj_slice(mol, auxmol), vhfopt=opt)
-    jaux = np.asarray(jaux).reshape(-1)
-    try:  # in place: for 20 000 auxiliary functions the metric alone is 3 GB
-        return scipy.linalg.cho_solve(scipy.linalg.cho_factor(
-            j2c, lower=True, overwrite_a=True), jaux)
-    except scipy.linalg.LinAlgError:
-        return scipy.linalg.lstsq(auxmol.intor('int2c2e', hermi=1), jaux, cond=1e-12)[0]
+        self.opt = _vj_opt(mol, auxmol, direct_scf_tol, j2c=j2c)
+        try:   # in place: for 20 000 auxiliary functions the metric alone is 3 GB
+            self.cho = scipy.linalg.cho_factor(j2c, lower=True, overwrite_a=True)
+            self.lstsq = None
+        except scipy.linalg.LinAlgError:
+            self.cho = None
+            self.lstsq = auxmol.intor('int2c2e', hermi=1)
+
+    def project(self, dm):
+        from pyscf.scf import jk
+        mol = self.mol
+        dm = np.asarray(dm, dtype=np.float64, order='C').reshape(1, mol.nao, mol.nao)
+        with lib.temporary_env(self.opt, prescreen='CVHFnr3c2e_vj_pass1_prescreen'):
+            jaux = jk.get_jk(self.opt.fakemol, dm, ['ijkl,ji->kl'], 'int3c2e', aosym='s2ij',
+                             hermi=0, shls_slice=_vj_slice(mol, self.auxmol), vhfopt=self.opt)
+        return np.asarray(jaux).reshape(-1)
+
+    def solve(self, v):
+        if self.cho is not None:
+            return scipy.linalg.cho_solve(self.cho, v)
+        return scipy.linalg.lstsq(self.lstsq, v, cond=1e-12)[0]
+
+    def metric_times(self, d):
+        """(k|l) d, from the Cholesky factor (the metric itself was overwritten)."""
+        if self.cho is None:
+            return self.lstsq.dot(d)
+        from scipy.linalg import blas
+        low = self.cho[0]
+        return blas.dtrmv(low, blas.dtrmv(low, d, lower=1, trans=1), lower=1)
+
+    def fit(self, dm):
+        """(coefficients, (k|rho[dm])); the last one is remembered (the guess fits P_SAD
+        for its Coulomb matrix and again for the second build's residual)."""
+        dm = np.asarray(dm)
+        last = getattr(self, '_last', None)
+        if last is not None and last[0].shape == dm.shape and np.array_equal(last[0], dm):
+            return last[1], last[2]
+        v = self.project(dm)
+        d = self.solve(v)
+        self._last = (dm.copy(), d, v)
+        return d, v
+
+    def coulomb(self, d):
+        return _vj_pass2(self.mol, self.auxmol, self.opt, d)
 
 
-def coulomb_of_guess(mol, auxmol, dm, c, direct_scf_tol=1e-13):
+def coulomb_of_guess(mol, auxmol, dm, c, direct_scf_tol=1e-13, aux=None):
     """J of rho[dm] + sum_k c_k chi_k (Hartree), with rho[dm] density-fitted in ``auxmol``.
 
     One screened 3-centre pass to fit ``dm`` and one to build J from the combined
     coefficients: a guess does not need the exact 4-centre J of the SAD density, which on
-    a QM9-sized molecule costs as much as the rest of the projection together.
+    a QM9-sized molecule costs as much as the rest of the projection together. ``aux``: an
+    :class:`AuxCoulomb` of (mol, auxmol) to reuse. None where PySCF's 3-centre driver is
+    unavailable.
     """
     try:
-        j2c = auxmol.intor('int2c2e', hermi=1)
-        opt = _vj_opt(mol, auxmol, direct_scf_tol, j2c=j2c)
-        d = fit_coulomb_of_dm(mol, auxmol, dm, opt, j2c)
-        return _vj_pass2(mol, auxmol, opt, d + np.asarray(c))
+        aux = aux or AuxCoulomb(mol, auxmol, direct_scf_tol)
+        return aux.coulomb(aux.fit(dm)[0] + np.asarray(c))
     except (ImportError, AttributeError, TypeError, OSError):
         return None
 
@@ -383,11 +421,14 @@ def xc_potential(mf, dm_sad, auxmol, c, grids=None, delta_grid=None):
     ao_deriv = 0 if xctype == 'LDA' else 1
     vmat = np.zeros((nset, nao, nao))
     excsum = 0.0
+    no_delta = c is None or not np.any(c)
     max_memory = max(500, mf.max_memory - lib.current_memory()[0])
     for ao, mask, weight, coords in ni.block_loop(mol, grids, nao, ao_deriv,
                                                    max_memory=max_memory * .5):
         rho = [ni.eval_rho(mol, ao, d, mask, xctype, hermi=1) for d in dms]
-        if delta_grid is None:
+        if delta_grid is None and no_delta:
+            drho = None
+        elif delta_grid is None:
             drho = aux_density(auxmol, c, coords, deriv=ao_deriv) / nset
         else:
             field, fgrid, sad_scale = delta_grid
@@ -395,7 +436,9 @@ def xc_potential(mf, dm_sad, auxmol, c, grids=None, delta_grid=None):
             for r in rho:
                 r *= sad_scale
         for r in rho:
-            if xctype == 'LDA':
+            if drho is None:
+                pass
+            elif xctype == 'LDA':
                 r += drho[0]
                 np.maximum(r, 0, out=r)
             else:
@@ -455,15 +498,19 @@ def exchange_potential(mf, dm):
     return vk
 
 
-def local_potential(mf, dm_sad, auxmol, c, grids=None, coulomb='df', delta_grid=None):
+def local_potential(mf, dm_sad, auxmol, c, grids=None, coulomb='df', delta_grid=None, aux=None):
     """Coulomb + XC potential (Hartree) of the guess density; same shape as ``dm_sad``.
 
     ``coulomb='df'`` density-fits rho[P_SAD] in ``auxmol`` (:func:`coulomb_of_guess`);
     ``'exact'`` takes the SCF object's own ``get_j`` of P_SAD. ``delta_grid``: see
-    :func:`xc_potential`.
+    :func:`xc_potential`. ``aux``: an :class:`AuxCoulomb` of (mol, auxmol) to reuse
+    (spherical auxiliary functions only). ``c`` None: no delta-rho (the potential of
+    rho[dm_sad] itself).
     """
     mol = mf.mol
     dm_sad = np.asarray(dm_sad)
+    if c is None:
+        c = np.zeros(auxmol.nao)
     spin = dm_sad.ndim == 3
     dm_tot = dm_sad.sum(axis=0) if spin else dm_sad
     jmol, cj = auxmol, c
@@ -476,7 +523,7 @@ def local_potential(mf, dm_sad, auxmol, c, grids=None, coulomb='df', delta_grid=
         cj = _cart2sph_sparse(auxmol).dot(c)
     v = None
     if coulomb == 'df':
-        v = coulomb_of_guess(mol, jmol, dm_tot, cj)
+        v = coulomb_of_guess(mol, jmol, dm_tot, cj, aux=aux if jmol is auxmol else None)
     if v is None:
         if coulomb == 'df':
             logger.info(mf, 'densr: PySCF\'s 3-centre J driver is unavailable; exact J of the '
@@ -534,6 +581,81 @@ def density_matrix_from_veff(mf, veff, dm_sad, h1e=None, s1e=None, x=None):
     mo_occ = mf.get_occ(mo_energy, mo_coeff)
     dm = mf.make_rdm1(mo_coeff, mo_occ)
     return lib.tag_array(dm, mo_coeff=mo_coeff, mo_occ=mo_occ, mo_energy=mo_energy)
+
+
+def anderson_step(mf, v1, dm1, dm_sad, auxmol, c, grids=None, dm_x=None, h1e=None, s1e=None,
+                  x=None, aux=None, log=None):
+    """A second Fock build, and the two-point Anderson combination of the two Fock matrices.
+
+    ``v1`` is the local (Coulomb + XC) potential of the guess density
+    rho_pred = rho[dm_sad] + sum_k c_k chi_k and ``dm1`` the aufbau matrix of h + v1 (minus
+    the exact exchange of ``dm_x``, when the method has some). One Roothaan step from an
+    approximate density overshoots: the error of rho[dm1] is the error of rho_pred amplified
+    and of the other sign, for the long-wavelength part that J carries (docs/method.md,
+    step 7). Here v2 is the potential of rho[dm1] (density-fitted J, XC on ``grids``) and
+    dm2 the aufbau matrix of h + v2; the returned matrix is the aufbau matrix of
+    h + (1 - beta) v1 + beta v2, beta minimising the Coulomb norm of the linearised residual
+    (1 - beta) r1 + beta r2, r1 = rho[dm1] - rho_pred, r2 = rho[dm2] - rho[dm1]: Anderson
+    mixing with two points, the history PySCF's DIIS lacks at its first step. beta is kept
+    in [0, 1]. Costs one more J (screened 3-centre passes) and XC build, two
+    diagonalisations and three density fits. Returns (dm, beta); ``dm1`` and beta None
+    where the 3-centre driver is unavailable.
+    """
+    mol = mf.mol
+    log = log or logger.new_logger(mf)
+    if h1e is None:
+        h1e = mf.get_hcore(mol)
+    if s1e is None:
+        s1e = mf.get_ovlp(mol)
+    jmol, cj = auxmol, np.asarray(c)
+    if mol.cart and not auxmol.cart:
+        jmol = auxmol.copy()
+        jmol.cart = True
+        jmol.build(False, False)
+        cj = _cart2sph_sparse(auxmol).dot(c)
+        aux = None
+    try:
+        aux = aux or AuxCoulomb(mol, jmol)
+    except (ImportError, AttributeError, TypeError, OSError) as e:
+        log.info('densr: no second Fock build (PySCF\'s 3-centre J driver is unavailable: '
+                 '%s)', e)
+        return dm1, None
+
+    def total(dm):
+        dm = np.asarray(dm)
+        return dm.sum(axis=0) if dm.ndim == 3 else dm
+
+    def fock_dm(v):
+        if dm_x is not None:
+            v = add_exchange(mf, v, dm_x)
+        return density_matrix_from_veff(mf, v, dm_sad, h1e, s1e, x)
+
+    d_sad, j_sad = aux.fit(total(dm_sad))
+    d1, j1 = aux.fit(total(dm1))
+    v2 = aux.coulomb(d1)
+    if np.asarray(dm1).ndim == 3:
+        v2 = np.array((v2, v2))
+    if hasattr(mf, 'xc'):
+        v2 = v2 + xc_potential(mf, np.asarray(dm1), auxmol, None, grids)[1]
+    dm2 = fock_dm(v2)
+    j2 = aux.project(total(dm2))
+    # residuals and their metric images (k|l) r, so that norms need no second metric
+    mr1 = j1 - j_sad - aux.metric_times(cj)
+    r1 = d1 - d_sad - cj
+    mr2 = j2 - j1
+    r2 = aux.solve(mr2)
+    dr, mdr = r1 - r2, mr1 - mr2
+    den = float(dr.dot(mdr))
+    beta = float(r1.dot(mdr)) / den if den > 1e-14 else 0.0
+    if not np.isfinite(beta):
+        beta = 0.0
+    beta = min(max(beta, 0.0), 1.0)
+    log.info('densr: second Fock build; Coulomb norms of the residuals %.3g, %.3g; '
+             'Anderson beta %.3f', np.sqrt(max(float(r1.dot(mr1)), 0)),
+             np.sqrt(max(float(r2.dot(mr2)), 0)), beta)
+    if beta == 0.0:
+        return dm1, beta
+    return fock_dm((1 - beta) * np.asarray(v1) + beta * v2), beta
 
 
 def mix_with_sad(mf, dm, dm_sad, mix, s1e=None, x=None):
@@ -612,7 +734,7 @@ def guess_grids(mf, level=1):
 
 def density_matrix_from_delta_rho(mf, delta_rho, grid, dm_sad=None, auxbasis=DEFAULT_AUXBASIS,
                                   exchange='auto', grids_level=1, log=None, charge=None,
-                                  coulomb='df', mix=1.0, xc_density='grid'):
+                                  coulomb='df', mix=1.0, xc_density='grid', fock_builds=1):
     """The whole projection: delta-rho on ``grid`` -> guess density matrix for ``mf``.
 
     Args:
@@ -632,11 +754,15 @@ def density_matrix_from_delta_rho(mf, delta_rho, grid, dm_sad=None, auxbasis=DEF
         xc_density: delta-rho of the XC potential: 'grid' interpolates ``delta_rho`` onto
             the molecular grid, 'fit' evaluates the fitted auxiliary density there (see
             :func:`xc_potential`). Coulomb always uses the fit.
+        fock_builds: 1, or 2 for a second Fock build at the first diagonalisation's density
+            and the Anderson combination of the two (:func:`anderson_step`), before damping.
     Returns:
         dm with ``mo_coeff``/``mo_occ`` attached.
     """
     if xc_density not in ('grid', 'fit'):
         raise ValueError("xc_density must be 'grid' or 'fit', not %r" % xc_density)
+    if fock_builds not in (1, 2):
+        raise ValueError('fock_builds must be 1 or 2, not %r' % (fock_builds,))
     mol = mf.mol
     log = log or logger.new_logger(mf)
     if dm_sad is None:
@@ -659,8 +785,14 @@ def density_matrix_from_delta_rho(mf, delta_rho, grid, dm_sad=None, auxbasis=DEF
         # integral (an ion's charge, mostly), so the XC density holds the fitted electrons
         q = charge - float(np.sum(delta_rho, dtype=np.float64)) * grid.dv
         delta_grid = (delta_rho, grid, 1 + q / nsad if nsad > 1e-8 else 1.0)
-    v_local = local_potential(mf, dm_sad, auxmol, c, guess_grids(mf, grids_level), coulomb,
-                              delta_grid)
+    aux = None
+    if fock_builds == 2 and coulomb == 'df' and not (mol.cart and not auxmol.cart):
+        try:
+            aux = AuxCoulomb(mol, auxmol)
+        except (ImportError, AttributeError, TypeError, OSError):
+            aux = None
+    grids = guess_grids(mf, grids_level)
+    v_local = local_potential(mf, dm_sad, auxmol, c, grids, coulomb, delta_grid, aux)
     x = orthogonalizer(mf, s1e)
     dm = density_matrix_from_veff(mf, add_exchange(mf, v_local, dm_sad), dm_sad, h1e, s1e, x)
     t2 = time.perf_counter()
@@ -671,11 +803,17 @@ def density_matrix_from_delta_rho(mf, delta_rho, grid, dm_sad=None, auxbasis=DEF
         exchange = 'iterate' if (abs(hyb) > 1e-14 or abs(alpha) > 1e-14) else 'sad'
     if exchange not in ('sad', 'iterate'):
         raise ValueError("exchange must be 'auto', 'sad' or 'iterate', not %r" % exchange)
+    dm_x = dm_sad
     if exchange == 'iterate':
-        dm = density_matrix_from_veff(mf, add_exchange(mf, v_local, np.asarray(dm)),
-                                      dm_sad, h1e, s1e, x)
+        dm_x = np.asarray(dm)
+        dm = density_matrix_from_veff(mf, add_exchange(mf, v_local, dm_x), dm_sad, h1e, s1e, x)
         log.info('densr: exchange rebuilt from the first diagonalisation in %.2f s',
                  time.perf_counter() - t2)
+    if fock_builds == 2:
+        t3 = time.perf_counter()
+        dm = anderson_step(mf, v_local, dm, dm_sad, auxmol, c, grids, dm_x, h1e, s1e, x, aux,
+                           log)[0]
+        log.info('densr: second Fock build in %.2f s', time.perf_counter() - t3)
     damped = mix_with_sad(mf, dm, dm_sad, mix, s1e, x)
     if damped is not dm:
         log.info('densr: guess = P_SAD + %.2f (P_Fock - P_SAD)', mix)
