@@ -16,6 +16,9 @@ The path (all PySCF-native):
 3. ``density_matrix_from_veff``: F = h + V, diagonalise and occupy with the SCF object's own
    ``eig``/``get_occ``/``make_rdm1``, so RHF/UHF/ROHF (and their KS variants) each get the
    occupation they would use themselves; the result carries ``mo_coeff`` and ``mo_occ``.
+4. ``anderson_step`` (``fock_builds=2``): a second Fock build at that matrix's density, and
+   the aufbau matrix of the two-point Anderson combination of the two Fock matrices, which
+   undoes most of the first step's overshoot.
 
 Open shells: delta-rho is a change of the total density, split equally between the spins;
 the spin density comes from the spin-unrestricted (or restricted-open) Fock build and its
@@ -498,6 +501,18 @@ def exchange_potential(mf, dm):
     return vk
 
 
+def _coulomb_auxmol(mol, auxmol, c):
+    """(auxmol, c) as the 3-centre integrals need them: they take one cart flag for AO and
+    auxiliary shells alike, so a Cartesian basis gets the same fitted density in Cartesian
+    auxiliary functions."""
+    if not (mol.cart and not auxmol.cart):
+        return auxmol, np.asarray(c)
+    jmol = auxmol.copy()
+    jmol.cart = True
+    jmol.build(False, False)
+    return jmol, _cart2sph_sparse(auxmol).dot(c)
+
+
 def local_potential(mf, dm_sad, auxmol, c, grids=None, coulomb='df', delta_grid=None, aux=None):
     """Coulomb + XC potential (Hartree) of the guess density; same shape as ``dm_sad``.
 
@@ -513,14 +528,7 @@ def local_potential(mf, dm_sad, auxmol, c, grids=None, coulomb='df', delta_grid=
         c = np.zeros(auxmol.nao)
     spin = dm_sad.ndim == 3
     dm_tot = dm_sad.sum(axis=0) if spin else dm_sad
-    jmol, cj = auxmol, c
-    if mol.cart and not auxmol.cart:
-        # 3-centre integrals take one cart flag for AO and auxiliary shells alike: the same
-        # fitted density in the Cartesian auxiliary functions
-        jmol = auxmol.copy()
-        jmol.cart = True
-        jmol.build(False, False)
-        cj = _cart2sph_sparse(auxmol).dot(c)
+    jmol, cj = _coulomb_auxmol(mol, auxmol, c)
     v = None
     if coulomb == 'df':
         v = coulomb_of_guess(mol, jmol, dm_tot, cj, aux=aux if jmol is auxmol else None)
@@ -607,12 +615,8 @@ def anderson_step(mf, v1, dm1, dm_sad, auxmol, c, grids=None, dm_x=None, h1e=Non
         h1e = mf.get_hcore(mol)
     if s1e is None:
         s1e = mf.get_ovlp(mol)
-    jmol, cj = auxmol, np.asarray(c)
-    if mol.cart and not auxmol.cart:
-        jmol = auxmol.copy()
-        jmol.cart = True
-        jmol.build(False, False)
-        cj = _cart2sph_sparse(auxmol).dot(c)
+    jmol, cj = _coulomb_auxmol(mol, auxmol, c)
+    if jmol is not auxmol:
         aux = None
     try:
         aux = aux or AuxCoulomb(mol, jmol)
