@@ -14,13 +14,13 @@ import time
 import numpy as np
 
 import pyscf_densr
-from pyscf_densr import bench, project
+from pyscf_densr import bench, model, project
 
 import _validation
 
 n = int(sys.argv[1]) if len(sys.argv) > 1 else 3
 first = int(sys.argv[2]) if len(sys.argv) > 2 else 400
-name = sys.argv[3] if len(sys.argv) > 3 else pyscf_densr.model.DEFAULT_MODEL
+name = sys.argv[3] if len(sys.argv) > 3 else model.DEFAULT_MODEL
 which = sys.argv[4].split(',') if len(sys.argv) > 4 else ['model']
 WS = [float(w) for w in sys.argv[5].split(',')] if len(sys.argv) > 5 else [0.3]
 net = pyscf_densr.load_model(name)
