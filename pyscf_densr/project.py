@@ -263,10 +263,10 @@ class AuxCoulomb:
         self.opt = _vj_opt(mol, auxmol, direct_scf_tol, j2c=j2c)
         try:   # in place: for 20 000 auxiliary functions the metric alone is 3 GB
             self.cho = scipy.linalg.cho_factor(j2c, lower=True, overwrite_a=True)
-            self.lstsq = None
-        except scipy.linalg.LinAlgError:
+            self.metric = None
+        except scipy.linalg.LinAlgError:   # not positive definite: least squares instead
             self.cho = None
-            self.lstsq = auxmol.intor('int2c2e', hermi=1)
+            self.metric = auxmol.intor('int2c2e', hermi=1)
 
     def project(self, dm):
         from pyscf.scf import jk
@@ -280,12 +280,12 @@ class AuxCoulomb:
     def solve(self, v):
         if self.cho is not None:
             return scipy.linalg.cho_solve(self.cho, v)
-        return scipy.linalg.lstsq(self.lstsq, v, cond=1e-12)[0]
+        return scipy.linalg.lstsq(self.metric, v, cond=1e-12)[0]
 
     def metric_times(self, d):
         """(k|l) d, from the Cholesky factor (the metric itself was overwritten)."""
         if self.cho is None:
-            return self.lstsq.dot(d)
+            return self.metric.dot(d)
         from scipy.linalg import blas
         low = self.cho[0]
         return blas.dtrmv(low, blas.dtrmv(low, d, lower=1, trans=1), lower=1)
@@ -405,7 +405,8 @@ def xc_potential(mf, dm_sad, auxmol, c, grids=None, delta_grid=None):
     ``delta_grid = (delta_rho, grid, sad_scale)`` is given, the grid field itself
     interpolated onto the molecular grid (:func:`grid_density`, several times cheaper than
     evaluating the auxiliary functions there) with rho[dm_sad] scaled by ``sad_scale`` (see
-    :func:`density_matrix_from_delta_rho`). Returns (exc, vxc) in Hartree.
+    :func:`density_matrix_from_delta_rho`); ``c`` None and no ``delta_grid``: rho[dm_sad]
+    alone. Returns (exc, vxc) in Hartree.
     """
     mol = mf.mol
     ni = mf._numint
@@ -424,12 +425,11 @@ def xc_potential(mf, dm_sad, auxmol, c, grids=None, delta_grid=None):
     ao_deriv = 0 if xctype == 'LDA' else 1
     vmat = np.zeros((nset, nao, nao))
     excsum = 0.0
-    no_delta = c is None or not np.any(c)
     max_memory = max(500, mf.max_memory - lib.current_memory()[0])
     for ao, mask, weight, coords in ni.block_loop(mol, grids, nao, ao_deriv,
                                                    max_memory=max_memory * .5):
         rho = [ni.eval_rho(mol, ao, d, mask, xctype, hermi=1) for d in dms]
-        if delta_grid is None and no_delta:
+        if delta_grid is None and c is None:
             drho = None
         elif delta_grid is None:
             drho = aux_density(auxmol, c, coords, deriv=ao_deriv) / nset
@@ -439,13 +439,13 @@ def xc_potential(mf, dm_sad, auxmol, c, grids=None, delta_grid=None):
             for r in rho:
                 r *= sad_scale
         for r in rho:
-            if drho is None:
-                pass
-            elif xctype == 'LDA':
-                r += drho[0]
+            if xctype == 'LDA':
+                if drho is not None:
+                    r += drho[0]
                 np.maximum(r, 0, out=r)
             else:
-                r[:4] += drho
+                if drho is not None:
+                    r[:4] += drho
                 neg = r[0] < 1e-14
                 r[:, neg] = 0
         rho = np.asarray(rho) if spin else rho[0]
@@ -501,16 +501,30 @@ def exchange_potential(mf, dm):
     return vk
 
 
-def _coulomb_auxmol(mol, auxmol, c):
-    """(auxmol, c) as the 3-centre integrals need them: they take one cart flag for AO and
-    auxiliary shells alike, so a Cartesian basis gets the same fitted density in Cartesian
-    auxiliary functions."""
+def _coulomb_auxmol(mol, auxmol):
+    """``auxmol`` as the 3-centre integrals need it: they take one cart flag for AO and
+    auxiliary shells alike, so a Cartesian basis gets Cartesian auxiliary functions
+    (coefficients through :func:`_coeffs_in`)."""
     if not (mol.cart and not auxmol.cart):
-        return auxmol, np.asarray(c)
+        return auxmol
     jmol = auxmol.copy()
     jmol.cart = True
     jmol.build(False, False)
-    return jmol, _cart2sph_sparse(auxmol).dot(c)
+    return jmol
+
+
+def _coeffs_in(jmol, auxmol, c):
+    """Coefficients ``c`` of ``auxmol``'s functions as those of ``jmol``'s (the same density)."""
+    return np.asarray(c) if jmol is auxmol else _cart2sph_sparse(auxmol).dot(c)
+
+
+def _aux_coulomb(mol, auxmol):
+    """An :class:`AuxCoulomb` for ``mol`` on ``auxmol`` as the 3-centre passes need it
+    (:func:`_coulomb_auxmol`), or None where PySCF's 3-centre driver is unavailable."""
+    try:
+        return AuxCoulomb(mol, _coulomb_auxmol(mol, auxmol))
+    except (ImportError, AttributeError, TypeError, OSError):
+        return None
 
 
 def local_potential(mf, dm_sad, auxmol, c, grids=None, coulomb='df', delta_grid=None, aux=None):
@@ -518,20 +532,18 @@ def local_potential(mf, dm_sad, auxmol, c, grids=None, coulomb='df', delta_grid=
 
     ``coulomb='df'`` density-fits rho[P_SAD] in ``auxmol`` (:func:`coulomb_of_guess`);
     ``'exact'`` takes the SCF object's own ``get_j`` of P_SAD. ``delta_grid``: see
-    :func:`xc_potential`. ``aux``: an :class:`AuxCoulomb` of (mol, auxmol) to reuse
-    (spherical auxiliary functions only). ``c`` None: no delta-rho (the potential of
-    rho[dm_sad] itself).
+    :func:`xc_potential`. ``aux``: the guess's :class:`AuxCoulomb` (:func:`_aux_coulomb`)
+    to reuse. ``c`` None: no delta-rho (the potential of rho[dm_sad] itself).
     """
     mol = mf.mol
     dm_sad = np.asarray(dm_sad)
-    if c is None:
-        c = np.zeros(auxmol.nao)
     spin = dm_sad.ndim == 3
     dm_tot = dm_sad.sum(axis=0) if spin else dm_sad
-    jmol, cj = _coulomb_auxmol(mol, auxmol, c)
+    jmol = aux.auxmol if aux is not None else _coulomb_auxmol(mol, auxmol)
+    cj = _coeffs_in(jmol, auxmol, np.zeros(auxmol.nao) if c is None else c)
     v = None
     if coulomb == 'df':
-        v = coulomb_of_guess(mol, jmol, dm_tot, cj, aux=aux if jmol is auxmol else None)
+        v = coulomb_of_guess(mol, jmol, dm_tot, cj, aux=aux)
     if v is None:
         if coulomb == 'df':
             logger.info(mf, 'densr: PySCF\'s 3-centre J driver is unavailable; exact J of the '
@@ -615,15 +627,11 @@ def anderson_step(mf, v1, dm1, dm_sad, auxmol, c, grids=None, dm_x=None, h1e=Non
         h1e = mf.get_hcore(mol)
     if s1e is None:
         s1e = mf.get_ovlp(mol)
-    jmol, cj = _coulomb_auxmol(mol, auxmol, c)
-    if jmol is not auxmol:
-        aux = None
-    try:
-        aux = aux or AuxCoulomb(mol, jmol)
-    except (ImportError, AttributeError, TypeError, OSError) as e:
-        log.info('densr: no second Fock build (PySCF\'s 3-centre J driver is unavailable: '
-                 '%s)', e)
+    aux = aux or _aux_coulomb(mol, auxmol)
+    if aux is None:
+        log.info('densr: no second Fock build (PySCF\'s 3-centre J driver is unavailable)')
         return dm1, None
+    cj = _coeffs_in(aux.auxmol, auxmol, c)
 
     def total(dm):
         dm = np.asarray(dm)
@@ -650,10 +658,7 @@ def anderson_step(mf, v1, dm1, dm_sad, auxmol, c, grids=None, dm_x=None, h1e=Non
     r2 = aux.solve(mr2)
     dr, mdr = r1 - r2, mr1 - mr2
     den = float(dr.dot(mdr))
-    beta = float(r1.dot(mdr)) / den if den > 1e-14 else 0.0
-    if not np.isfinite(beta):
-        beta = 0.0
-    beta = min(max(beta, 0.0), 1.0)
+    beta = min(max(float(r1.dot(mdr)) / den, 0.0), 1.0) if den > 1e-14 else 0.0
     log.info('densr: second Fock build; Coulomb norms of the residuals %.3g, %.3g; '
              'Anderson beta %.3f', np.sqrt(max(float(r1.dot(mr1)), 0)),
              np.sqrt(max(float(r2.dot(mr2)), 0)), beta)
@@ -789,12 +794,7 @@ def density_matrix_from_delta_rho(mf, delta_rho, grid, dm_sad=None, auxbasis=DEF
         # integral (an ion's charge, mostly), so the XC density holds the fitted electrons
         q = charge - float(np.sum(delta_rho, dtype=np.float64)) * grid.dv
         delta_grid = (delta_rho, grid, 1 + q / nsad if nsad > 1e-8 else 1.0)
-    aux = None
-    if fock_builds == 2 and coulomb == 'df' and not (mol.cart and not auxmol.cart):
-        try:
-            aux = AuxCoulomb(mol, auxmol)
-        except (ImportError, AttributeError, TypeError, OSError):
-            aux = None
+    aux = _aux_coulomb(mol, auxmol) if fock_builds == 2 and coulomb == 'df' else None
     grids = guess_grids(mf, grids_level)
     v_local = local_potential(mf, dm_sad, auxmol, c, grids, coulomb, delta_grid, aux)
     x = orthogonalizer(mf, s1e)

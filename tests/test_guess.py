@@ -64,7 +64,6 @@ def test_second_fock_build_corrects_the_overshoot(ethanol):
 def test_aux_coulomb_matches_pyscf_density_fitting(ethanol):
     """AuxCoulomb's fit and J equal PySCF's DF-J in the same auxiliary basis; its metric
     product undoes its solve."""
-    from pyscf import df
     mf = dft.RKS(ethanol, xc='pbe')
     dm = mf.init_guess_by_minao()
     auxmol = project.make_auxmol(ethanol)
