@@ -37,8 +37,8 @@ Options without code changes (environment variables):
 ``PYSCF_DENSR_MIX``       the returned guess is P_SAD + mix (P_Fock - P_SAD) (see
                           :func:`project.mix_with_sad`); default: the model's ``guess_mix``
                           (chosen on its validation molecules), else 1.
-``PYSCF_DENSR_FOCK_BUILDS`` 1 or 2: Fock builds of the projection (2: a second build and
-                          the Anderson combination of the two, :func:`project.anderson_step`);
+``PYSCF_DENSR_FOCK_BUILDS`` 1 to 6: Fock builds of the projection (more than one: Anderson
+                          mixing of the builds, :func:`project.anderson_step`);
                           default: the model's ``guess_fock_builds``, else 1.
 """
 
@@ -309,17 +309,21 @@ def guess_mix(net, mix=None):
 
 
 def guess_fock_builds(net, builds=None):
-    """Fock builds of the projection (1, or 2: :func:`project.anderson_step`): ``builds``,
-    else PYSCF_DENSR_FOCK_BUILDS, else the model's ``guess_fock_builds`` (default 1)."""
+    """Fock builds of the projection (1 to project.MAX_FOCK_BUILDS; more than one:
+    :func:`project.anderson_step`): ``builds``, else PYSCF_DENSR_FOCK_BUILDS, else the
+    model's ``guess_fock_builds`` (default 1)."""
+    from pyscf_densr import project
     if builds is None:
         builds = os.environ.get('PYSCF_DENSR_FOCK_BUILDS') or net.config.get(
             'guess_fock_builds', 1)
     try:
         builds = int(builds)
     except ValueError:
-        raise ValueError('PYSCF_DENSR_FOCK_BUILDS must be 1 or 2, not %r' % builds) from None
-    if builds not in (1, 2):
-        raise ValueError('the guess\'s Fock builds must be 1 or 2, not %d' % builds)
+        raise ValueError('PYSCF_DENSR_FOCK_BUILDS must be an integer from 1 to %d, not %r'
+                         % (project.MAX_FOCK_BUILDS, builds)) from None
+    if not 1 <= builds <= project.MAX_FOCK_BUILDS:
+        raise ValueError('the guess\'s Fock builds must be from 1 to %d, not %d'
+                         % (project.MAX_FOCK_BUILDS, builds))
     return builds
 
 
@@ -343,7 +347,7 @@ def init_guess(mf, mol=None, model=None, device=None, exchange=None, fallback=No
         fallback: 'error' or 'minao' (see the module docstring).
         mix: P_SAD + mix (P_Fock - P_SAD) is returned; default PYSCF_DENSR_MIX or the
             model's ``guess_mix`` (see :func:`project.mix_with_sad`).
-        fock_builds: 1 or 2 (see :func:`project.anderson_step`); default
+        fock_builds: 1 to project.MAX_FOCK_BUILDS (see :func:`project.anderson_step`); default
             PYSCF_DENSR_FOCK_BUILDS or the model's ``guess_fock_builds``.
 
     Returns:

@@ -16,9 +16,9 @@ The path (all PySCF-native):
 3. ``density_matrix_from_veff``: F = h + V, diagonalise and occupy with the SCF object's own
    ``eig``/``get_occ``/``make_rdm1``, so RHF/UHF/ROHF (and their KS variants) each get the
    occupation they would use themselves; the result carries ``mo_coeff`` and ``mo_occ``.
-4. ``anderson_step`` (``fock_builds=2``): a second Fock build at that matrix's density, and
-   the aufbau matrix of the two-point Anderson combination of the two Fock matrices, which
-   undoes most of the first step's overshoot.
+4. ``anderson_step`` (``fock_builds`` > 1): further Fock builds, each at the density of the
+   last matrix, and the aufbau matrix of the Anderson (DIIS) combination of all the Fock
+   matrices, which undoes most of the first step's overshoot.
 
 Open shells: delta-rho is a change of the total density, split equally between the spins;
 the spin density comes from the spin-unrestricted (or restricted-open) Fock build and its
@@ -37,6 +37,8 @@ BLKSIZE = numint.BLKSIZE
 from pyscf_densr import grid as grid_mod
 
 DEFAULT_AUXBASIS = 'def2-universal-jkfit'
+# upper bound of the guess's Fock builds (project.anderson_step); each costs one DF-J and XC build
+MAX_FOCK_BUILDS = 6
 
 
 def _element_of(symbol):
@@ -257,7 +259,7 @@ class AuxCoulomb:
     AttributeError or TypeError where PySCF's private 3-centre driver is unavailable.
     """
 
-    def __init__(self, mol, auxmol, direct_scf_tol=1e-13):
+    def __init__(self, mol, auxmol, direct_scf_tol=1e-13, max_memory=None):
         self.mol, self.auxmol = mol, auxmol
         j2c = auxmol.intor('int2c2e', hermi=1)
         self.opt = _vj_opt(mol, auxmol, direct_scf_tol, j2c=j2c)
@@ -267,14 +269,34 @@ class AuxCoulomb:
         except scipy.linalg.LinAlgError:   # not positive definite: least squares instead
             self.cho = None
             self.metric = auxmol.intor('int2c2e', hermi=1)
+        # (mu nu|k) held in memory where it fits in half of what PySCF may still use (as
+        # PySCF's in-core DF does): one 3-centre pass' cost once, then every projection and
+        # J build of the guess is a matrix product. Else each is a screened direct pass.
+        if max_memory is None:
+            max_memory = mol.max_memory
+        npair = mol.nao * (mol.nao + 1) // 2
+        self.incore = npair * auxmol.nao * 8e-6 < 0.5 * (max_memory - lib.current_memory()[0])
+        self._int3c = None
+
+    def _ints(self):
+        if self._int3c is None:
+            mol, nbas = self.mol, self.mol.nbas
+            self._int3c = (mol + self.auxmol).intor(
+                'int3c2e', aosym='s2ij',
+                shls_slice=(0, nbas, 0, nbas, nbas, nbas + self.auxmol.nbas))
+        return self._int3c
 
     def project(self, dm):
         from pyscf.scf import jk
         mol = self.mol
-        dm = np.asarray(dm, dtype=np.float64, order='C').reshape(1, mol.nao, mol.nao)
+        dm = np.asarray(dm, dtype=np.float64, order='C').reshape(mol.nao, mol.nao)
+        if self.incore:
+            # s2ij pairs i >= j carry P_ij + P_ji off the diagonal
+            return self._ints().T.dot(lib.pack_tril(dm + dm.T - np.diag(dm.diagonal())))
         with lib.temporary_env(self.opt, prescreen='CVHFnr3c2e_vj_pass1_prescreen'):
-            jaux = jk.get_jk(self.opt.fakemol, dm, ['ijkl,ji->kl'], 'int3c2e', aosym='s2ij',
-                             hermi=0, shls_slice=_vj_slice(mol, self.auxmol), vhfopt=self.opt)
+            jaux = jk.get_jk(self.opt.fakemol, dm.reshape(1, mol.nao, mol.nao), ['ijkl,ji->kl'],
+                             'int3c2e', aosym='s2ij', hermi=0,
+                             shls_slice=_vj_slice(mol, self.auxmol), vhfopt=self.opt)
         return np.asarray(jaux).reshape(-1)
 
     def solve(self, v):
@@ -303,6 +325,8 @@ class AuxCoulomb:
         return d, v
 
     def coulomb(self, d):
+        if self.incore:
+            return lib.unpack_tril(self._ints().dot(np.asarray(d, dtype=np.float64)))
         return _vj_pass2(self.mol, self.auxmol, self.opt, d)
 
 
@@ -518,11 +542,11 @@ def _coeffs_in(jmol, auxmol, c):
     return np.asarray(c) if jmol is auxmol else _cart2sph_sparse(auxmol).dot(c)
 
 
-def _aux_coulomb(mol, auxmol):
+def _aux_coulomb(mol, auxmol, max_memory=None):
     """An :class:`AuxCoulomb` for ``mol`` on ``auxmol`` as the 3-centre passes need it
     (:func:`_coulomb_auxmol`), or None where PySCF's 3-centre driver is unavailable."""
     try:
-        return AuxCoulomb(mol, _coulomb_auxmol(mol, auxmol))
+        return AuxCoulomb(mol, _coulomb_auxmol(mol, auxmol), max_memory=max_memory)
     except (ImportError, AttributeError, TypeError, OSError):
         return None
 
@@ -604,8 +628,9 @@ def density_matrix_from_veff(mf, veff, dm_sad, h1e=None, s1e=None, x=None):
 
 
 def anderson_step(mf, v1, dm1, dm_sad, auxmol, c, grids=None, dm_x=None, h1e=None, s1e=None,
-                  x=None, aux=None, log=None):
-    """A second Fock build, and the two-point Anderson combination of the two Fock matrices.
+                  x=None, aux=None, log=None, builds=2):
+    """More Fock builds (``builds`` in all, counting the first), and the Anderson combination
+    of the Fock matrices.
 
     ``v1`` is the local (Coulomb + XC) potential of the guess density
     rho_pred = rho[dm_sad] + sum_k c_k chi_k and ``dm1`` the aufbau matrix of h + v1 (minus
@@ -617,9 +642,12 @@ def anderson_step(mf, v1, dm1, dm_sad, auxmol, c, grids=None, dm_x=None, h1e=Non
     h + (1 - beta) v1 + beta v2, beta minimising the Coulomb norm of the linearised residual
     (1 - beta) r1 + beta r2, r1 = rho[dm1] - rho_pred, r2 = rho[dm2] - rho[dm1]: Anderson
     mixing with two points, the history PySCF's DIIS lacks at its first step. beta is kept
-    in [0, 1]. Costs one more J (screened 3-centre passes) and XC build, two
-    diagonalisations and three density fits. Returns (dm, beta); ``dm1`` and beta None
-    where the 3-centre driver is unavailable.
+    in [0, 1]. Each further build k takes the potential of the density of build k-1's
+    combined matrix, and the combination uses the whole history
+    (:func:`_anderson_coefficients`). Each build costs one DF-J and XC build, two
+    diagonalisations and two density fits. Exact exchange stays that of ``dm_x``. Returns
+    (dm, coefficients of v1, v2, ...); ``dm1`` and None where the 3-centre driver is
+    unavailable.
     """
     mol = mf.mol
     log = log or logger.new_logger(mf)
@@ -629,7 +657,7 @@ def anderson_step(mf, v1, dm1, dm_sad, auxmol, c, grids=None, dm_x=None, h1e=Non
         s1e = mf.get_ovlp(mol)
     aux = aux or _aux_coulomb(mol, auxmol)
     if aux is None:
-        log.info('densr: no second Fock build (PySCF\'s 3-centre J driver is unavailable)')
+        log.info('densr: no further Fock builds (PySCF\'s 3-centre J driver is unavailable)')
         return dm1, None
     cj = _coeffs_in(aux.auxmol, auxmol, c)
 
@@ -644,27 +672,56 @@ def anderson_step(mf, v1, dm1, dm_sad, auxmol, c, grids=None, dm_x=None, h1e=Non
 
     d_sad, j_sad = aux.fit(total(dm_sad))
     d1, j1 = aux.fit(total(dm1))
-    v2 = aux.coulomb(d1)
-    if np.asarray(dm1).ndim == 3:
-        v2 = np.array((v2, v2))
-    if hasattr(mf, 'xc'):
-        v2 = v2 + xc_potential(mf, np.asarray(dm1), auxmol, None, grids)[1]
-    dm2 = fock_dm(v2)
-    j2 = aux.project(total(dm2))
-    # residuals and their metric images (k|l) r, so that norms need no second metric
-    mr1 = j1 - j_sad - aux.metric_times(cj)
-    r1 = d1 - d_sad - cj
-    mr2 = j2 - j1
-    r2 = aux.solve(mr2)
-    dr, mdr = r1 - r2, mr1 - mr2
-    den = float(dr.dot(mdr))
-    beta = min(max(float(r1.dot(mdr)) / den, 0.0), 1.0) if den > 1e-14 else 0.0
-    log.info('densr: second Fock build; Coulomb norms of the residuals %.3g, %.3g; '
-             'Anderson beta %.3f', np.sqrt(max(float(r1.dot(mr1)), 0)),
-             np.sqrt(max(float(r2.dot(mr2)), 0)), beta)
-    if beta == 0.0:
-        return dm1, beta
-    return fock_dm((1 - beta) * np.asarray(v1) + beta * v2), beta
+    # history of input potentials and the residuals of their output densities, with the
+    # residuals' metric images (k|l) r, so that norms need no second metric
+    vs, rs, mrs = [np.asarray(v1)], [d1 - d_sad - cj], [j1 - j_sad - aux.metric_times(cj)]
+    dm, d_in, j_in = dm1, d1, j1
+    coeffs = np.ones(1)
+    for k in range(2, builds + 1):
+        v = aux.coulomb(d_in)
+        if np.asarray(dm).ndim == 3:
+            v = np.array((v, v))
+        if hasattr(mf, 'xc'):
+            v = v + xc_potential(mf, np.asarray(dm), auxmol, None, grids)[1]
+        j_out = aux.project(total(fock_dm(v)))
+        vs.append(v)
+        mrs.append(j_out - j_in)
+        rs.append(aux.solve(mrs[-1]))
+        coeffs = _anderson_coefficients(rs, mrs)
+        log.info('densr: Fock build %d; Coulomb norm of its residual %.3g; Anderson '
+                 'coefficients %s', k, np.sqrt(max(float(rs[-1].dot(mrs[-1])), 0)),
+                 np.array2string(coeffs, precision=3))
+        if coeffs[0] == 1.0:
+            dm = dm1
+        else:
+            dm = fock_dm(sum(a * v for a, v in zip(coeffs, vs)))
+        if k < builds:
+            d_in, j_in = aux.fit(total(dm))
+    return dm, coeffs
+
+
+def _anderson_coefficients(rs, mrs):
+    """Coefficients a (sum 1) minimising the Coulomb norm of sum_i a_i r_i.
+
+    Two points: a = (1 - beta, beta) with beta kept in [0, 1]. More: the constrained least
+    squares of Pulay's DIIS; where it asks for extrapolation beyond twice the history's span
+    (a coefficient above 2 or below -1), the two newest points alone are used.
+    """
+    n = len(rs)
+    b = np.array([[float(ri.dot(mj)) for mj in mrs] for ri in rs])
+    b = (b + b.T) / 2
+    if n == 2:
+        den = b[0, 0] - 2 * b[0, 1] + b[1, 1]
+        beta = min(max((b[0, 0] - b[0, 1]) / den, 0.0), 1.0) if den > 1e-14 else 0.0
+        return np.array((1 - beta, beta))
+    scale = np.abs(np.diag(b)).max() or 1.0
+    a = np.linalg.solve(np.block([[b / scale, np.ones((n, 1))],
+                                  [np.ones((1, n)), np.zeros((1, 1))]]),
+                        np.r_[np.zeros(n), 1.0])[:n]
+    if not np.all(np.isfinite(a)) or a.max() > 2 or a.min() < -1:
+        a = np.zeros(n)
+        a[-2:] = _anderson_coefficients(rs[-2:], mrs[-2:])
+    return a
 
 
 def mix_with_sad(mf, dm, dm_sad, mix, s1e=None, x=None):
@@ -763,15 +820,17 @@ def density_matrix_from_delta_rho(mf, delta_rho, grid, dm_sad=None, auxbasis=DEF
         xc_density: delta-rho of the XC potential: 'grid' interpolates ``delta_rho`` onto
             the molecular grid, 'fit' evaluates the fitted auxiliary density there (see
             :func:`xc_potential`). Coulomb always uses the fit.
-        fock_builds: 1, or 2 for a second Fock build at the first diagonalisation's density
-            and the Anderson combination of the two (:func:`anderson_step`), before damping.
+        fock_builds: 1, or up to MAX_FOCK_BUILDS: more Fock builds, each at the density of
+            the last combined matrix, and their Anderson combination (:func:`anderson_step`),
+            before damping.
     Returns:
         dm with ``mo_coeff``/``mo_occ`` attached.
     """
     if xc_density not in ('grid', 'fit'):
         raise ValueError("xc_density must be 'grid' or 'fit', not %r" % xc_density)
-    if fock_builds not in (1, 2):
-        raise ValueError('fock_builds must be 1 or 2, not %r' % (fock_builds,))
+    if fock_builds not in range(1, MAX_FOCK_BUILDS + 1):
+        raise ValueError('fock_builds must be an integer from 1 to %d, not %r'
+                         % (MAX_FOCK_BUILDS, fock_builds))
     mol = mf.mol
     log = log or logger.new_logger(mf)
     if dm_sad is None:
@@ -794,7 +853,7 @@ def density_matrix_from_delta_rho(mf, delta_rho, grid, dm_sad=None, auxbasis=DEF
         # integral (an ion's charge, mostly), so the XC density holds the fitted electrons
         q = charge - float(np.sum(delta_rho, dtype=np.float64)) * grid.dv
         delta_grid = (delta_rho, grid, 1 + q / nsad if nsad > 1e-8 else 1.0)
-    aux = _aux_coulomb(mol, auxmol) if fock_builds == 2 and coulomb == 'df' else None
+    aux = _aux_coulomb(mol, auxmol, mf.max_memory) if coulomb == 'df' else None
     grids = guess_grids(mf, grids_level)
     v_local = local_potential(mf, dm_sad, auxmol, c, grids, coulomb, delta_grid, aux)
     x = orthogonalizer(mf, s1e)
@@ -813,11 +872,12 @@ def density_matrix_from_delta_rho(mf, delta_rho, grid, dm_sad=None, auxbasis=DEF
         dm = density_matrix_from_veff(mf, add_exchange(mf, v_local, dm_x), dm_sad, h1e, s1e, x)
         log.info('densr: exchange rebuilt from the first diagonalisation in %.2f s',
                  time.perf_counter() - t2)
-    if fock_builds == 2:
+    if fock_builds > 1:
         t3 = time.perf_counter()
         dm = anderson_step(mf, v_local, dm, dm_sad, auxmol, c, grids, dm_x, h1e, s1e, x, aux,
-                           log)[0]
-        log.info('densr: second Fock build in %.2f s', time.perf_counter() - t3)
+                           log, fock_builds)[0]
+        log.info('densr: %d more Fock builds in %.2f s', fock_builds - 1,
+                 time.perf_counter() - t3)
     damped = mix_with_sad(mf, dm, dm_sad, mix, s1e, x)
     if damped is not dm:
         log.info('densr: guess = P_SAD + %.2f (P_Fock - P_SAD)', mix)

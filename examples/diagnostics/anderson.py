@@ -57,7 +57,8 @@ for c in _validation.cases(net, n, first):
             p2 = project.density_matrix_from_veff(mf2, (1 - w) * v1 + w * v2, dm_sad, h1e, s1e, x)
             run(p2, dname + '/F1+%.2f(F2-F1)' % w)
         t0 = time.perf_counter()
-        p2, beta = project.anderson_step(mf2, v1, p1, dm_sad, auxmol, cc, g0, None, h1e, s1e, x)
+        p2, coeffs = project.anderson_step(mf2, v1, p1, dm_sad, auxmol, cc, g0, None, h1e, s1e, x)
+        beta = coeffs[1]
         res[dname + '/Anderson %.3f, %.2f s' % (beta, time.perf_counter() - t0)] = None
         run(p2, dname + '/Anderson')
     print(c.m['name'], ' '.join('%s:%d(%s)' % (k, v[0], '' if v[1] is None else '%.4f' % v[1])
