@@ -715,9 +715,12 @@ def _anderson_coefficients(rs, mrs):
         beta = min(max((b[0, 0] - b[0, 1]) / den, 0.0), 1.0) if den > 1e-14 else 0.0
         return np.array((1 - beta, beta))
     scale = np.abs(np.diag(b)).max() or 1.0
-    a = np.linalg.solve(np.block([[b / scale, np.ones((n, 1))],
-                                  [np.ones((1, n)), np.zeros((1, 1))]]),
-                        np.r_[np.zeros(n), 1.0])[:n]
+    try:
+        a = np.linalg.solve(np.block([[b / scale, np.ones((n, 1))],
+                                      [np.ones((1, n)), np.zeros((1, 1))]]),
+                            np.r_[np.zeros(n), 1.0])[:n]
+    except np.linalg.LinAlgError:   # two equal residuals (a build that changed nothing)
+        a = np.full(n, np.nan)
     if not np.all(np.isfinite(a)) or a.max() > 2 or a.min() < -1:
         a = np.zeros(n)
         a[-2:] = _anderson_coefficients(rs[-2:], mrs[-2:])

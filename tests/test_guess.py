@@ -89,6 +89,10 @@ def test_anderson_coefficients_minimise_the_residual():
     r1 = rng.normal(size=12)
     coeffs = project._anderson_coefficients([r1, 0.5 * r1], [metric @ r1, 0.5 * metric @ r1])
     assert np.allclose(coeffs, (0.0, 1.0))
+    # a repeated residual (a build that changed nothing) is not an error
+    coeffs = project._anderson_coefficients([r1, 0.5 * r1, 0.5 * r1],
+                                            [metric @ r1, 0.5 * metric @ r1, 0.5 * metric @ r1])
+    assert np.all(np.isfinite(coeffs)) and abs(coeffs.sum() - 1) < 1e-12
 
 
 def test_aux_coulomb_matches_pyscf_density_fitting(ethanol):
