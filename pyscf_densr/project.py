@@ -628,7 +628,7 @@ def density_matrix_from_veff(mf, veff, dm_sad, h1e=None, s1e=None, x=None):
 
 
 def anderson_step(mf, v1, dm1, dm_sad, auxmol, c, grids=None, dm_x=None, h1e=None, s1e=None,
-                  x=None, aux=None, log=None, builds=2):
+                  x=None, aux=None, log=None, builds=2, v_x=None):
     """More Fock builds (``builds`` in all, counting the first), and the Anderson combination
     of the Fock matrices.
 
@@ -645,7 +645,8 @@ def anderson_step(mf, v1, dm1, dm_sad, auxmol, c, grids=None, dm_x=None, h1e=Non
     in [0, 1]. Each further build k takes the potential of the density of build k-1's
     combined matrix, and the combination uses the whole history
     (:func:`_anderson_coefficients`). Each build costs one DF-J and XC build, two
-    diagonalisations and two density fits. Exact exchange stays that of ``dm_x``. Returns
+    diagonalisations and two density fits. Exact exchange stays that of ``dm_x``
+    (``v_x``: its term, ``add_exchange(mf, 0, dm_x)``, where the caller has it). Returns
     (dm, coefficients of v1, v2, ...); ``dm1`` and None where the 3-centre driver is
     unavailable.
     """
@@ -665,9 +666,13 @@ def anderson_step(mf, v1, dm1, dm_sad, auxmol, c, grids=None, dm_x=None, h1e=Non
         dm = np.asarray(dm)
         return dm.sum(axis=0) if dm.ndim == 3 else dm
 
+    # the exchange of dm_x is the same in every build: one K build, not two per build
+    if v_x is None and dm_x is not None:
+        v_x = add_exchange(mf, np.zeros_like(np.asarray(v1)), dm_x)
+
     def fock_dm(v):
-        if dm_x is not None:
-            v = add_exchange(mf, v, dm_x)
+        if v_x is not None:
+            v = v + v_x
         return density_matrix_from_veff(mf, v, dm_sad, h1e, s1e, x)
 
     d_sad, j_sad = aux.fit(total(dm_sad))
@@ -860,7 +865,9 @@ def density_matrix_from_delta_rho(mf, delta_rho, grid, dm_sad=None, auxbasis=DEF
     grids = guess_grids(mf, grids_level)
     v_local = local_potential(mf, dm_sad, auxmol, c, grids, coulomb, delta_grid, aux)
     x = orthogonalizer(mf, s1e)
-    dm = density_matrix_from_veff(mf, add_exchange(mf, v_local, dm_sad), dm_sad, h1e, s1e, x)
+    zero = np.zeros_like(np.asarray(v_local))
+    v_x = add_exchange(mf, zero, dm_sad)
+    dm = density_matrix_from_veff(mf, v_local + v_x, dm_sad, h1e, s1e, x)
     t2 = time.perf_counter()
     log.info('densr: Coulomb + XC of the guess density, Fock build and diagonalisation '
              'in %.2f s', t2 - t1)
@@ -872,13 +879,14 @@ def density_matrix_from_delta_rho(mf, delta_rho, grid, dm_sad=None, auxbasis=DEF
     dm_x = dm_sad
     if exchange == 'iterate':
         dm_x = np.asarray(dm)
-        dm = density_matrix_from_veff(mf, add_exchange(mf, v_local, dm_x), dm_sad, h1e, s1e, x)
+        v_x = add_exchange(mf, zero, dm_x)
+        dm = density_matrix_from_veff(mf, v_local + v_x, dm_sad, h1e, s1e, x)
         log.info('densr: exchange rebuilt from the first diagonalisation in %.2f s',
                  time.perf_counter() - t2)
     if fock_builds > 1:
         t3 = time.perf_counter()
         dm = anderson_step(mf, v_local, dm, dm_sad, auxmol, c, grids, dm_x, h1e, s1e, x, aux,
-                           log, fock_builds)[0]
+                           log, fock_builds, v_x)[0]
         log.info('densr: %d more Fock builds in %.2f s', fock_builds - 1,
                  time.perf_counter() - t3)
     damped = mix_with_sad(mf, dm, dm_sad, mix, s1e, x)
