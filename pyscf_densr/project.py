@@ -255,20 +255,13 @@ class AuxCoulomb:
     one PySCF's DF-J uses), so ``coulomb(fit(dm)[0])`` is its DF Coulomb matrix.
 
     ``project(dm)`` gives (k|rho[dm]), ``solve(v)`` the coefficients (k|l)^-1 v, ``fit(dm)``
-    both, ``coulomb(d)`` the J matrix of sum_k d_k chi_k (Hartree). Raises ImportError,
-    AttributeError or TypeError where PySCF's private 3-centre driver is unavailable.
+    both, ``coulomb(d)`` the J matrix of sum_k d_k chi_k (Hartree). Where the integrals are
+    not held in memory, raises ImportError, AttributeError or TypeError if PySCF's private
+    3-centre driver is unavailable.
     """
 
     def __init__(self, mol, auxmol, direct_scf_tol=1e-13, max_memory=None):
         self.mol, self.auxmol = mol, auxmol
-        j2c = auxmol.intor('int2c2e', hermi=1)
-        self.opt = _vj_opt(mol, auxmol, direct_scf_tol, j2c=j2c)
-        try:   # in place: for 20 000 auxiliary functions the metric alone is 3 GB
-            self.cho = scipy.linalg.cho_factor(j2c, lower=True, overwrite_a=True)
-            self.metric = None
-        except scipy.linalg.LinAlgError:   # not positive definite: least squares instead
-            self.cho = None
-            self.metric = auxmol.intor('int2c2e', hermi=1)
         # (mu nu|k) held in memory where it fits in half of what PySCF may still use (as
         # PySCF's in-core DF does): one 3-centre pass' cost once, then every projection and
         # J build of the guess is a matrix product. Else each is a screened direct pass.
@@ -277,6 +270,16 @@ class AuxCoulomb:
         npair = mol.nao * (mol.nao + 1) // 2
         self.incore = npair * auxmol.nao * 8e-6 < 0.5 * (max_memory - lib.current_memory()[0])
         self._int3c = None
+        self._last = None
+        j2c = auxmol.intor('int2c2e', hermi=1)
+        # the screened driver only where the passes are direct (before j2c is overwritten)
+        self.opt = None if self.incore else _vj_opt(mol, auxmol, direct_scf_tol, j2c=j2c)
+        try:   # in place: for 20 000 auxiliary functions the metric alone is 3 GB
+            self.cho = scipy.linalg.cho_factor(j2c, lower=True, overwrite_a=True)
+            self.metric = None
+        except scipy.linalg.LinAlgError:   # not positive definite: least squares instead
+            self.cho = None
+            self.metric = auxmol.intor('int2c2e', hermi=1)
 
     def _ints(self):
         if self._int3c is None:
@@ -316,7 +319,7 @@ class AuxCoulomb:
         """(coefficients, (k|rho[dm])); the last one is remembered (the guess fits P_SAD
         for its Coulomb matrix and again for the second build's residual)."""
         dm = np.asarray(dm)
-        last = getattr(self, '_last', None)
+        last = self._last
         if last is not None and last[0].shape == dm.shape and np.array_equal(last[0], dm):
             return last[1], last[2]
         v = self.project(dm)
@@ -696,7 +699,7 @@ def anderson_step(mf, v1, dm1, dm_sad, auxmol, c, grids=None, dm_x=None, h1e=Non
         log.info('densr: Fock build %d; Coulomb norm of its residual %.3g; Anderson '
                  'coefficients %s', k, np.sqrt(max(float(rs[-1].dot(mrs[-1])), 0)),
                  np.array2string(coeffs, precision=3))
-        if coeffs[0] == 1.0:
+        if not coeffs[1:].any():   # beta clamped to 0: the first build's matrix itself
             dm = dm1
         else:
             dm = fock_dm(sum(a * v for a, v in zip(coeffs, vs)))

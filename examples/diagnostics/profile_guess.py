@@ -1,12 +1,56 @@
-"""cProfile of one densr guess (qm9_000450, PBE/def2-SVP, one thread); run from the repository root."""
-import cProfile, pstats
+"""Where the densr guess time goes, and what the 3-centre route costs.
+
+    python examples/diagnostics/profile_guess.py [--index 450] [--level pbe/def2-svp]
+        [--fock-builds N ...] [--route incore direct] [--cprofile]
+
+For each Fock-build count and 3-centre route ('incore': (mu nu|k) held in memory, the default
+where it fits; 'direct': one screened pass per fit and J build, the large-system route),
+prints the guess time (best of two after a warm-up, one thread). --cprofile prints the
+cProfile of the first setting instead. Run from the repository root.
+"""
+import argparse, cProfile, pstats, time
 from pyscf import lib
 lib.num_threads(1)
 import pyscf_densr
-from pyscf_densr import bench
-m = bench.molecules_from_heldout('../shared/data', 450, 500, limit=1)[0]
-mol = bench.build_mol(m, 'def2-svp')
-mf = bench.make_scf(mol, bench.parse_level('pbe/def2-svp'))
-pyscf_densr.init_guess(mf)
-cProfile.run('pyscf_densr.init_guess(mf)', '/tmp/prof.out')
-pstats.Stats('/tmp/prof.out').sort_stats('cumtime').print_stats(30)
+from pyscf_densr import bench, project
+
+ap = argparse.ArgumentParser()
+ap.add_argument('--index', type=int, default=450)
+ap.add_argument('--level', default='pbe/def2-svp')
+ap.add_argument('--fock-builds', type=int, nargs='*', default=[None])
+ap.add_argument('--route', nargs='*', default=['incore'], choices=['incore', 'direct'])
+ap.add_argument('--cprofile', action='store_true')
+args = ap.parse_args()
+level = bench.parse_level(args.level)
+m = bench.molecules_from_heldout('../shared/data', args.index, args.index + 1, limit=1)[0]
+mol = bench.build_mol(m, level['basis'])
+mf = bench.make_scf(mol, level)
+aux_coulomb = project._aux_coulomb
+
+
+def guess(builds, route):
+    # the direct route forced for the guess alone: no memory for the integrals
+    project._aux_coulomb = (aux_coulomb if route == 'incore' else
+                            lambda mol, auxmol, max_memory=None: aux_coulomb(mol, auxmol, 0))
+    try:
+        return pyscf_densr.init_guess(mf, fock_builds=builds)
+    finally:
+        project._aux_coulomb = aux_coulomb
+
+
+guess(args.fock_builds[0], args.route[0])   # warm-up: model load, grids
+if args.cprofile:
+    cProfile.run('guess(args.fock_builds[0], args.route[0])', '/tmp/prof.out')
+    pstats.Stats('/tmp/prof.out').sort_stats('cumtime').print_stats(30)
+else:
+    print('%s, %s (%d atoms, nao %d), one thread' % (m['name'], args.level, mol.natm, mol.nao))
+    print('| Fock builds | 3-centre route | guess / s |')
+    print('| ---: | --- | ---: |')
+    for b in args.fock_builds:
+        for r in args.route:
+            ts = []
+            for _ in range(2):
+                t = time.perf_counter()
+                guess(b, r)
+                ts.append(time.perf_counter() - t)
+            print('| %s | %s | %.2f |' % (b or 'model default', r, min(ts)), flush=True)
