@@ -40,6 +40,9 @@ Options without code changes (environment variables):
 ``PYSCF_DENSR_FOCK_BUILDS`` 1 to 6: Fock builds of the projection (more than one: Anderson
                           mixing of the builds, :func:`project.anderson_step`);
                           default: the model's ``guess_fock_builds``, else 1.
+``PYSCF_DENSR_SYMMETRY``  1, 2, 8 or 48: the network's prediction averaged over that many
+                          symmetry operations of the box, one pass each (see
+                          :func:`model.predict`); default: the model's ``symmetry``, else 1.
 """
 
 import os
@@ -178,17 +181,19 @@ def _is_oom(e):
             or 'defaultcpuallocator' in msg or 'failed to allocate' in msg)
 
 
-def predict_delta_rho(mol, dm_sad, model=None, device=None, log=None):
+def predict_delta_rho(mol, dm_sad, model=None, device=None, log=None, symmetry=None):
     """The network's delta-rho (e/Bohr^3) and the fine grid it lives on.
 
     ``dm_sad`` is the (spin-summed) SAD density matrix. Voxelization honours
-    ``lib.num_threads()`` and so does torch on the CPU.
+    ``lib.num_threads()`` and so does torch on the CPU. ``symmetry``: see
+    :func:`guess_symmetry`.
     """
     import torch
     from pyscf_densr import model as model_mod
     log = log or logger.Logger(mol.stdout, mol.verbose)
     net = load_model(model, device)
     cfg = net.config
+    nsym = guess_symmetry(net, symmetry)
     t0 = time.perf_counter()
     box = grid_mod.make_box(mol.atom_coords(), cfg['spacing'], cfg['margin'])
     limit = max_box_voxels()
@@ -210,7 +215,8 @@ def predict_delta_rho(mol, dm_sad, model=None, device=None, log=None):
     if dev.type == 'cpu':
         torch.set_num_threads(max(1, lib.num_threads()))
     try:
-        delta = model_mod.predict(net, rho_sad, device=dev)
+        delta = model_mod.predict(net, rho_sad, device=dev,
+                                  symmetry=nsym)
     except (RuntimeError, MemoryError) as e:
         if _is_oom(e):
             raise DensrError('densr guess: the network ran out of memory on %s for a %s box '
@@ -223,8 +229,8 @@ def predict_delta_rho(mol, dm_sad, model=None, device=None, log=None):
     finally:
         torch.set_num_threads(nthreads)
     t2 = time.perf_counter()
-    log.info('densr: network %s on %s in %.2f s', os.path.basename(getattr(net, 'path', '?')),
-             dev, t2 - t1)
+    log.info('densr: network %s on %s in %.2f s%s', os.path.basename(getattr(net, 'path', '?')),
+             dev, t2 - t1, ' (%d symmetry-averaged passes)' % nsym if nsym > 1 else '')
     if not np.all(np.isfinite(delta)):
         raise DensrError('densr guess: the network returned NaN or inf (model %s)'
                          % getattr(net, 'path', '?'))
@@ -327,6 +333,22 @@ def guess_fock_builds(net, builds=None):
     return builds
 
 
+def guess_symmetry(net, symmetry=None):
+    """Symmetry operations of the box the network's prediction is averaged over (1, 2, 8 or
+    48; :func:`model.predict`): ``symmetry``, else PYSCF_DENSR_SYMMETRY, else the model's
+    ``symmetry`` (default 1)."""
+    if symmetry is None:
+        symmetry = os.environ.get('PYSCF_DENSR_SYMMETRY') or net.config.get('symmetry', 1)
+    try:
+        symmetry = int(symmetry)
+    except ValueError:
+        symmetry = None
+    if symmetry not in (1, 2, 8, 48):
+        raise ValueError('the symmetry averaging of the network (symmetry, '
+                         'PYSCF_DENSR_SYMMETRY) takes 1, 2, 8 or 48 operations of the box')
+    return symmetry
+
+
 def guess_grids_level(net):
     """The molecular grid level of the guess's XC step: the model's ``guess_grids_level``
     (default 1; see :func:`project.guess_grids`)."""
@@ -334,7 +356,7 @@ def guess_grids_level(net):
 
 
 def init_guess(mf, mol=None, model=None, device=None, exchange=None, fallback=None, mix=None,
-               fock_builds=None):
+               fock_builds=None, symmetry=None):
     """The densr initial guess density matrix for SCF object ``mf``.
 
     Args:
@@ -349,6 +371,9 @@ def init_guess(mf, mol=None, model=None, device=None, exchange=None, fallback=No
             model's ``guess_mix`` (see :func:`project.mix_with_sad`).
         fock_builds: 1 to project.MAX_FOCK_BUILDS (see :func:`project.anderson_step`); default
             PYSCF_DENSR_FOCK_BUILDS or the model's ``guess_fock_builds``.
+        symmetry: 1, 2, 8 or 48 network passes averaged over symmetry operations of the box
+            (see :func:`model.predict`); default PYSCF_DENSR_SYMMETRY or the model's
+            ``symmetry``.
 
     Returns:
         The density matrix in ``mf``'s convention (2D for RHF/RKS, (2, nao, nao) otherwise)
@@ -374,7 +399,7 @@ def init_guess(mf, mol=None, model=None, device=None, exchange=None, fallback=No
                          'PYSCF_DENSR_FALLBACK=minao)' % type(mf).__name__)
     if isinstance(mf, ghf.GHF):
         return _generalized_guess(mf, mol, model, device, exchange, fallback, mix, log,
-                                  fock_builds)
+                                  fock_builds, symmetry)
     t_start = time.perf_counter()
     try:
         dm_sad = mf.init_guess_by_minao(mol)
@@ -393,7 +418,7 @@ def init_guess(mf, mol=None, model=None, device=None, exchange=None, fallback=No
         dm_sad_tot = dm_sad_tot.sum(axis=0)
     try:
         try:
-            delta, fine = predict_delta_rho(mol, dm_sad_tot, model, device, log)
+            delta, fine = predict_delta_rho(mol, dm_sad_tot, model, device, log, symmetry)
             expected = fit_charge(mol, dm_sad_tot, mf.get_ovlp(mol), log)
             check_delta_rho(mol, delta, fine, expected, log)
             net = load_model(model, device)
@@ -438,14 +463,15 @@ def _collinear_twin(mf, mol):
     return twin
 
 
-def _generalized_guess(mf, mol, model, device, exchange, fallback, mix, log, fock_builds=None):
+def _generalized_guess(mf, mol, model, device, exchange, fallback, mix, log, fock_builds=None,
+                       symmetry=None):
     """GHF/GKS: the total density of the collinear twin's guess (:func:`_collinear_twin`),
     laid out as PySCF lays out its own minao guess for GHF: half in each spin block, plus
     an alpha-beta coupling of 5% of the diagonal. Keeping the twin's spin polarisation
     instead led an open-shell spin-orbit (X2C) GHF to another state than minao's."""
     from pyscf.scf import ghf
     dm = np.asarray(init_guess(_collinear_twin(mf, mol), mol, model, device, exchange,
-                               fallback, mix, fock_builds))
+                               fallback, mix, fock_builds, symmetry))
     if dm.ndim == 3:
         dm = dm[0] + dm[1]
     log.info('densr: GHF/GKS guess from the total density of the %s twin',

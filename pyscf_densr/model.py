@@ -9,6 +9,7 @@ A model on disk is two files side by side: ``NAME.pt`` (a plain ``state_dict``, 
 with ``torch.load(weights_only=True)``) and ``NAME.json`` (the config below plus metadata).
 """
 
+import itertools
 import json
 import math
 import os
@@ -355,6 +356,38 @@ def save_model(model, path, meta=None):
     return wpath, cpath
 
 
+def box_symmetries(n):
+    """The first ``n`` (1, 2, 8 or 48) symmetry operations of a box, as (axis order, flipped
+    axes): the identity; then the inversion; then all eight sign changes of the axes; then
+    the 48 rotations and reflections of the cube (axis permutations with sign changes)."""
+    n = int(n)
+    if n not in (1, 2, 8, 48):
+        raise ValueError('symmetry averaging takes 1, 2, 8 or 48 operations of the box, '
+                         'not %r' % n)
+    flips = [f for f in itertools.product((False, True), repeat=3)]
+    flips.sort(key=lambda f: (f not in ((False,) * 3, (True,) * 3), f))   # identity, inversion
+    perms = [p for p in itertools.permutations(range(3))]
+    ops = [(p, f) for p in perms for f in flips]
+    return ops[:n]
+
+
+def apply_symmetry(a, perm, flips):
+    """``a`` (X, Y, Z) with its axes reordered by ``perm``, then the ``flips`` axes reversed."""
+    a = np.transpose(a, perm)
+    for ax in range(3):
+        if flips[ax]:
+            a = np.flip(a, ax)
+    return np.ascontiguousarray(a)
+
+
+def invert_symmetry(a, perm, flips):
+    """The inverse of :func:`apply_symmetry`."""
+    for ax in range(3):
+        if flips[ax]:
+            a = np.flip(a, ax)
+    return np.ascontiguousarray(np.transpose(a, np.argsort(perm)))
+
+
 def _tiles(n, size, halo):
     """Start/stop of the tiles covering range(n): (core0, core1, pad0, pad1)."""
     out = []
@@ -365,13 +398,35 @@ def _tiles(n, size, halo):
 
 
 @torch.no_grad()
-def predict(model, rho_sad, device=None, max_voxels=None):
+def predict(model, rho_sad, device=None, max_voxels=None, symmetry=None):
     """delta-rho on the fine grid (numpy float32) from rho_SAD on the coarse grid (numpy).
 
     Boxes larger than ``max_voxels`` coarse voxels (default from env
     ``PYSCF_DENSR_MAX_VOXELS`` or 2e6) run in overlapping tiles whose overlap covers the
     receptive field, so the result equals the untiled one up to float rounding.
+
+    ``symmetry`` (1, 2, 8 or 48; default the model config's ``symmetry``, else 1) averages
+    the predictions for that many symmetry operations of the box (:func:`box_symmetries`),
+    each mapped back: one network pass each. The average is equivariant under those
+    operations, and the network saw all 48 of them in training.
     """
+    if symmetry is None:
+        symmetry = model.config.get('symmetry', 1)
+    ops = box_symmetries(symmetry)
+    if len(ops) == 1:
+        return _predict_box(model, rho_sad, device, max_voxels)
+    rho_sad = np.asarray(rho_sad)
+    out = None
+    for perm, flips in ops:
+        y = invert_symmetry(_predict_box(model, apply_symmetry(rho_sad, perm, flips),
+                                         device, max_voxels), perm, flips)
+        out = y if out is None else out + y
+    out /= len(ops)
+    return out
+
+
+@torch.no_grad()
+def _predict_box(model, rho_sad, device=None, max_voxels=None):
     if device is None:
         device = next(model.parameters()).device
     if max_voxels is None:

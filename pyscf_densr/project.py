@@ -865,6 +865,13 @@ def density_matrix_from_delta_rho(mf, delta_rho, grid, dm_sad=None, auxbasis=DEF
         q = charge - float(np.sum(delta_rho, dtype=np.float64)) * grid.dv
         delta_grid = (delta_rho, grid, 1 + q / nsad if nsad > 1e-8 else 1.0)
     aux = _aux_coulomb(mol, auxmol, mf.max_memory) if coulomb == 'df' else None
+    if aux is not None and not aux.incore and fock_builds > 1:
+        log.note('densr: the 3-centre integrals (%.1f GB) do not fit in half of what '
+                 'mf.max_memory leaves free, so each of the %d further Fock builds makes two '
+                 'screened integral passes (GTP-Mg, 206 atoms: about 150 s per build on one '
+                 'thread); PYSCF_DENSR_FOCK_BUILDS=1 makes one build, a larger mf.max_memory '
+                 'keeps the integrals in memory', mol.nao * (mol.nao + 1) / 2
+                 * aux.auxmol.nao * 8e-9, fock_builds - 1)
     grids = guess_grids(mf, grids_level)
     v_local = local_potential(mf, dm_sad, auxmol, c, grids, coulomb, delta_grid, aux)
     x = orthogonalizer(mf, s1e)

@@ -282,12 +282,7 @@ def random_symmetry(rng):
     return rng.permutation(3), rng.random(3) < 0.5
 
 
-def apply_symmetry(a, perm, flips):
-    a = np.transpose(a, perm)
-    for ax in range(3):
-        if flips[ax]:
-            a = np.flip(a, ax)
-    return np.ascontiguousarray(a)
+apply_symmetry = model_mod.apply_symmetry
 
 
 class CropSampler:
@@ -367,15 +362,16 @@ def load_cached(cdir, key):
 
 
 @torch.no_grad()
-def evaluate_nmae(model, cdir, keys, device='cpu', coulomb=None):
+def evaluate_nmae(model, cdir, keys, device='cpu', coulomb=None, symmetry=None):
     """Mean over molecules of NMAE (%) of the model and of SAD alone, on full boxes. With a
-    list ``coulomb``, also appends each molecule's (e|e) / Eh of the model's error to it."""
+    list ``coulomb``, also appends each molecule's (e|e) / Eh of the model's error to it.
+    ``symmetry``: passes averaged (:func:`model.predict`; default the model's own)."""
     model.eval()
     nm, ns = [], []
     for k in keys:
         sad, delta, meta = load_cached(cdir, k)
         h = meta['spacing'] / model.config['upsample']
-        pred = model_mod.predict(model, sad, device=device)
+        pred = model_mod.predict(model, sad, device=device, symmetry=symmetry)
         nm.append(np.abs(pred - delta).sum() * h ** 3 / meta['nelectron'] * 100)
         ns.append(np.abs(delta).sum() * h ** 3 / meta['nelectron'] * 100)
         if coulomb is not None:
@@ -574,7 +570,8 @@ def train(cfg, log=print):
             done = bool(flag.item())
         if rank == 0 and (step % cfg['val_every'] == 0 or done):
             coul = []
-            nmae, nsad = evaluate_nmae(net, cdir, val_keys, device, coulomb=coul)
+            # the network being trained, one pass: symmetry averaging is an inference option
+            nmae, nsad = evaluate_nmae(net, cdir, val_keys, device, coulomb=coul, symmetry=1)
             net.train()
             rec = {'step': step, 'loss': float(loss.detach()), 'val_nmae': nmae, 'sad_nmae': nsad,
                    'val_coulomb': float(np.mean(coul)),
@@ -644,8 +641,10 @@ def main(argv=None, finetune=False):
         coul = []
         nmae, nsad = evaluate_nmae(net, cache_dir(cfg, net.config), keys, coulomb=coul)
         print('test range %s: %d molecules, NMAE %.2f%% (SAD %.2f%%), Coulomb error '
-              '(e|e) mean %.4f median %.4f Eh' % (cfg['test_range'], len(keys), nmae, nsad,
-                                                  float(np.mean(coul)), float(np.median(coul))))
+              '(e|e) mean %.4f median %.4f Eh (%d network pass(es) averaged over symmetries '
+              'of the box: the model\'s "symmetry")' % (
+                  cfg['test_range'], len(keys), nmae, nsad, float(np.mean(coul)),
+                  float(np.median(coul)), net.config.get('symmetry', 1)))
         return
     train(cfg)
 

@@ -88,6 +88,44 @@ def test_tiled_prediction_equals_untiled(dilations, coarse, shape):
     assert np.allclose(full, tiled, atol=1e-5)
 
 
+def test_box_symmetries_and_their_inverses():
+    ops = model_mod.box_symmetries(48)
+    assert len({(tuple(p), tuple(f)) for p, f in ops}) == 48
+    assert ops[:2] == [((0, 1, 2), (False,) * 3), ((0, 1, 2), (True,) * 3)]
+    assert model_mod.box_symmetries(8) == ops[:8]
+    a = np.random.default_rng(1).random((3, 4, 5))
+    for perm, flips in ops:
+        b = model_mod.apply_symmetry(a, perm, flips)
+        assert b.shape == tuple(a.shape[i] for i in perm)
+        assert np.array_equal(model_mod.invert_symmetry(b, perm, flips), a)
+    with pytest.raises(ValueError, match='1, 2, 8 or 48'):
+        model_mod.box_symmetries(4)
+
+
+def test_symmetry_averaged_prediction_is_equivariant():
+    """Averaged over the 8 axis flips, flipping the input box flips the prediction; over all
+    48 operations, so does a rotation of the box. A random network alone is not."""
+    torch.manual_seed(2)
+    net = model_mod.build_model(channels=4, blocks=2, coarse_blocks=1, coarse_channels=6)
+    for p in net.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    rho = np.random.default_rng(2).random((10, 12, 14)).astype(np.float32)
+
+    def gap(n, perm, flips):
+        p = model_mod.predict(net, rho, symmetry=n)
+        q = model_mod.predict(net, model_mod.apply_symmetry(rho, perm, flips), symmetry=n)
+        return np.abs(model_mod.apply_symmetry(p, perm, flips) - q).max() / np.abs(p).max()
+
+    flip_y = ((0, 1, 2), (False, True, False))
+    rotate = ((1, 0, 2), (True, False, False))   # 90 degrees about z
+    assert gap(1, *flip_y) > 1e-2 and gap(1, *rotate) > 1e-2
+    assert gap(8, *flip_y) < 1e-5 and gap(8, *rotate) > 1e-2
+    assert gap(48, *rotate) < 1e-5
+    # tiles and symmetry passes combine
+    assert np.allclose(model_mod.predict(net, rho, symmetry=8),
+                       model_mod.predict(net, rho, symmetry=8, max_voxels=8 ** 3), atol=1e-5)
+
+
 def test_grown_model_starts_where_the_small_one_was():
     torch.manual_seed(1)
     small = model_mod.build_model(channels=4, blocks=2)

@@ -118,6 +118,19 @@ def test_aux_coulomb_matches_pyscf_density_fitting(ethanol):
     assert np.allclose(direct.coulomb(d), aux.coulomb(d), atol=1e-9)
 
 
+def test_direct_three_centre_route_is_announced(ethanol):
+    """Where the 3-centre integrals do not fit, the guess says so (the further builds cost
+    two integral passes each there) and gives the in-memory route's matrix."""
+    import io
+    ref = pyscf_densr.init_guess(dft.RKS(ethanol, xc='pbe'), fock_builds=2)
+    mf = dft.RKS(ethanol, xc='pbe')
+    mf.max_memory = 1
+    mf.stdout, mf.verbose = io.StringIO(), 3
+    dm = pyscf_densr.init_guess(mf, fock_builds=2)
+    assert 'do not fit' in mf.stdout.getvalue()
+    assert abs(np.asarray(dm) - np.asarray(ref)).max() < 1e-6
+
+
 def test_second_fock_build_cartesian_and_open_shell(monkeypatch):
     """PYSCF_DENSR_FOCK_BUILDS=2 through the key: Cartesian basis (spherical auxiliary
     functions) and UKS reach minao's answer; a bad value is a clear error."""
@@ -132,6 +145,35 @@ def test_second_fock_build_cartesian_and_open_shell(monkeypatch):
     monkeypatch.setenv('PYSCF_DENSR_FOCK_BUILDS', 'three')
     with pytest.raises(ValueError, match='FOCK_BUILDS'):
         pyscf_densr.init_guess(dft.RKS(gto.M(atom=WATER, basis='sto-3g', verbose=0)))
+
+
+def test_symmetry_averaged_guess(monkeypatch):
+    """PYSCF_DENSR_SYMMETRY=8 through the key reaches minao's answer, and the guess of a
+    molecule mirrored through a box plane is the mirror image of the guess; a bad value is a
+    clear error."""
+    mol = gto.M(atom='O 0 0 0.1; H 0.1 0.75 -0.45; H -0.05 -0.8 -0.5', basis='def2-svp',
+                verbose=0)
+    ref = _run(dft.RKS(mol, xc='pbe'), 'minao')
+    monkeypatch.setenv('PYSCF_DENSR_SYMMETRY', '8')
+    mf = _run(dft.RKS(mol, xc='pbe'), 'densr')
+    assert abs(mf.e_tot - ref.e_tot) < 1e-6
+    # mirror y -> -y: the box flips about its centre, the prediction with it
+    mirror = mol.copy()
+    coords = mol.atom_coords()
+    coords[:, 1] *= -1
+    mirror.set_geom_(coords, unit='Bohr')
+    d1, g1 = hook.predict_delta_rho(mol, mol.RKS().init_guess_by_minao())
+    d2, g2 = hook.predict_delta_rho(mirror, mirror.RKS().init_guess_by_minao())
+    assert np.allclose(g1.origin[[0, 2]], g2.origin[[0, 2]])
+    gap = np.abs(d1[:, ::-1, :] - d2).max() / np.abs(d1).max()
+    assert gap < 1e-4
+    monkeypatch.setenv('PYSCF_DENSR_SYMMETRY', '1')
+    d1, _ = hook.predict_delta_rho(mol, mol.RKS().init_guess_by_minao())
+    d2, _ = hook.predict_delta_rho(mirror, mirror.RKS().init_guess_by_minao())
+    assert np.abs(d1[:, ::-1, :] - d2).max() / np.abs(d1).max() > 10 * gap
+    monkeypatch.setenv('PYSCF_DENSR_SYMMETRY', '3')
+    with pytest.raises(ValueError, match='SYMMETRY'):
+        pyscf_densr.init_guess(dft.RKS(mol))
 
 
 def test_grid_density_interpolates_value_and_gradient():

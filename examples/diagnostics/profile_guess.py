@@ -1,11 +1,13 @@
 """Where the densr guess time goes, and what the 3-centre route costs.
 
-    python examples/diagnostics/profile_guess.py [--index 450] [--level pbe/def2-svp]
-        [--fock-builds N ...] [--route incore direct] [--cprofile]
+    python examples/diagnostics/profile_guess.py [--index 450 | --xyz FILE --charge Q]
+        [--level pbe/def2-svp] [--fock-builds N ...] [--route incore direct] [--cprofile]
+        [--repeat 2]
 
 For each Fock-build count and 3-centre route ('incore': (mu nu|k) held in memory, the default
 where it fits; 'direct': one screened pass per fit and J build, the large-system route),
-prints the guess time (best of two after a warm-up, one thread). --cprofile prints the
+prints the guess time (best of ``--repeat`` after a warm-up, one thread; ``--repeat 1``: one
+guess each and no warm-up, for large systems). --cprofile prints the
 cProfile of the first setting instead. Run from the repository root.
 """
 import argparse, cProfile, pstats, time
@@ -20,9 +22,15 @@ ap.add_argument('--level', default='pbe/def2-svp')
 ap.add_argument('--fock-builds', type=int, nargs='*', default=[None])
 ap.add_argument('--route', nargs='*', default=['incore'], choices=['incore', 'direct'])
 ap.add_argument('--cprofile', action='store_true')
+ap.add_argument('--xyz')
+ap.add_argument('--charge', type=int, default=0)
+ap.add_argument('--repeat', type=int, default=2)
 args = ap.parse_args()
 level = bench.parse_level(args.level)
-m = bench.molecules_from_heldout('../shared/data', args.index, args.index + 1, limit=1)[0]
+if args.xyz:
+    m = bench.molecules_from_xyz([args.xyz], charge=args.charge)[0]
+else:
+    m = bench.molecules_from_heldout('../shared/data', args.index, args.index + 1, limit=1)[0]
 mol = bench.build_mol(m, level['basis'])
 mf = bench.make_scf(mol, level)
 aux_coulomb = project._aux_coulomb
@@ -38,7 +46,8 @@ def guess(builds, route):
         project._aux_coulomb = aux_coulomb
 
 
-guess(args.fock_builds[0], args.route[0])   # warm-up: model load, grids
+if args.repeat > 1:
+    guess(args.fock_builds[0], args.route[0])   # warm-up: model load, grids
 if args.cprofile:
     cProfile.run('guess(args.fock_builds[0], args.route[0])', '/tmp/prof.out')
     pstats.Stats('/tmp/prof.out').sort_stats('cumtime').print_stats(30)
@@ -49,7 +58,7 @@ else:
     for b in args.fock_builds:
         for r in args.route:
             ts = []
-            for _ in range(2):
+            for _ in range(args.repeat):
                 t = time.perf_counter()
                 guess(b, r)
                 ts.append(time.perf_counter() - t)
