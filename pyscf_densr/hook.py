@@ -215,8 +215,7 @@ def predict_delta_rho(mol, dm_sad, model=None, device=None, log=None, symmetry=N
     if dev.type == 'cpu':
         torch.set_num_threads(max(1, lib.num_threads()))
     try:
-        delta = model_mod.predict(net, rho_sad, device=dev,
-                                  symmetry=nsym)
+        delta = model_mod.predict(net, rho_sad, device=dev, symmetry=nsym)
     except (RuntimeError, MemoryError) as e:
         if _is_oom(e):
             raise DensrError('densr guess: the network ran out of memory on %s for a %s box '
