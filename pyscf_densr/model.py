@@ -232,6 +232,9 @@ def from_pretrained(name_or_path=None, device='cpu'):
         config = meta['config'] if 'config' in meta else meta
     except (ValueError, KeyError, OSError) as e:
         raise ModelError('densr model config %s is not a valid model config: %s' % (cpath, e))
+    if config.get('symmetry', 1) not in (1, 2, 8, 48):
+        raise ModelError('densr model config %s: symmetry must be 1, 2, 8 or 48, not %r'
+                         % (cpath, config['symmetry']))
     try:
         state = torch.load(wpath, map_location='cpu', weights_only=True)
     except Exception as e:

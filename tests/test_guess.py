@@ -377,6 +377,12 @@ def test_missing_and_corrupt_model_files(tmp_path, monkeypatch):
         '{"config": %s}' % __import__('json').dumps(dict(cfg, channels=cfg['channels'] + 1)))
     with pytest.raises(model_mod.ModelError, match='do not match'):
         pyscf_densr.init_guess(scf.RHF(mol), model=str(tmp_path / 'mism.pt'))
+    # a symmetry averaging the network cannot do
+    shutil.copy(src_w, tmp_path / 'sym.pt')
+    (tmp_path / 'sym.json').write_text('{"config": %s}' % __import__('json').dumps(
+        dict(cfg, symmetry=3)))
+    with pytest.raises(model_mod.ModelError, match='symmetry must be'):
+        pyscf_densr.init_guess(scf.RHF(mol), model=str(tmp_path / 'sym.pt'))
     # the environment variable selects the model, so a bad one there is an error too
     monkeypatch.setenv('PYSCF_DENSR_MODEL', str(tmp_path / 'nothing'))
     mf = scf.RHF(mol)
