@@ -336,13 +336,14 @@ def guess_symmetry(net, symmetry=None):
     """Symmetry operations of the box the network's prediction is averaged over (1, 2, 8 or
     48; :func:`model.predict`): ``symmetry``, else PYSCF_DENSR_SYMMETRY, else the model's
     ``symmetry`` (default 1)."""
+    from pyscf_densr.model import SYMMETRY_PASSES
     if symmetry is None:
         symmetry = os.environ.get('PYSCF_DENSR_SYMMETRY') or net.config.get('symmetry', 1)
     try:
         symmetry = int(symmetry)
     except ValueError:
         symmetry = None
-    if symmetry not in (1, 2, 8, 48):
+    if symmetry not in SYMMETRY_PASSES:
         raise ValueError('the symmetry averaging of the network (symmetry, '
                          'PYSCF_DENSR_SYMMETRY) takes 1, 2, 8 or 48 operations of the box')
     return symmetry

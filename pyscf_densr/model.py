@@ -232,7 +232,7 @@ def from_pretrained(name_or_path=None, device='cpu'):
         config = meta['config'] if 'config' in meta else meta
     except (ValueError, KeyError, OSError) as e:
         raise ModelError('densr model config %s is not a valid model config: %s' % (cpath, e))
-    if config.get('symmetry', 1) not in (1, 2, 8, 48):
+    if config.get('symmetry', 1) not in SYMMETRY_PASSES:
         raise ModelError('densr model config %s: symmetry must be 1, 2, 8 or 48, not %r'
                          % (cpath, config['symmetry']))
     try:
@@ -359,18 +359,19 @@ def save_model(model, path, meta=None):
     return wpath, cpath
 
 
+SYMMETRY_PASSES = (1, 2, 8, 48)   # the symmetry averages model.predict can make
+
+
 def box_symmetries(n):
     """The first ``n`` (1, 2, 8 or 48) symmetry operations of a box, as (axis order, flipped
     axes): the identity; then the inversion; then all eight sign changes of the axes; then
     the 48 rotations and reflections of the cube (axis permutations with sign changes)."""
-    n = int(n)
-    if n not in (1, 2, 8, 48):
+    if n not in SYMMETRY_PASSES:
         raise ValueError('symmetry averaging takes 1, 2, 8 or 48 operations of the box, '
-                         'not %r' % n)
-    flips = [f for f in itertools.product((False, True), repeat=3)]
-    flips.sort(key=lambda f: (f not in ((False,) * 3, (True,) * 3), f))   # identity, inversion
-    perms = [p for p in itertools.permutations(range(3))]
-    ops = [(p, f) for p in perms for f in flips]
+                         'not %r' % (n,))
+    flips = sorted(itertools.product((False, True), repeat=3),
+                   key=lambda f: (f not in ((False,) * 3, (True,) * 3), f))   # identity, inversion
+    ops = [(p, f) for p in itertools.permutations(range(3)) for f in flips]
     return ops[:n]
 
 

@@ -267,8 +267,8 @@ class AuxCoulomb:
         # J build of the guess is a matrix product. Else each is a screened direct pass.
         if max_memory is None:
             max_memory = mol.max_memory
-        npair = mol.nao * (mol.nao + 1) // 2
-        self.incore = npair * auxmol.nao * 8e-6 < 0.5 * (max_memory - lib.current_memory()[0])
+        self.int3c_bytes = mol.nao * (mol.nao + 1) // 2 * auxmol.nao * 8
+        self.incore = self.int3c_bytes * 1e-6 < 0.5 * (max_memory - lib.current_memory()[0])
         self._int3c = None
         self._last = None
         j2c = auxmol.intor('int2c2e', hermi=1)
@@ -870,8 +870,7 @@ def density_matrix_from_delta_rho(mf, delta_rho, grid, dm_sad=None, auxbasis=DEF
                  'mf.max_memory leaves free, so each of the %d further Fock builds makes two '
                  'screened integral passes (GTP-Mg, 206 atoms: about 150 s per build on one '
                  'thread); PYSCF_DENSR_FOCK_BUILDS=1 makes one build, a larger mf.max_memory '
-                 'keeps the integrals in memory', mol.nao * (mol.nao + 1) / 2
-                 * aux.auxmol.nao * 8e-9, fock_builds - 1)
+                 'keeps the integrals in memory', aux.int3c_bytes * 1e-9, fock_builds - 1)
     grids = guess_grids(mf, grids_level)
     v_local = local_potential(mf, dm_sad, auxmol, c, grids, coulomb, delta_grid, aux)
     x = orthogonalizer(mf, s1e)

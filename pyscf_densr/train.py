@@ -282,7 +282,6 @@ def random_symmetry(rng):
     return rng.permutation(3), rng.random(3) < 0.5
 
 
-apply_symmetry = model_mod.apply_symmetry
 
 
 class CropSampler:
@@ -334,7 +333,8 @@ class CropSampler:
         y[tuple(dst)] = delta[tuple(src)]
         if self.augment:
             perm, flips = random_symmetry(self.rng)
-            x, y = apply_symmetry(x, perm, flips), apply_symmetry(y, perm, flips)
+            x, y = (model_mod.apply_symmetry(x, perm, flips),
+                    model_mod.apply_symmetry(y, perm, flips))
         return x, y
 
     def batch(self, n):
@@ -348,7 +348,8 @@ class CropSampler:
         x, y, _ = load_cached(self.cdir, key)
         if self.augment:
             perm, flips = random_symmetry(self.rng)
-            x, y = apply_symmetry(x, perm, flips), apply_symmetry(y, perm, flips)
+            x, y = (model_mod.apply_symmetry(x, perm, flips),
+                    model_mod.apply_symmetry(y, perm, flips))
         return torch.from_numpy(x)[None], torch.from_numpy(y)[None]
 
 

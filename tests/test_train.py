@@ -18,8 +18,8 @@ def test_symmetry_keeps_fine_voxels_under_their_coarse_parent():
     fine = coarse.repeat(2, 0).repeat(2, 1).repeat(2, 2)
     for _ in range(10):
         perm, flips = train.random_symmetry(rng)
-        c = train.apply_symmetry(coarse, perm, flips)
-        f = train.apply_symmetry(fine, perm, flips)
+        c = model_mod.apply_symmetry(coarse, perm, flips)
+        f = model_mod.apply_symmetry(fine, perm, flips)
         assert np.array_equal(f, c.repeat(2, 0).repeat(2, 1).repeat(2, 2))
 
 
