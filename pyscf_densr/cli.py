@@ -5,6 +5,7 @@
     densr train     train a model from a config (pyscf_densr.train)
     densr finetune  fine-tune a shipped model (pyscf_densr.train, with `init`)
     densr bench     SCF cycles and wall time against PySCF's guesses (pyscf_densr.bench)
+    densr compat    PySCF's own SCF/DFT tests with densr as the default guess (pyscf_densr.compat)
 """
 
 import importlib
@@ -16,6 +17,7 @@ COMMANDS = {
     'train': 'pyscf_densr.train',
     'finetune': 'pyscf_densr.train',
     'bench': 'pyscf_densr.bench',
+    'compat': 'pyscf_densr.compat',
 }
 
 

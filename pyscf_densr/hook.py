@@ -11,13 +11,16 @@ Options without code changes (environment variables):
 ``PYSCF_DENSR_MODEL``     shipped model name or path to NAME.pt (default ``densr-small-v8``;
                           ``densr-gpu``: the larger model, for GPU users)
 ``PYSCF_DENSR_DEVICE``    ``cpu``, ``cuda``, ``cuda:1``... (default: CUDA if available)
-``PYSCF_DENSR_FALLBACK``  ``error`` (default) or ``minao``: what to do when the guess
-                          cannot be made (any :class:`DensrError` or ``ModelError``: bad
-                          model file, NaN or absurd network output, out of memory, a box
-                          over the limit). ``minao`` logs a warning and returns PySCF's
-                          minao guess. Input that is no molecule at all (a periodic cell,
-                          no atoms, only ghosts, no electrons, overlapping atoms) is an
-                          error either way.
+``PYSCF_DENSR_FALLBACK``  ``minao`` (default) or ``error``: what happens where the densr
+                          guess does not apply or cannot be made. ``minao``: an SCF that
+                          densr does not cover by design (:class:`NotApplicable`: 4-component
+                          DHF/DKS, no atoms, only ghost atoms, no electrons, a periodic
+                          cell) gets PySCF's own guess with a one-line note in the log; a
+                          guess that fails (:class:`DensrError`: a bad model file, NaN or
+                          absurd network output, out of memory, a box over the limit,
+                          overlapping atoms, or any exception inside the guess, wrapped)
+                          gets PySCF's own guess with a warning. ``error`` (strict): both
+                          raise. Invalid option values raise ``ValueError`` either way.
 ``PYSCF_DENSR_EXCHANGE``  ``auto`` (default), ``sad`` or ``iterate``; see :mod:`project`.
 ``PYSCF_DENSR_MAX_VOXELS`` coarse voxels the network takes in one piece (default 2e6);
                           larger boxes run in overlapping tiles (see :func:`model.predict`).
@@ -65,8 +68,7 @@ _models = {}
 _models_lock = threading.Lock()
 
 
-class DensrError(RuntimeError):
-    """The densr guess cannot be made for this input."""
+from pyscf_densr.errors import DensrError, NotApplicable, ModelError, OptionError  # noqa: F401
 
 
 def _device(device=None):
@@ -94,18 +96,18 @@ def load_model(model=None, device=None):
 def check_molecule(mol):
     """Raise :class:`DensrError` for input the guess cannot or should not handle."""
     if getattr(mol, 'a', None) is not None or mol.__class__.__name__ == 'Cell':
-        raise DensrError('densr guess supports molecules (pyscf.gto.Mole) only; got a '
+        raise NotApplicable('densr guess supports molecules (pyscf.gto.Mole) only; got a '
                          'periodic Cell. Use a PBC guess such as minao for periodic systems.')
     if mol.natm == 0:
-        raise DensrError('densr guess: the molecule has no atoms')
+        raise NotApplicable('densr guess: the molecule has no atoms')
     coords = mol.atom_coords()
     if not np.all(np.isfinite(coords)):
         raise DensrError('densr guess: atomic coordinates contain NaN or inf')
     real = [i for i in range(mol.natm) if mol.atom_charge(i) > 0]
     if not real:
-        raise DensrError('densr guess: the molecule has only ghost atoms')
+        raise NotApplicable('densr guess: the molecule has only ghost atoms')
     if mol.nelectron <= 0:
-        raise DensrError('densr guess: the molecule has %d electrons (charge %s); there is '
+        raise NotApplicable('densr guess: the molecule has %d electrons (charge %s); there is '
                          'no density to guess' % (mol.nelectron, mol.charge))
     if len(real) > 1:
         # nearest neighbours by a k-d tree: O(N log N) time and O(N) memory for any size
@@ -307,9 +309,9 @@ def guess_mix(net, mix=None):
     try:
         mix = float(mix)
     except ValueError:
-        raise ValueError('PYSCF_DENSR_MIX must be a number in (0, 1], not %r' % mix) from None
+        raise OptionError('PYSCF_DENSR_MIX must be a number in (0, 1], not %r' % mix) from None
     if not 0 < mix <= 1:
-        raise ValueError('the guess mix must be in (0, 1], not %g' % mix)
+        raise OptionError('the guess mix must be in (0, 1], not %g' % mix)
     return mix
 
 
@@ -324,10 +326,10 @@ def guess_fock_builds(net, builds=None):
     try:
         builds = int(builds)
     except ValueError:
-        raise ValueError('PYSCF_DENSR_FOCK_BUILDS must be an integer from 1 to %d, not %r'
-                         % (project.MAX_FOCK_BUILDS, builds)) from None
+        raise OptionError('PYSCF_DENSR_FOCK_BUILDS must be an integer from 1 to %d, not %r'
+                          % (project.MAX_FOCK_BUILDS, builds)) from None
     if not 1 <= builds <= project.MAX_FOCK_BUILDS:
-        raise ValueError('the guess\'s Fock builds must be from 1 to %d, not %d'
+        raise OptionError('the guess\'s Fock builds must be from 1 to %d, not %d'
                          % (project.MAX_FOCK_BUILDS, builds))
     return builds
 
@@ -344,7 +346,7 @@ def guess_symmetry(net, symmetry=None):
     except ValueError:
         symmetry = None
     if symmetry not in SYMMETRY_PASSES:
-        raise ValueError('the symmetry averaging of the network (symmetry, '
+        raise OptionError('the symmetry averaging of the network (symmetry, '
                          'PYSCF_DENSR_SYMMETRY) takes 1, 2, 8 or 48 operations of the box')
     return symmetry
 
@@ -355,18 +357,34 @@ def guess_grids_level(net):
     return int(net.config.get('guess_grids_level', 1))
 
 
+def fallback_policy(fallback=None):
+    """``fallback``, else PYSCF_DENSR_FALLBACK, else ``'minao'`` (see the module docstring)."""
+    fallback = (fallback or os.environ.get('PYSCF_DENSR_FALLBACK') or 'minao').lower()
+    if fallback not in ('error', 'minao'):
+        raise OptionError("fallback (PYSCF_DENSR_FALLBACK) must be 'minao' or 'error', not %r"
+                          % fallback)
+    return fallback
+
+
+def pyscf_guess(mf, mol=None):
+    """PySCF's own default guess for ``mf`` (minao; the core Hamiltonian without atoms)."""
+    get = _orig_get_init_guess or hf.SCF.get_init_guess
+    return get(mf, mol or mf.mol, 'minao')
+
+
 def init_guess(mf, mol=None, model=None, device=None, exchange=None, fallback=None, mix=None,
                fock_builds=None, symmetry=None):
     """The densr initial guess density matrix for SCF object ``mf``.
 
     Args:
         mf: a molecular PySCF SCF object (RHF/UHF/ROHF/RKS/UKS/ROKS, GHF/GKS, DF, X2C or
-            not; 4-component DHF is refused).
+            not). Others (4-component DHF/DKS, no atoms or electrons, periodic cells) get
+            PySCF's own guess under the fallback policy.
         mol: the molecule (default ``mf.mol``).
         model: shipped model name, path to NAME.pt, or a loaded network.
         device: torch device for the network ('cpu', 'cuda', ...).
         exchange: 'auto', 'sad' or 'iterate' (see :func:`project.density_matrix_from_delta_rho`).
-        fallback: 'error' or 'minao' (see the module docstring).
+        fallback: 'minao' (default) or 'error' (see the module docstring).
         mix: P_SAD + mix (P_Fock - P_SAD) is returned; default PYSCF_DENSR_MIX or the
             model's ``guess_mix`` (see :func:`project.mix_with_sad`).
         fock_builds: 1 to project.MAX_FOCK_BUILDS (see :func:`project.anderson_step`); default
@@ -377,26 +395,46 @@ def init_guess(mf, mol=None, model=None, device=None, exchange=None, fallback=No
 
     Returns:
         The density matrix in ``mf``'s convention (2D for RHF/RKS, (2, nao, nao) otherwise)
-        with ``mo_coeff``, ``mo_occ`` (and ``mo_energy``) attached.
+        with ``mo_coeff``, ``mo_occ`` (and ``mo_energy``) attached. It has the point-group
+        symmetry of the molecule (:mod:`symmetry`).
     """
-    from pyscf_densr import project
-    from pyscf_densr.model import ModelError
-    from pyscf.scf import dhf, ghf
     mol = mol or mf.mol
     log = logger.new_logger(mf)
-    fallback = (fallback or os.environ.get('PYSCF_DENSR_FALLBACK', 'error')).lower()
+    fallback = fallback_policy(fallback)
+    try:
+        return _densr_guess(mf, mol, model, device, exchange, fallback, mix, fock_builds,
+                            symmetry, log)
+    except OptionError:
+        raise
+    except NotApplicable as e:
+        if fallback == 'error':
+            raise
+        log.note('%s: PySCF\'s own guess is used', e)
+    except DensrError as e:
+        if fallback == 'error':
+            raise
+        log.warn('%s; PySCF\'s own guess is used (fallback=minao)', e)
+    except Exception as e:
+        err = DensrError('densr guess failed inside (%s: %s); please report it with the '
+                         'input' % (type(e).__name__, str(e).splitlines()[0][:200] if str(e)
+                                    else ''))
+        if fallback == 'error':
+            raise err from e
+        log.warn('%s; PySCF\'s own guess is used (fallback=minao)', err)
+    return pyscf_guess(mf, mol)
+
+
+def _densr_guess(mf, mol, model, device, exchange, fallback, mix, fock_builds, symmetry, log):
+    from pyscf_densr import project
+    from pyscf.scf import dhf, ghf
     exchange = exchange or os.environ.get('PYSCF_DENSR_EXCHANGE', 'auto')
-    if fallback not in ('error', 'minao'):
-        raise ValueError("fallback must be 'error' or 'minao', not %r" % fallback)
-    check_molecule(mol)
+    if exchange not in ('auto', 'sad', 'iterate'):
+        raise OptionError("exchange (PYSCF_DENSR_EXCHANGE) must be 'auto', 'sad' or "
+                          "'iterate', not %r" % exchange)
     if isinstance(mf, dhf.DHF):
-        if fallback == 'minao':
-            log.warn('densr guess: 4-component DHF/DKS is not supported; falling back to the '
-                     'minao guess as PYSCF_DENSR_FALLBACK/fallback asks')
-            return mf.init_guess_by_minao(mol)
-        raise DensrError('densr guess: 4-component Dirac-Hartree-Fock/Dirac-Kohn-Sham (%s) is '
-                         'not supported; use init_guess=\'minao\' (or set '
-                         'PYSCF_DENSR_FALLBACK=minao)' % type(mf).__name__)
+        raise NotApplicable('densr guess: 4-component Dirac-Hartree-Fock/Dirac-Kohn-Sham (%s) '
+                            'is not covered' % type(mf).__name__)
+    check_molecule(mol)
     if isinstance(mf, ghf.GHF):
         return _generalized_guess(mf, mol, model, device, exchange, fallback, mix, log,
                                   fock_builds, symmetry)
@@ -416,28 +454,22 @@ def init_guess(mf, mol=None, model=None, device=None, exchange=None, fallback=No
     dm_sad_tot = np.asarray(dm_sad)
     if dm_sad_tot.ndim == 3:
         dm_sad_tot = dm_sad_tot.sum(axis=0)
+    net = load_model(model, device)
+    options = dict(mix=guess_mix(net, mix), grids_level=guess_grids_level(net),
+                   fock_builds=guess_fock_builds(net, fock_builds))
+    nsym = guess_symmetry(net, symmetry)
     try:
-        try:
-            delta, fine = predict_delta_rho(mol, dm_sad_tot, model, device, log, symmetry)
-            expected = fit_charge(mol, dm_sad_tot, mf.get_ovlp(mol), log)
-            check_delta_rho(mol, delta, fine, expected, log)
-            net = load_model(model, device)
-            t0 = time.perf_counter()
-            dm = project.density_matrix_from_delta_rho(
-                mf, delta, fine, dm_sad=dm_sad, auxbasis=net.config.get('auxbasis'),
-                exchange=exchange, log=log, charge=expected, mix=guess_mix(net, mix),
-                grids_level=guess_grids_level(net), fock_builds=guess_fock_builds(net, fock_builds))
-            log.info('densr: projection to a density matrix in %.2f s', time.perf_counter() - t0)
-        except MemoryError as e:
-            raise DensrError('densr guess ran out of memory (%s); lower PYSCF_DENSR_BLOCK_MEMORY '
-                             'or mf.max_memory, or set PYSCF_DENSR_FALLBACK=minao' % (
-                                 str(e) or type(e).__name__)) from e
-    except (DensrError, ModelError) as e:
-        if fallback == 'minao':
-            log.warn('densr guess failed (%s); falling back to the minao guess as '
-                     'PYSCF_DENSR_FALLBACK/fallback asks', e)
-            return mf.init_guess_by_minao(mol)
-        raise
+        delta, fine = predict_delta_rho(mol, dm_sad_tot, net, device, log, nsym)
+        expected = fit_charge(mol, dm_sad_tot, mf.get_ovlp(mol), log)
+        check_delta_rho(mol, delta, fine, expected, log)
+        t0 = time.perf_counter()
+        dm = project.density_matrix_from_delta_rho(
+            mf, delta, fine, dm_sad=dm_sad, auxbasis=net.config.get('auxbasis'),
+            exchange=exchange, log=log, charge=expected, **options)
+        log.info('densr: projection to a density matrix in %.2f s', time.perf_counter() - t0)
+    except MemoryError as e:
+        raise DensrError('densr guess ran out of memory (%s); lower PYSCF_DENSR_BLOCK_MEMORY '
+                         'or mf.max_memory' % (str(e) or type(e).__name__)) from e
     log.info('densr: initial guess in %.2f s', time.perf_counter() - t_start)
     return dm
 

@@ -20,6 +20,8 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from pyscf_densr.errors import ModelError  # noqa: F401 (raised here, part of this API)
+
 MODEL_DIR = os.path.join(os.path.dirname(__file__), 'models')
 DEFAULT_MODEL = 'densr-small-v8'
 
@@ -44,10 +46,6 @@ DEFAULT_CONFIG = {
     'elements': [1, 6, 7, 8],   # atomic numbers seen in training
     'auxbasis': 'def2-universal-jkfit',
 }
-
-
-class ModelError(RuntimeError):
-    """A model file is missing, corrupt, or does not match its config."""
 
 
 def input_features(rho, floor=1e-6):

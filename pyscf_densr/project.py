@@ -35,6 +35,7 @@ from pyscf.dft import numint
 BLKSIZE = numint.BLKSIZE
 
 from pyscf_densr import grid as grid_mod
+from pyscf_densr import symmetry
 
 DEFAULT_AUXBASIS = 'def2-universal-jkfit'
 # upper bound of the guess's Fock builds (project.anderson_step); each costs one DF-J and XC build
@@ -516,15 +517,22 @@ def exchange_potential(mf, dm):
     mol = mf.mol
     if abs(hyb) < 1e-14 and abs(alpha) < 1e-14:
         return np.zeros_like(np.asarray(dm))
+
+    def get_k(omega=None):
+        if getattr(mf, 'direct_scf', True) is False and getattr(mf, 'with_df', None) is None:
+            # PySCF's get_k alone needs the direct-SCF screening object, which
+            # direct_scf=False leaves unset; its joint J/K route does not
+            return mf.get_jk(mol, dm, omega=omega)[1]
+        return mf.get_k(mol, dm, omega=omega)
     if omega == 0:
-        vk = mf.get_k(mol, dm) * hyb
+        vk = get_k() * hyb
     elif alpha == 0:  # LR=0, only SR exchange
-        vk = mf.get_k(mol, dm, omega=-omega) * hyb
+        vk = get_k(-omega) * hyb
     elif hyb == 0:  # SR=0, only LR exchange
-        vk = mf.get_k(mol, dm, omega=omega) * alpha
+        vk = get_k(omega) * alpha
     else:
-        vk = mf.get_k(mol, dm) * hyb
-        vk += mf.get_k(mol, dm, omega=omega) * (alpha - hyb)
+        vk = get_k() * hyb
+        vk += get_k(omega) * (alpha - hyb)
     return vk
 
 
@@ -610,11 +618,12 @@ def _eig(mf, fock, s1e, x):
     return mf.eig(fock, s1e)
 
 
-def density_matrix_from_veff(mf, veff, dm_sad, h1e=None, s1e=None, x=None):
+def density_matrix_from_veff(mf, veff, dm_sad, h1e=None, s1e=None, x=None, sym=None):
     """Diagonalise F = h + veff with the SCF object's own machinery; the aufbau density matrix.
 
     ``x`` is the orthogonalizer of the overlap (:func:`orthogonalizer`); with it a nearly
-    linearly dependent basis is handled exactly as PySCF's SCF kernel handles it.
+    linearly dependent basis is handled exactly as PySCF's SCF kernel handles it. ``sym``: a
+    :class:`symmetry.Symmetrizer`; ``veff`` is averaged over the point group first.
     """
     mol = mf.mol
     if h1e is None:
@@ -623,6 +632,8 @@ def density_matrix_from_veff(mf, veff, dm_sad, h1e=None, s1e=None, x=None):
         s1e = mf.get_ovlp(mol)
     if x is None:
         x = orthogonalizer(mf, s1e)
+    if sym is not None:
+        veff = sym.operator(veff)
     fock = mf.get_fock(h1e, s1e, veff, dm_sad)
     mo_energy, mo_coeff = _eig(mf, fock, s1e, x)
     mo_occ = mf.get_occ(mo_energy, mo_coeff)
@@ -631,7 +642,7 @@ def density_matrix_from_veff(mf, veff, dm_sad, h1e=None, s1e=None, x=None):
 
 
 def anderson_step(mf, v1, dm1, dm_sad, auxmol, c, grids=None, dm_x=None, h1e=None, s1e=None,
-                  x=None, aux=None, log=None, builds=2, v_x=None):
+                  x=None, aux=None, log=None, builds=2, v_x=None, sym=None):
     """More Fock builds (``builds`` in all, counting the first), and the Anderson combination
     of the Fock matrices.
 
@@ -676,7 +687,7 @@ def anderson_step(mf, v1, dm1, dm_sad, auxmol, c, grids=None, dm_x=None, h1e=Non
     def fock_dm(v):
         if v_x is not None:
             v = v + v_x
-        return density_matrix_from_veff(mf, v, dm_sad, h1e, s1e, x)
+        return density_matrix_from_veff(mf, v, dm_sad, h1e, s1e, x, sym)
 
     d_sad, j_sad = aux.fit(total(dm_sad))
     d1, j1 = aux.fit(total(dm1))
@@ -874,9 +885,13 @@ def density_matrix_from_delta_rho(mf, delta_rho, grid, dm_sad=None, auxbasis=DEF
     grids = guess_grids(mf, grids_level)
     v_local = local_potential(mf, dm_sad, auxmol, c, grids, coulomb, delta_grid, aux)
     x = orthogonalizer(mf, s1e)
+    sym = symmetry.Symmetrizer(mol)
+    if sym.order > 1:
+        log.info('densr: the guess is averaged over the %d operations of the point group',
+                 sym.order)
     zero = np.zeros_like(np.asarray(v_local))
     v_x = add_exchange(mf, zero, dm_sad)
-    dm = density_matrix_from_veff(mf, v_local + v_x, dm_sad, h1e, s1e, x)
+    dm = density_matrix_from_veff(mf, v_local + v_x, dm_sad, h1e, s1e, x, sym)
     t2 = time.perf_counter()
     log.info('densr: Coulomb + XC of the guess density, Fock build and diagonalisation '
              'in %.2f s', t2 - t1)
@@ -889,13 +904,13 @@ def density_matrix_from_delta_rho(mf, delta_rho, grid, dm_sad=None, auxbasis=DEF
     if exchange == 'iterate':
         dm_x = np.asarray(dm)
         v_x = add_exchange(mf, zero, dm_x)
-        dm = density_matrix_from_veff(mf, v_local + v_x, dm_sad, h1e, s1e, x)
+        dm = density_matrix_from_veff(mf, v_local + v_x, dm_sad, h1e, s1e, x, sym)
         log.info('densr: exchange rebuilt from the first diagonalisation in %.2f s',
                  time.perf_counter() - t2)
     if fock_builds > 1:
         t3 = time.perf_counter()
         dm = anderson_step(mf, v_local, dm, dm_sad, auxmol, c, grids, dm_x, h1e, s1e, x, aux,
-                           log, fock_builds, v_x)[0]
+                           log, fock_builds, v_x, sym)[0]
         log.info('densr: %d more Fock builds in %.2f s', fock_builds - 1,
                  time.perf_counter() - t3)
     damped = mix_with_sad(mf, dm, dm_sad, mix, s1e, x)

@@ -7,6 +7,7 @@ minao": |E_densr - E_minao| < 1e-6 Eh on the same molecule and method.
 """
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -199,18 +200,53 @@ print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrs
 # ---------------------------------------------------------------------------------------
 # 2. Bad input: clear errors, or the same answer as minao
 
-def test_empty_molecule_is_an_error():
-    mol = gto.M(atom=[], basis='sto-3g', verbose=0)
-    with pytest.raises(pyscf_densr.DensrError, match='no atoms'):
-        pyscf_densr.init_guess(scf.RHF(mol))
-    with pytest.raises(pyscf_densr.DensrError, match='no atoms'):
-        scf.RHF(mol).get_init_guess(mol, 'densr')
+def _model_hamiltonian(n=6, nelec=6):
+    """A Hubbard ring without atoms: PySCF's SCF on its own get_hcore, get_ovlp and _eri."""
+    from pyscf import ao2mo
+    mol = gto.M(verbose=0)
+    mol.nelectron = nelec
+    mol.incore_anyway = True
+    h = np.zeros((n, n))
+    for i in range(n):
+        h[i, (i + 1) % n] = h[(i + 1) % n, i] = -1
+    eri = np.zeros((n,) * 4)
+    eri[np.arange(n), np.arange(n), np.arange(n), np.arange(n)] = 2.
+    mf = scf.RHF(mol)
+    mf.get_hcore = lambda *a: h
+    mf.get_ovlp = lambda *a: np.eye(n)
+    mf._eri = ao2mo.restore(8, eri, n)
+    return mf
 
 
-def test_no_electrons_is_an_error():
+def _pyscf_guess_with_a_note(mf, key, match, tmp_path):
+    """The densr key on an SCF densr does not cover: PySCF's own guess and a note;
+    strict (fallback='error'): NotApplicable."""
+    with pytest.raises(hook.NotApplicable, match=match):
+        pyscf_densr.init_guess(mf, fallback='error')
+    dm, log = _log_of(mf, tmp_path, lambda m: m.get_init_guess(key='densr'))
+    assert np.allclose(dm, hook._orig_get_init_guess(mf, mf.mol, 'minao'))
+    assert re.search(match, log) and "PySCF's own guess is used" in log
+    return dm
+
+
+def test_no_atoms_gets_pyscf_guess(tmp_path):
+    """A model Hamiltonian: the SCF converges from densr's key as from minao's."""
+    mf = _model_hamiltonian()
+    _pyscf_guess_with_a_note(mf, 'densr', 'no atoms', tmp_path)
+    e = []
+    for key in ('minao', 'densr'):
+        mf = _model_hamiltonian()
+        mf.init_guess = key
+        e.append(mf.kernel())
+    assert abs(e[0] - e[1]) < 1e-9
+
+
+def test_no_electrons_gets_pyscf_guess(tmp_path):
     mol = gto.M(atom='H 0 0 0; H 0 0 0.74', charge=2, basis='sto-3g', verbose=0)
-    with pytest.raises(pyscf_densr.DensrError, match='0 electrons'):
-        pyscf_densr.init_guess(scf.RHF(mol))
+    _pyscf_guess_with_a_note(scf.RHF(mol), 'densr', '0 electrons', tmp_path)
+    mf = scf.RHF(mol)
+    mf.init_guess = 'densr'
+    assert abs(mf.kernel() - mol.energy_nuc()) < 1e-12
 
 
 @pytest.mark.parametrize('ghosts', [
@@ -233,10 +269,9 @@ def test_ghost_atoms_same_state_as_minao(ghosts):
     assert aux.atom_nshells(3) == ref.atom_nshells(0) > 0
 
 
-def test_only_ghost_atoms_is_an_error():
+def test_only_ghost_atoms_gets_pyscf_guess(tmp_path):
     mol = gto.M(atom='ghost-O 0 0 0; ghost-H 0 0 0.96', basis='sto-3g', verbose=0)
-    with pytest.raises(pyscf_densr.DensrError, match='only ghost'):
-        pyscf_densr.init_guess(scf.RHF(mol))
+    _pyscf_guess_with_a_note(scf.RHF(mol), 'densr', 'only ghost', tmp_path)
 
 
 @pytest.mark.parametrize('kind', ['rhf', 'rks', 'uhf-addons'])
@@ -264,10 +299,15 @@ def test_near_linear_dependent_basis(kind):
 
 
 def test_singular_basis_is_a_clear_error():
-    """Two identical functions: minao itself fails (singular S); a DensrError says so."""
+    """Two identical functions: minao itself fails (singular S); strict: a DensrError says
+    so; by default PySCF's own guess runs and fails as it would without densr."""
     h = gto.basis.load('aug-cc-pvdz', 'H') + [[0, [0.02, 1.0]], [0, [0.02, 1.0]]]
     mol = gto.M(atom=WATER, basis={'O': 'aug-cc-pvdz', 'H': h}, verbose=0)
     with pytest.raises(pyscf_densr.DensrError, match='minao'):
+        pyscf_densr.init_guess(scf.RHF(mol), fallback='error')
+    with pytest.raises(Exception) as minao_error:
+        scf.RHF(mol).init_guess_by_minao()
+    with pytest.raises(type(minao_error.value)):
         pyscf_densr.init_guess(scf.RHF(mol))
 
 
@@ -287,19 +327,18 @@ def test_absurd_network_density_is_an_error(monkeypatch, tmp_path):
         return out
     _patched_predict(monkeypatch, predict)
     with pytest.raises(pyscf_densr.DensrError, match='absurd'):
-        pyscf_densr.init_guess(scf.RHF(mol), model=net)
+        pyscf_densr.init_guess(scf.RHF(mol), model=net, fallback='error')
     mf = scf.RHF(mol)
-    dm, log = _log_of(mf, tmp_path, lambda m: pyscf_densr.init_guess(m, model=net,
-                                                                      fallback='minao'))
+    dm, log = _log_of(mf, tmp_path, lambda m: pyscf_densr.init_guess(m, model=net))
     assert np.allclose(dm, mf.init_guess_by_minao())
-    assert 'absurd' in log and 'falling back' in log
+    assert 'absurd' in log and "PySCF's own guess is used (fallback=minao)" in log
 
 
 def test_network_output_of_wrong_shape_is_an_error(monkeypatch):
     mol = gto.M(atom=WATER, basis='sto-3g', verbose=0)
     _patched_predict(monkeypatch, lambda *a, **k: np.zeros((4, 4, 4), np.float32))
     with pytest.raises(pyscf_densr.DensrError, match='does not match'):
-        pyscf_densr.init_guess(scf.RHF(mol))
+        pyscf_densr.init_guess(scf.RHF(mol), fallback='error')
 
 
 def test_huge_box_fails_before_allocating():
@@ -310,7 +349,7 @@ def test_huge_box_fails_before_allocating():
     tracemalloc.start()
     try:
         with pytest.raises(pyscf_densr.DensrError, match='PYSCF_DENSR_MAX_BOX_VOXELS') as e:
-            pyscf_densr.init_guess(scf.RHF(mol))
+            pyscf_densr.init_guess(scf.RHF(mol), fallback='error')
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
@@ -321,6 +360,7 @@ def test_huge_box_fails_before_allocating():
 def test_box_limit_is_an_environment_option(monkeypatch):
     mol = gto.M(atom=WATER, basis='sto-3g', verbose=0)
     monkeypatch.setenv('PYSCF_DENSR_MAX_BOX_VOXELS', '1000')
+    monkeypatch.setenv('PYSCF_DENSR_FALLBACK', 'error')
     with pytest.raises(pyscf_densr.DensrError, match='limit of 1000'):
         pyscf_densr.init_guess(scf.RHF(mol))
     monkeypatch.setenv('PYSCF_DENSR_FALLBACK', 'minao')
@@ -329,10 +369,10 @@ def test_box_limit_is_an_environment_option(monkeypatch):
 
 
 def _error_then_minao_fallback(mol, match):
-    """A DensrError matching ``match`` by default; minao's guess with fallback='minao'."""
+    """A DensrError matching ``match`` when strict; minao's guess by default."""
     with pytest.raises(pyscf_densr.DensrError, match=match):
-        pyscf_densr.init_guess(scf.RHF(mol))
-    dm = pyscf_densr.init_guess(scf.RHF(mol), fallback='minao')
+        pyscf_densr.init_guess(scf.RHF(mol), fallback='error')
+    dm = pyscf_densr.init_guess(scf.RHF(mol))
     assert np.allclose(dm, scf.RHF(mol).init_guess_by_minao())
 
 
@@ -360,14 +400,35 @@ def test_out_of_memory_in_projection_is_a_densr_error(monkeypatch):
     _error_then_minao_fallback(mol, 'out of memory')
 
 
-def test_other_runtime_errors_are_not_swallowed(monkeypatch):
+@pytest.mark.parametrize('exc', [
+    RuntimeError('Given groups=1, weight of size [16, 2, 3, 3, 3] ...'),
+    AttributeError("'NoneType' object has no attribute 'prescreen'"),
+    IndexError('index 7 is out of bounds'), np.linalg.LinAlgError('Singular matrix')],
+    ids=['runtime', 'attribute', 'index', 'linalg'])
+def test_internal_errors_become_densr_errors(monkeypatch, exc):
+    """No internal exception escapes: strict, a DensrError naming it (chained); by default
+    PySCF's own guess."""
     mol = gto.M(atom=WATER, basis='sto-3g', verbose=0)
 
     def predict(*a, **k):
-        raise RuntimeError('Given groups=1, weight of size [16, 2, 3, 3, 3] ...')
+        raise exc
     _patched_predict(monkeypatch, predict)
-    with pytest.raises(RuntimeError, match='groups=1'):
-        pyscf_densr.init_guess(scf.RHF(mol))
+    with pytest.raises(pyscf_densr.DensrError, match=type(exc).__name__) as e:
+        pyscf_densr.init_guess(scf.RHF(mol), fallback='error')
+    assert e.value.__cause__ is exc
+    dm = pyscf_densr.init_guess(scf.RHF(mol))
+    assert np.allclose(dm, scf.RHF(mol).init_guess_by_minao())
+
+
+def test_bad_options_raise_whatever_the_fallback(monkeypatch):
+    mf = scf.RHF(gto.M(atom=WATER, basis='sto-3g', verbose=0))
+    with pytest.raises(ValueError, match='fallback'):
+        pyscf_densr.init_guess(mf, fallback='maybe')
+    with pytest.raises(ValueError, match='Fock builds'):
+        pyscf_densr.init_guess(mf, fock_builds=9)
+    monkeypatch.setenv('PYSCF_DENSR_EXCHANGE', 'exact')
+    with pytest.raises(ValueError, match='exchange'):
+        pyscf_densr.init_guess(mf)
 
 
 # ---------------------------------------------------------------------------------------
@@ -453,12 +514,11 @@ def test_point_group_symmetry_same_state_as_minao(atom, spin, kind):
     _same_state(make, mol)
 
 
-def test_dirac_hf_is_refused_or_falls_back():
+@pytest.mark.parametrize('make', [scf.DHF, lambda m: scf.DKS(m, xc='pbe')], ids=['dhf', 'dks'])
+def test_dirac_gets_pyscf_guess(make, tmp_path):
     mol = gto.M(atom='He 0 0 0', basis='sto-3g', verbose=0)
-    with pytest.raises(hook.DensrError, match='4-component'):
-        pyscf_densr.init_guess(scf.DHF(mol))
-    dm = pyscf_densr.init_guess(scf.DHF(mol), fallback='minao')
-    assert np.allclose(dm, scf.DHF(mol).init_guess_by_minao())
+    dm = _pyscf_guess_with_a_note(make(mol), 'densr', '4-component', tmp_path)
+    assert np.allclose(dm, make(mol).init_guess_by_minao())
 
 
 # ---------------------------------------------------------------------------------------

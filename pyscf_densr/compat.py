@@ -1,0 +1,142 @@
+"""``densr compat``: PySCF's own SCF and DFT tests with densr as the configured default guess.
+
+    densr compat PYSCF_SRC [--tests pyscf/scf/test pyscf/dft/test] [-o report.md] [-k EXPR]
+
+``PYSCF_SRC`` is a PySCF source checkout of the installed version (its tests are not in the
+wheel). The test files run twice with pytest, each in its own process: once as they are
+(``minao``, the baseline) and once with ``pyscf.scf.hf.SCF.init_guess = 'densr'``, which is
+what a group gets that puts ``scf_hf_SCF_init_guess = 'densr'`` in its PySCF config file
+and imports :mod:`pyscf_densr`. Every test that fails only with densr is listed, sorted:
+
+tolerance   an assertion on a value that depends on where the SCF starts (an energy after a
+            fixed number of cycles, a quantity converged only loosely, a count of
+            iterations) missed by less than ``--tolerance`` (default 1e-4);
+real        anything else: an exception from the guess or the SCF, or an assertion missed
+            by more than that.
+
+The exit status is 1 when a real failure is listed. Run it before each release; its last
+report is in docs/support.md.
+"""
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import xml.etree.ElementTree as ET
+
+DEFAULT_TESTS = ('pyscf/scf/test', 'pyscf/dft/test')
+_DENSR = "import pyscf_densr; from pyscf.scf import hf; hf.SCF.init_guess = 'densr'; "
+_RUN = "import sys, pytest; sys.exit(pytest.main(sys.argv[1:]))"
+# "a != b within 7 places (diff difference)" (assertAlmostEqual) and numpy's "Max absolute
+# difference ...: x" (assert_allclose)
+_DIFF = re.compile(r'within \d+ places \(([-+0-9.eE]+) difference\)'
+                   r'|Max absolute difference[^:]*:\s*([-+0-9.eE]+)'
+                   r'|delta \(([-+0-9.eE]+) difference\)')
+
+
+def run_suite(src, tests, xml, densr, keyword=None, timeout=None):
+    """Run PySCF's tests under ``src`` with pytest, writing JUnit XML to ``xml``."""
+    args = [os.path.join(src, t) for t in tests]
+    args += ['-q', '-p', 'no:cacheprovider', '--import-mode=importlib', '--junitxml', xml,
+             '-o', 'addopts=', '-o', 'junit_family=xunit2']
+    if keyword:
+        args += ['-k', keyword]
+    code = (_DENSR if densr else '') + _RUN
+    env = dict(os.environ, PYTHONDONTWRITEBYTECODE='1')
+    return subprocess.run([sys.executable, '-c', code] + args, cwd=src, env=env,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                          timeout=timeout).returncode
+
+
+def outcomes(xml):
+    """{test id: (outcome, message)} from a JUnit XML file; outcome passed/failed/error/skipped."""
+    out = {}
+    for case in ET.parse(xml).getroot().iter('testcase'):
+        tid = '%s::%s' % (case.get('classname'), case.get('name'))
+        state, msg = 'passed', ''
+        for kind in ('failure', 'error', 'skipped'):
+            node = case.find(kind)
+            if node is not None:
+                state = 'failed' if kind == 'failure' else kind
+                msg = (node.get('message') or '') + '\n' + (node.text or '')
+                break
+        out[tid] = (state, msg)
+    return out
+
+
+def classify(message, tolerance=1e-4):
+    """'tolerance' or 'real' for the message of a test that fails only with densr."""
+    first = message.strip().splitlines()[0] if message.strip() else ''
+    if not first.startswith('AssertionError'):
+        return 'real'
+    diffs = [float(next(g for g in m.groups() if g)) for m in _DIFF.finditer(message)]
+    if diffs and max(abs(d) for d in diffs) < tolerance:
+        return 'tolerance'
+    if re.search(r'AssertionError: \d+ != \d+', first):   # a count (cycles, iterations)
+        return 'tolerance'
+    return 'real'
+
+
+def compare(base, densr, tolerance=1e-4):
+    """Tests that pass with minao and fail with densr: [(test id, kind, first line)]."""
+    rows = []
+    for tid, (state, msg) in sorted(densr.items()):
+        if state not in ('failed', 'error') or base.get(tid, ('missing',))[0] != 'passed':
+            continue
+        first = msg.strip().splitlines()[0][:160] if msg.strip() else state
+        rows.append((tid, classify(msg, tolerance), first))
+    return rows
+
+
+def report(rows, base, densr):
+    npass = sum(1 for s, _ in base.values() if s == 'passed')
+    lines = ['| | tests | pass with minao | fail only with densr: tolerance | real |',
+             '| --- | --- | --- | --- | --- |',
+             '| PySCF SCF + DFT | %d | %d | %d | %d |' % (
+                 len(base), npass, sum(1 for r in rows if r[1] == 'tolerance'),
+                 sum(1 for r in rows if r[1] == 'real')), '']
+    for kind in ('real', 'tolerance'):
+        sel = [r for r in rows if r[1] == kind]
+        lines.append('%s (%d)%s' % (kind, len(sel), ':' if sel else ''))
+        lines += ['- `%s`: %s' % (tid, first) for tid, _, first in sel]
+        lines.append('')
+    return '\n'.join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog='densr compat', description=__doc__.split('\n')[0])
+    p.add_argument('src', help='PySCF source checkout (the installed version)')
+    p.add_argument('--tests', nargs='+', default=list(DEFAULT_TESTS),
+                   help='test folders or files, relative to SRC')
+    p.add_argument('-k', dest='keyword', default=None, help="pytest's -k selection")
+    p.add_argument('-o', '--out', default=None, help='write the report (Markdown) here too')
+    p.add_argument('--tolerance', type=float, default=1e-4,
+                   help='largest missed difference that counts as start-dependent')
+    p.add_argument('--workdir', default=None, help='keep the JUnit XML files here')
+    a = p.parse_args(argv)
+    src = os.path.abspath(a.src)
+    missing = [t for t in a.tests if not os.path.exists(os.path.join(src, t))]
+    if missing:
+        p.error('%s not found under %s: point SRC at a PySCF source checkout' % (
+            ', '.join(missing), src))
+    work = a.workdir or tempfile.mkdtemp(prefix='densr-compat-')
+    os.makedirs(work, exist_ok=True)
+    res = {}
+    for name, densr in (('minao', False), ('densr', True)):
+        xml = os.path.join(work, name + '.xml')
+        print('running PySCF tests with %s as the default guess ...' % name, flush=True)
+        run_suite(src, a.tests, xml, densr, a.keyword)
+        res[name] = outcomes(xml)
+    rows = compare(res['minao'], res['densr'], a.tolerance)
+    text = report(rows, res['minao'], res['densr'])
+    print(text)
+    if a.out:
+        with open(a.out, 'w') as f:
+            f.write(text + '\n')
+    return 1 if any(r[1] == 'real' for r in rows) else 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
