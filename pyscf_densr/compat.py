@@ -37,24 +37,37 @@ _DIFF = re.compile(r'within \d+ places \(([-+0-9.eE]+) difference\)'
 
 
 def run_suite(src, tests, xml, densr, keyword=None, timeout=None):
-    """Run PySCF's tests under ``src`` with pytest, writing JUnit XML to ``xml``."""
+    """Run PySCF's tests under ``src`` with pytest, writing JUnit XML to ``xml``.
+
+    The run starts in the folder of ``xml`` with an empty pytest config, so the installed
+    PySCF is tested (not the checkout's uncompiled package) and the checkout's own pytest
+    settings do not apply."""
+    work = os.path.dirname(os.path.abspath(xml))
+    ini = os.path.join(work, 'pytest.ini')
+    with open(ini, 'w') as f:
+        f.write('[pytest]\n')
     args = [os.path.join(src, t) for t in tests]
-    args += ['-q', '-p', 'no:cacheprovider', '--import-mode=importlib', '--junitxml', xml,
-             '-o', 'addopts=', '-o', 'junit_family=xunit2']
+    args += ['-q', '-c', ini, '--rootdir', work, '-p', 'no:cacheprovider',
+             '--import-mode=importlib', '--junitxml', xml, '-o', 'junit_family=xunit1']
     if keyword:
         args += ['-k', keyword]
     code = (_DENSR if densr else '') + _RUN
     env = dict(os.environ, PYTHONDONTWRITEBYTECODE='1')
-    return subprocess.run([sys.executable, '-c', code] + args, cwd=src, env=env,
+    return subprocess.run([sys.executable, '-c', code] + args, cwd=work, env=env,
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                           timeout=timeout).returncode
 
 
-def outcomes(xml):
-    """{test id: (outcome, message)} from a JUnit XML file; outcome passed/failed/error/skipped."""
+def outcomes(xml, src=None):
+    """{test id: (outcome, message)} from a JUnit XML file of :func:`run_suite`; outcome
+    passed/failed/error/skipped; ids start with the file's path under ``src``."""
     out = {}
     for case in ET.parse(xml).getroot().iter('testcase'):
-        tid = '%s::%s' % (case.get('classname'), case.get('name'))
+        cls = (case.get('classname') or '').split('.')[-1]
+        path = case.get('file')
+        if path and src:
+            path = os.path.relpath(os.path.join(os.path.dirname(os.path.abspath(xml)), path), src)
+        tid = '::'.join(x for x in (path, cls, case.get('name')) if x)
         state, msg = 'passed', ''
         for kind in ('failure', 'error', 'skipped'):
             node = case.find(kind)
@@ -128,7 +141,7 @@ def main(argv=None):
         xml = os.path.join(work, name + '.xml')
         print('running PySCF tests with %s as the default guess ...' % name, flush=True)
         run_suite(src, a.tests, xml, densr, a.keyword)
-        res[name] = outcomes(xml)
+        res[name] = outcomes(xml, src)
     rows = compare(res['minao'], res['densr'], a.tolerance)
     text = report(rows, res['minao'], res['densr'])
     print(text)

@@ -36,6 +36,7 @@ BLKSIZE = numint.BLKSIZE
 
 from pyscf_densr import grid as grid_mod
 from pyscf_densr import symmetry
+from pyscf_densr.coulomb import _cart2sph_sparse, coulomb_engine, coulomb_of_aux
 
 DEFAULT_AUXBASIS = 'def2-universal-jkfit'
 # upper bound of the guess's Fock builds (project.anderson_step); each costs one DF-J and XC build
@@ -97,19 +98,6 @@ def _s_integrals(auxmol):
         q = np.einsum('pc,p->c', cs, (np.pi / a) ** 1.5) * 0.282094791773878143
         n[ao_loc[ib]:ao_loc[ib + 1]] = q
     return n
-
-
-def _cart2sph_sparse(auxmol):
-    """``auxmol.cart2sph_coeff()`` as a scipy.sparse matrix (block diagonal by shells)."""
-    import scipy.sparse as sp
-    c2s_l = {}
-    blocks = []
-    for ib in range(auxmol.nbas):
-        l = auxmol.bas_angular(ib)
-        if l not in c2s_l:
-            c2s_l[l] = sp.csr_matrix(gto.cart2sph(l, normalized='sp'))
-        blocks.extend([c2s_l[l]] * auxmol.bas_nctr(ib))
-    return sp.block_diag(blocks, format='csr')
 
 
 EIGH_MAX = 2500  # auxiliary functions up to which the fit uses a full eigendecomposition
@@ -185,191 +173,6 @@ def fit_delta_rho(auxmol, delta_rho, grid, charge=0.0, metric=None, cond=1e-10,
     sinv_b, sinv_n = x[:, 0], x[:, 1]
     lam = (n.dot(sinv_b) - charge) / n.dot(sinv_n)
     return sinv_b - lam * sinv_n
-
-
-def coulomb_of_aux(mol, auxmol, c, max_memory=2000, direct_scf_tol=1e-13):
-    """J_{mu nu} = sum_k (mu nu|k) c_k (Hartree).
-
-    Uses PySCF's screened 3-centre J driver (the second pass of its direct DF-J,
-    ``df.df_jk.get_j``): Schwarz bounds of the AO pairs times the largest coefficient of each
-    auxiliary shell skip negligible triples, which for hundreds of atoms is most of them.
-    Falls back to plain integrals in blocks of auxiliary shells (:func:`_coulomb_of_aux_blocks`)
-    where that private driver is unavailable.
-    """
-    try:
-        return _coulomb_of_aux_direct(mol, auxmol, c, direct_scf_tol)
-    except (ImportError, AttributeError, TypeError, OSError):
-        return _coulomb_of_aux_blocks(mol, auxmol, c, max_memory)
-
-
-def _vj_opt(mol, auxmol, direct_scf_tol=1e-13, j2c=None):
-    """PySCF's screened 3-centre J machinery (as in ``df.df_jk.get_j``) for mol x auxmol.
-
-    The auxiliary Schwarz factors sqrt (k|k) come from ``j2c`` (the Coulomb metric) when it
-    is at hand, else from each shell's own diagonal block.
-    """
-    from pyscf.scf import _vhf
-    opt = _vhf._VHFOpt(mol, 'int3c2e', 'CVHFnr3c2e_schwarz_cond',
-                       dmcondname='CVHFnr_dm_cond', direct_scf_tol=direct_scf_tol)
-    opt.init_cvhf_direct(mol, 'int2e', 'CVHFnr_int2e_q_cond')
-    aux_loc = auxmol.ao_loc_nr()
-    if j2c is not None:
-        diag = np.sqrt(abs(np.diag(j2c)))
-        q_aux = np.array([diag[i0:i1].max() for i0, i1 in zip(aux_loc[:-1], aux_loc[1:])])
-    else:
-        q_aux = np.array([np.sqrt(abs(np.diag(auxmol.intor(
-            'int2c2e', shls_slice=(i, i + 1, i, i + 1)))).max()) for i in range(auxmol.nbas)])
-    opt.q_cond = np.hstack((opt.q_cond.ravel(), q_aux))
-    bas_placeholder = np.array([0, 0, 1, 1, 0, 0, 0, 0], dtype=np.int32)
-    fakemol = mol + auxmol
-    fakemol._bas = np.vstack((fakemol._bas, bas_placeholder))
-    opt.fakemol = fakemol
-    return opt
-
-
-def _vj_slice(mol, auxmol):
-    nbas, nbas1 = mol.nbas, mol.nbas + auxmol.nbas
-    return (0, nbas, 0, nbas, nbas, nbas1, nbas1, nbas1 + 1)
-
-
-def _vj_pass2(mol, auxmol, opt, c):
-    from pyscf.scf import jk
-    c = np.asarray(c, dtype=np.float64)
-    aux_loc = auxmol.ao_loc_nr()
-    with lib.temporary_env(opt, prescreen='CVHFnr3c2e_vj_pass2_prescreen', _dmcondname=None):
-        opt.dm_cond = np.array([abs(c[i0:i1]).max() if i1 > i0 else 0.
-                                for i0, i1 in zip(aux_loc[:-1], aux_loc[1:])])
-        vj = jk.get_jk(opt.fakemol, c.reshape(1, 1, -1), ['ijkl,lk->ij'], 'int3c2e',
-                       aosym='s2ij', hermi=1, shls_slice=_vj_slice(mol, auxmol), vhfopt=opt)
-    return np.asarray(vj).reshape(mol.nao, mol.nao)
-
-
-def _coulomb_of_aux_direct(mol, auxmol, c, direct_scf_tol=1e-13):
-    return _vj_pass2(mol, auxmol, _vj_opt(mol, auxmol, direct_scf_tol), c)
-
-
-class AuxCoulomb:
-    """The Coulomb side of one guess in an auxiliary basis: PySCF's screened 3-centre passes
-    and one Cholesky factor of the metric (k|l), shared by every fit and J build.
-
-    The fit d = (k|l)^-1 (l|mu nu) P_mu nu is the robust DF approximation of rho[P] (the
-    one PySCF's DF-J uses), so ``coulomb(fit(dm)[0])`` is its DF Coulomb matrix.
-
-    ``project(dm)`` gives (k|rho[dm]), ``solve(v)`` the coefficients (k|l)^-1 v, ``fit(dm)``
-    both, ``coulomb(d)`` the J matrix of sum_k d_k chi_k (Hartree). Where the integrals are
-    not held in memory, raises ImportError, AttributeError or TypeError if PySCF's private
-    3-centre driver is unavailable.
-    """
-
-    def __init__(self, mol, auxmol, direct_scf_tol=1e-13, max_memory=None):
-        self.mol, self.auxmol = mol, auxmol
-        # (mu nu|k) held in memory where it fits in half of what PySCF may still use (as
-        # PySCF's in-core DF does): one 3-centre pass' cost once, then every projection and
-        # J build of the guess is a matrix product. Else each is a screened direct pass.
-        if max_memory is None:
-            max_memory = mol.max_memory
-        self.int3c_bytes = mol.nao * (mol.nao + 1) // 2 * auxmol.nao * 8
-        self.incore = self.int3c_bytes * 1e-6 < 0.5 * (max_memory - lib.current_memory()[0])
-        self._int3c = None
-        self._last = None
-        j2c = auxmol.intor('int2c2e', hermi=1)
-        # the screened driver only where the passes are direct (before j2c is overwritten)
-        self.opt = None if self.incore else _vj_opt(mol, auxmol, direct_scf_tol, j2c=j2c)
-        try:   # in place: for 20 000 auxiliary functions the metric alone is 3 GB
-            self.cho = scipy.linalg.cho_factor(j2c, lower=True, overwrite_a=True)
-            self.metric = None
-        except scipy.linalg.LinAlgError:   # not positive definite: least squares instead
-            self.cho = None
-            self.metric = auxmol.intor('int2c2e', hermi=1)
-
-    def _ints(self):
-        if self._int3c is None:
-            mol, nbas = self.mol, self.mol.nbas
-            self._int3c = (mol + self.auxmol).intor(
-                'int3c2e', aosym='s2ij',
-                shls_slice=(0, nbas, 0, nbas, nbas, nbas + self.auxmol.nbas))
-        return self._int3c
-
-    def project(self, dm):
-        from pyscf.scf import jk
-        mol = self.mol
-        dm = np.asarray(dm, dtype=np.float64, order='C').reshape(mol.nao, mol.nao)
-        if self.incore:
-            # s2ij pairs i >= j carry P_ij + P_ji off the diagonal
-            return self._ints().T.dot(lib.pack_tril(dm + dm.T - np.diag(dm.diagonal())))
-        with lib.temporary_env(self.opt, prescreen='CVHFnr3c2e_vj_pass1_prescreen'):
-            jaux = jk.get_jk(self.opt.fakemol, dm.reshape(1, mol.nao, mol.nao), ['ijkl,ji->kl'],
-                             'int3c2e', aosym='s2ij', hermi=0,
-                             shls_slice=_vj_slice(mol, self.auxmol), vhfopt=self.opt)
-        return np.asarray(jaux).reshape(-1)
-
-    def solve(self, v):
-        if self.cho is not None:
-            return scipy.linalg.cho_solve(self.cho, v)
-        return scipy.linalg.lstsq(self.metric, v, cond=1e-12)[0]
-
-    def metric_times(self, d):
-        """(k|l) d, from the Cholesky factor (the metric itself was overwritten)."""
-        if self.cho is None:
-            return self.metric.dot(d)
-        from scipy.linalg import blas
-        low = self.cho[0]
-        return blas.dtrmv(low, blas.dtrmv(low, d, lower=1, trans=1), lower=1)
-
-    def fit(self, dm):
-        """(coefficients, (k|rho[dm])); the last one is remembered (the guess fits P_SAD
-        for its Coulomb matrix and again for the second build's residual)."""
-        dm = np.asarray(dm)
-        last = self._last
-        if last is not None and last[0].shape == dm.shape and np.array_equal(last[0], dm):
-            return last[1], last[2]
-        v = self.project(dm)
-        d = self.solve(v)
-        self._last = (dm.copy(), d, v)
-        return d, v
-
-    def coulomb(self, d):
-        if self.incore:
-            return lib.unpack_tril(self._ints().dot(np.asarray(d, dtype=np.float64)))
-        return _vj_pass2(self.mol, self.auxmol, self.opt, d)
-
-
-def coulomb_of_guess(mol, auxmol, dm, c, direct_scf_tol=1e-13, aux=None):
-    """J of rho[dm] + sum_k c_k chi_k (Hartree), with rho[dm] density-fitted in ``auxmol``.
-
-    One screened 3-centre pass to fit ``dm`` and one to build J from the combined
-    coefficients: a guess does not need the exact 4-centre J of the SAD density, which on
-    a QM9-sized molecule costs as much as the rest of the projection together. ``aux``: an
-    :class:`AuxCoulomb` of (mol, auxmol) to reuse. None where PySCF's 3-centre driver is
-    unavailable.
-    """
-    try:
-        aux = aux or AuxCoulomb(mol, auxmol, direct_scf_tol)
-        return aux.coulomb(aux.fit(dm)[0] + np.asarray(c))
-    except (ImportError, AttributeError, TypeError, OSError):
-        return None
-
-
-def _coulomb_of_aux_blocks(mol, auxmol, c, max_memory=2000):
-    """J_{mu nu} = sum_k (mu nu|k) c_k (Hartree), unscreened, in blocks of auxiliary shells."""
-    nao = mol.nao
-    out = np.zeros((nao, nao))
-    ao_loc = auxmol.ao_loc_nr()
-    blk = max(1, int(max_memory * 1e6 / 8 / (nao * (nao + 1) // 2)))
-    pmol = mol + auxmol
-    b0 = 0
-    while b0 < auxmol.nbas:
-        b1 = b0
-        while b1 < auxmol.nbas and ao_loc[b1 + 1] - ao_loc[b0] <= blk:
-            b1 += 1
-        b1 = max(b1, b0 + 1)
-        ints = pmol.intor('int3c2e', aosym='s2ij',
-                          shls_slice=(0, mol.nbas, 0, mol.nbas,
-                                      mol.nbas + b0, mol.nbas + b1))
-        out_tril = ints.dot(c[ao_loc[b0]:ao_loc[b1]])
-        out += lib.unpack_tril(out_tril)
-        b0 = b1
-    return out
 
 
 def aux_density(auxmol, c, coords, deriv=0, max_memory=None):
@@ -536,53 +339,33 @@ def exchange_potential(mf, dm):
     return vk
 
 
-def _coulomb_auxmol(mol, auxmol):
-    """``auxmol`` as the 3-centre integrals need it: they take one cart flag for AO and
-    auxiliary shells alike, so a Cartesian basis gets Cartesian auxiliary functions
-    (coefficients through :func:`_coeffs_in`)."""
-    if not (mol.cart and not auxmol.cart):
-        return auxmol
-    jmol = auxmol.copy()
-    jmol.cart = True
-    jmol.build(False, False)
-    return jmol
-
-
-def _coeffs_in(jmol, auxmol, c):
-    """Coefficients ``c`` of ``auxmol``'s functions as those of ``jmol``'s (the same density)."""
-    return np.asarray(c) if jmol is auxmol else _cart2sph_sparse(auxmol).dot(c)
-
-
-def _aux_coulomb(mol, auxmol, max_memory=None):
-    """An :class:`AuxCoulomb` for ``mol`` on ``auxmol`` as the 3-centre passes need it
-    (:func:`_coulomb_auxmol`), or None where PySCF's 3-centre driver is unavailable."""
-    try:
-        return AuxCoulomb(mol, _coulomb_auxmol(mol, auxmol), max_memory=max_memory)
-    except (ImportError, AttributeError, TypeError, OSError):
-        return None
-
-
 def local_potential(mf, dm_sad, auxmol, c, grids=None, coulomb='df', delta_grid=None, aux=None):
     """Coulomb + XC potential (Hartree) of the guess density; same shape as ``dm_sad``.
 
-    ``coulomb='df'`` density-fits rho[P_SAD] in ``auxmol`` (:func:`coulomb_of_guess`);
+    ``coulomb='df'`` density-fits rho[P_SAD] (:func:`coulomb.coulomb_engine`);
     ``'exact'`` takes the SCF object's own ``get_j`` of P_SAD. ``delta_grid``: see
-    :func:`xc_potential`. ``aux``: the guess's :class:`AuxCoulomb` (:func:`_aux_coulomb`)
+    :func:`xc_potential`. ``aux``: the guess's Coulomb engine (:func:`coulomb.coulomb_engine`)
     to reuse. ``c`` None: no delta-rho (the potential of rho[dm_sad] itself).
     """
     mol = mf.mol
     dm_sad = np.asarray(dm_sad)
     spin = dm_sad.ndim == 3
     dm_tot = dm_sad.sum(axis=0) if spin else dm_sad
-    jmol = aux.auxmol if aux is not None else _coulomb_auxmol(mol, auxmol)
-    cj = _coeffs_in(jmol, auxmol, np.zeros(auxmol.nao) if c is None else c)
-    v = None
-    if coulomb == 'df':
-        v = coulomb_of_guess(mol, jmol, dm_tot, cj, aux=aux)
-    if v is None:
+    c0 = np.zeros(auxmol.nao) if c is None else c
+    if coulomb == 'df' and aux is None:
+        aux = coulomb_engine(mf, auxmol)
+    if coulomb == 'df' and aux is not None:
+        v = aux.coulomb(aux.fit(dm_tot)[0] + aux.coeffs(auxmol, c0))
+    else:
         if coulomb == 'df':
             logger.info(mf, 'densr: PySCF\'s 3-centre J driver is unavailable; exact J of the '
                         'SAD density instead (same guess, slower)')
+        jmol = auxmol
+        if mol.cart:
+            jmol = auxmol.copy()
+            jmol.cart = True
+            jmol.build(False, False)
+        cj = c0 if jmol is auxmol else _cart2sph_sparse(auxmol).dot(c0)
         v = mf.get_j(mol, dm_tot) + coulomb_of_aux(mol, jmol, cj)
     if spin:
         v = np.array((v, v))
@@ -670,11 +453,11 @@ def anderson_step(mf, v1, dm1, dm_sad, auxmol, c, grids=None, dm_x=None, h1e=Non
         h1e = mf.get_hcore(mol)
     if s1e is None:
         s1e = mf.get_ovlp(mol)
-    aux = aux or _aux_coulomb(mol, auxmol)
+    aux = aux or coulomb_engine(mf, auxmol, log)
     if aux is None:
         log.info('densr: no further Fock builds (PySCF\'s 3-centre J driver is unavailable)')
         return dm1, None
-    cj = _coeffs_in(aux.auxmol, auxmol, c)
+    cj = aux.coeffs(auxmol, c)
 
     def total(dm):
         dm = np.asarray(dm)
@@ -875,13 +658,17 @@ def density_matrix_from_delta_rho(mf, delta_rho, grid, dm_sad=None, auxbasis=DEF
         # integral (an ion's charge, mostly), so the XC density holds the fitted electrons
         q = charge - float(np.sum(delta_rho, dtype=np.float64)) * grid.dv
         delta_grid = (delta_rho, grid, 1 + q / nsad if nsad > 1e-8 else 1.0)
-    aux = _aux_coulomb(mol, auxmol, mf.max_memory) if coulomb == 'df' else None
-    if aux is not None and not aux.incore and fock_builds > 1:
+    aux = coulomb_engine(mf, auxmol, log) if coulomb == 'df' else None
+    if aux is not None:
+        log.info('densr: Coulomb builds of the guess on %s (%s, %d functions)', aux.route,
+                 aux.auxmol.basis if isinstance(aux.auxmol.basis, str) else 'fitting basis',
+                 aux.auxmol.nao)
+    if getattr(aux, 'incore', True) is False and fock_builds > 1:
         log.note('densr: the 3-centre integrals (%.1f GB) do not fit in half of what '
                  'mf.max_memory leaves free, so each of the %d further Fock builds makes two '
-                 'screened integral passes (GTP-Mg, 206 atoms: about 150 s per build on one '
-                 'thread); PYSCF_DENSR_FOCK_BUILDS=1 makes one build, a larger mf.max_memory '
-                 'keeps the integrals in memory', aux.int3c_bytes * 1e-9, fock_builds - 1)
+                 'screened integral passes; PYSCF_DENSR_FOCK_BUILDS=1 makes one build, '
+                 'density fitting (mf.density_fit()) or a larger mf.max_memory keeps the '
+                 'integrals in memory', aux.int3c_bytes * 1e-9, fock_builds - 1)
     grids = guess_grids(mf, grids_level)
     v_local = local_potential(mf, dm_sad, auxmol, c, grids, coulomb, delta_grid, aux)
     x = orthogonalizer(mf, s1e)

@@ -8,7 +8,7 @@ import pytest
 from pyscf import gto, scf, dft, lib
 
 import pyscf_densr
-from pyscf_densr import grid, project, hook, model as model_mod
+from pyscf_densr import coulomb, grid, project, hook, model as model_mod
 from conftest import ETHANOL, WATER, random_rotation
 
 
@@ -101,7 +101,7 @@ def test_aux_coulomb_matches_pyscf_density_fitting(ethanol):
     mf = dft.RKS(ethanol, xc='pbe')
     dm = mf.init_guess_by_minao()
     auxmol = project.make_auxmol(ethanol)
-    aux = project.AuxCoulomb(ethanol, auxmol)
+    aux = coulomb.AuxCoulomb(ethanol, auxmol)
     d, v = aux.fit(dm)
     assert np.allclose(aux.metric_times(d), v, atol=1e-8)
     want = dft.RKS(ethanol, xc='pbe').density_fit(auxbasis=project.DEFAULT_AUXBASIS).get_j(
@@ -110,7 +110,7 @@ def test_aux_coulomb_matches_pyscf_density_fitting(ethanol):
     assert aux.fit(dm.copy())[0] is d    # the last fit is remembered
     # the screened direct passes (no memory for the integrals) give the same numbers
     assert aux.incore
-    direct = project.AuxCoulomb(ethanol, auxmol, max_memory=0)
+    direct = coulomb.AuxCoulomb(ethanol, auxmol, max_memory=0)
     assert not direct.incore
     rng = np.random.default_rng(0)
     p = rng.normal(size=dm.shape)      # not symmetric: the s2ij pairs must take P + P^T
@@ -337,12 +337,17 @@ def test_rotation_and_translation_invariance(ethanol):
         assert abs(mf.cycles - ref.cycles) <= 1
 
 
-def test_periodic_cell_is_an_error():
+def test_periodic_cell_gets_pyscf_guess():
+    """A periodic cell is outside densr by design: PBC's own guess, or NotApplicable when
+    strict."""
     from pyscf.pbc import gto as pgto, scf as pscf
     cell = pgto.M(atom='He 0 0 0', basis='gth-szv', pseudo='gth-pade', a=np.eye(3) * 4,
                   verbose=0)
-    with pytest.raises(pyscf_densr.DensrError, match='periodic'):
-        pyscf_densr.init_guess(pscf.RHF(cell))
+    with pytest.raises(hook.NotApplicable, match='periodic'):
+        pyscf_densr.init_guess(pscf.RHF(cell), fallback='error')
+    mf = pscf.RHF(cell)
+    mf.init_guess = 'densr'
+    assert np.allclose(mf.get_init_guess(key='densr'), pscf.RHF(cell).get_init_guess())
 
 
 def test_element_without_sad_data_is_an_error():
@@ -352,39 +357,41 @@ def test_element_without_sad_data_is_an_error():
     mol.spin = mol.nelectron % 2
     mol.build()
     with pytest.raises(pyscf_densr.DensrError, match='Lr'):
-        pyscf_densr.init_guess(scf.UHF(mol))
+        pyscf_densr.init_guess(scf.UHF(mol), fallback='error')
 
 
 def test_overlapping_atoms_is_an_error():
     mol = gto.M(atom='O 0 0 0; H 0 0 0.01; H 0 0.76 -0.47', basis='sto-3g', verbose=0)
     with pytest.raises(pyscf_densr.DensrError, match='apart'):
-        pyscf_densr.init_guess(scf.RHF(mol))
+        pyscf_densr.init_guess(scf.RHF(mol), fallback='error')
 
 
 def test_missing_and_corrupt_model_files(tmp_path, monkeypatch):
     mol = gto.M(atom=WATER, basis='sto-3g', verbose=0)
     with pytest.raises(model_mod.ModelError, match='not found'):
-        pyscf_densr.init_guess(scf.RHF(mol), model=str(tmp_path / 'nothing.pt'))
+        pyscf_densr.init_guess(scf.RHF(mol), model=str(tmp_path / 'nothing.pt'), fallback='error')
     src_w, src_c = model_mod._resolve(model_mod.DEFAULT_MODEL)
     shutil.copy(src_c, tmp_path / 'bad.json')
     (tmp_path / 'bad.pt').write_bytes(b'not a torch file')
     with pytest.raises(model_mod.ModelError, match='corrupt'):
-        pyscf_densr.init_guess(scf.RHF(mol), model=str(tmp_path / 'bad.pt'))
+        pyscf_densr.init_guess(scf.RHF(mol), model=str(tmp_path / 'bad.pt'), fallback='error')
     # a config that does not match the weights
     shutil.copy(src_w, tmp_path / 'mism.pt')
     cfg = model_mod.from_pretrained().config
     (tmp_path / 'mism.json').write_text(
         '{"config": %s}' % __import__('json').dumps(dict(cfg, channels=cfg['channels'] + 1)))
     with pytest.raises(model_mod.ModelError, match='do not match'):
-        pyscf_densr.init_guess(scf.RHF(mol), model=str(tmp_path / 'mism.pt'))
+        pyscf_densr.init_guess(scf.RHF(mol), model=str(tmp_path / 'mism.pt'), fallback='error')
     # a symmetry averaging the network cannot do
     shutil.copy(src_w, tmp_path / 'sym.pt')
     (tmp_path / 'sym.json').write_text('{"config": %s}' % __import__('json').dumps(
         dict(cfg, symmetry=3)))
     with pytest.raises(model_mod.ModelError, match='symmetry must be'):
-        pyscf_densr.init_guess(scf.RHF(mol), model=str(tmp_path / 'sym.pt'))
+        pyscf_densr.init_guess(scf.RHF(mol), model=str(tmp_path / 'sym.pt'), fallback='error')
     # the environment variable selects the model, so a bad one there is an error too
+    # (strict)
     monkeypatch.setenv('PYSCF_DENSR_MODEL', str(tmp_path / 'nothing'))
+    monkeypatch.setenv('PYSCF_DENSR_FALLBACK', 'error')
     mf = scf.RHF(mol)
     mf.init_guess = 'densr'
     with pytest.raises(model_mod.ModelError, match='not found'):
@@ -402,7 +409,7 @@ def test_fallback_to_minao_is_logged(tmp_path, monkeypatch):
     mf.stdout.close()
     mf.verbose = 0
     assert np.allclose(dm, mf.init_guess_by_minao())
-    assert 'falling back to the minao guess' in (tmp_path / 'log').read_text()
+    assert "PySCF's own guess is used (fallback=minao)" in (tmp_path / 'log').read_text()
 
 
 def test_nan_from_network_is_an_error(monkeypatch):
@@ -412,7 +419,7 @@ def test_nan_from_network_is_an_error(monkeypatch):
         [n * 2 for n in grid.make_box(mol.atom_coords(), net.config['spacing'],
                                       net.config['margin']).shape], np.nan, np.float32))
     with pytest.raises(pyscf_densr.DensrError, match='NaN'):
-        pyscf_densr.init_guess(scf.RHF(mol), model=net)
+        pyscf_densr.init_guess(scf.RHF(mol), model=net, fallback='error')
 
 
 def test_verbose_logs_each_stage(tmp_path):
@@ -462,3 +469,47 @@ def test_sulfur_chlorine_model_sees_s_and_cl(caplog):
     dm = pyscf_densr.init_guess(mf, model='densr-small-scl')
     mf.kernel(dm)
     assert mf.converged and abs(mf.e_tot - ref.e_tot) < 1e-6
+
+
+def test_scf_df_tensor_serves_the_guess(ethanol):
+    """On PySCF's DF tensor the guess's fit and J are PySCF's DF-J, in the SCF's own
+    fitting basis; the grid-fit coefficients (another basis) enter by Coulomb projection."""
+    mf = dft.RKS(ethanol, xc='pbe').density_fit()
+    dm = mf.init_guess_by_minao()
+    auxmol = project.make_auxmol(ethanol)          # def2-universal-jkfit; the SCF's differs
+    aux = coulomb.coulomb_engine(mf, auxmol)
+    assert isinstance(aux, coulomb.CderiCoulomb) and mf.with_df._cderi is not None
+    assert aux.auxmol.nao != auxmol.nao
+    e, _ = aux.fit(dm)
+    want = dft.RKS(ethanol, xc='pbe').density_fit().get_j(ethanol, dm)
+    assert abs(aux.coulomb(e) - want).max() < 1e-8
+    # a density given in another basis: J close to the same density's exact-basis J
+    own = coulomb.AuxCoulomb(ethanol, auxmol)
+    d, _ = own.fit(dm)
+    assert abs(aux.coulomb(aux.coeffs(auxmol, d)) - own.coulomb(d)).max() < 2e-3
+    # in the same basis the projection is exact
+    same = coulomb.CderiCoulomb(dft.RKS(ethanol, xc='pbe').density_fit(
+        auxbasis=project.DEFAULT_AUXBASIS).with_df)
+    assert abs(same.coulomb(same.coeffs(auxmol, d)) - own.coulomb(d)).max() < 1e-8
+
+
+@pytest.mark.parametrize('xc', ['pbe', 'b3lyp'])
+def test_density_fitted_scf_reuses_the_guess_tensor(ethanol, xc, monkeypatch):
+    """The guess builds PySCF's DF tensor once; the SCF uses it and builds nothing again,
+    and lands in minao's state."""
+    from pyscf import df
+    builds = []
+    build = df.DF.build
+
+    def counted(self):
+        builds.append(1)
+        return build(self)
+    monkeypatch.setattr(df.DF, 'build', counted)
+    ref = _run(dft.RKS(ethanol, xc=xc).density_fit(), 'minao')
+    builds.clear()
+    mf = dft.RKS(ethanol, xc=xc).density_fit()
+    mf.init_guess = 'densr'
+    mf.kernel()
+    assert len(builds) == 1 and mf.converged
+    assert abs(mf.e_tot - ref.e_tot) < 1e-6
+    assert mf.cycles < ref.cycles

@@ -19,7 +19,7 @@ import torch
 from pyscf import gto, scf, dft
 
 import pyscf_densr
-from pyscf_densr import grid, project, hook, model as model_mod
+from pyscf_densr import coulomb, grid, project, hook, model as model_mod
 from conftest import cartesian, ETHANOL, WATER, random_rotation
 
 hypothesis = pytest.importorskip('hypothesis')
@@ -90,7 +90,7 @@ def test_blocked_quadratures_equal_dense_with_tiny_memory():
     assert np.allclose(grid.project_on_cartesian_gtos(cart, field, g, max_memory=0.5), ref_b,
                        atol=1e-10)
     assert np.allclose(grid.gram_of_cartesian_gtos(cart, g, max_memory=0.5), ref_g, atol=1e-9)
-    c2s = project._cart2sph_sparse(aux)
+    c2s = coulomb._cart2sph_sparse(aux)
     assert np.allclose(c2s.toarray(), aux.cart2sph_coeff())
     sph = grid.gram_of_cartesian_gtos(cart, g, transform=c2s, max_memory=0.5)
     assert np.allclose(sph, c2s.T.dot(c2s.T.dot(ref_g).T), atol=1e-9)
@@ -138,7 +138,7 @@ def test_gram_memory_is_bounded():
     cart = cartesian(aux)
     g = grid.make_box(mol.atom_coords(), 0.4, 5.669).refine(2)
     nprim = len(grid.cartesian_gto_factors(cart, [a[:2] for a in g.axes()])[3])
-    c2s = project._cart2sph_sparse(aux)
+    c2s = coulomb._cart2sph_sparse(aux)
     tracemalloc.start()
     try:
         gram = grid.gram_of_cartesian_gtos(cart, g, transform=c2s, max_memory=10)
@@ -154,8 +154,8 @@ def test_screened_coulomb_of_aux_matches_plain_integrals():
     aux = project.make_auxmol(mol)
     c = np.random.default_rng(2).normal(size=aux.nao) * 1e-2
     c[:40] = 0                                     # shells with nothing to contract
-    plain = project._coulomb_of_aux_blocks(mol, aux, c, max_memory=1)
-    assert np.allclose(project.coulomb_of_aux(mol, aux, c), plain, atol=1e-10)
+    plain = coulomb._coulomb_of_aux_blocks(mol, aux, c, max_memory=1)
+    assert np.allclose(coulomb.coulomb_of_aux(mol, aux, c), plain, atol=1e-10)
 
 
 def test_cholesky_solver_agrees_with_eigh():

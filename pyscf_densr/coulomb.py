@@ -1,0 +1,369 @@
+"""The Coulomb side of the guess: its density fits and J builds, on PySCF's own DF objects.
+
+Every Fock build of the guess needs J of a density given as a density matrix plus an
+auxiliary expansion (the network's delta-rho fitted on the grid), and the fit of each new
+density matrix for the Anderson residuals. :func:`coulomb_engine` chooses where those come
+from, in this order:
+
+1. A density-fitted SCF (``mf.density_fit()``): PySCF's own DF tensor of ``mf.with_df``
+   (:class:`CderiCoulomb`), built by PySCF once, in memory or on disk as PySCF decides,
+   and kept on ``mf.with_df``, so the SCF uses the same tensor and builds nothing again
+   (for a pure functional this also spares the SCF its screened direct DF-J passes).
+   Where PySCF would not build that tensor (a pure functional whose tensor does not fit in
+   memory) the guess makes screened direct passes, as the SCF's own DF-J does.
+2. A conventional SCF: the guess's own fit (:class:`AuxCoulomb`): the 3-centre integrals in
+   memory where they fit in half of what ``mf.max_memory`` leaves free, else screened
+   direct passes with PySCF's 3-centre J driver (the two passes of ``df.df_jk.get_j``).
+"""
+
+import numpy as np
+import scipy.linalg
+from pyscf import gto, df, lib
+
+
+def _cart2sph_sparse(auxmol):
+    """``auxmol.cart2sph_coeff()`` as a scipy.sparse matrix (block diagonal by shells)."""
+    import scipy.sparse as sp
+    c2s_l = {}
+    blocks = []
+    for ib in range(auxmol.nbas):
+        l = auxmol.bas_angular(ib)
+        if l not in c2s_l:
+            c2s_l[l] = sp.csr_matrix(gto.cart2sph(l, normalized='sp'))
+        blocks.extend([c2s_l[l]] * auxmol.bas_nctr(ib))
+    return sp.block_diag(blocks, format='csr')
+
+
+def coulomb_of_aux(mol, auxmol, c, max_memory=2000, direct_scf_tol=1e-13):
+    """J_{mu nu} = sum_k (mu nu|k) c_k (Hartree).
+
+    Uses PySCF's screened 3-centre J driver (the second pass of its direct DF-J,
+    ``df.df_jk.get_j``): Schwarz bounds of the AO pairs times the largest coefficient of each
+    auxiliary shell skip negligible triples, which for hundreds of atoms is most of them.
+    Falls back to plain integrals in blocks of auxiliary shells (:func:`_coulomb_of_aux_blocks`)
+    where that private driver is unavailable.
+    """
+    try:
+        return _coulomb_of_aux_direct(mol, auxmol, c, direct_scf_tol)
+    except (ImportError, AttributeError, TypeError, OSError):
+        return _coulomb_of_aux_blocks(mol, auxmol, c, max_memory)
+
+
+def _vj_opt(mol, auxmol, direct_scf_tol=1e-13, j2c=None):
+    """PySCF's screened 3-centre J machinery (as in ``df.df_jk.get_j``) for mol x auxmol.
+
+    The auxiliary Schwarz factors sqrt (k|k) come from ``j2c`` (the Coulomb metric) when it
+    is at hand, else from each shell's own diagonal block.
+    """
+    from pyscf.scf import _vhf
+    opt = _vhf._VHFOpt(mol, 'int3c2e', 'CVHFnr3c2e_schwarz_cond',
+                       dmcondname='CVHFnr_dm_cond', direct_scf_tol=direct_scf_tol)
+    opt.init_cvhf_direct(mol, 'int2e', 'CVHFnr_int2e_q_cond')
+    aux_loc = auxmol.ao_loc_nr()
+    if j2c is not None:
+        diag = np.sqrt(abs(np.diag(j2c)))
+        q_aux = np.array([diag[i0:i1].max() for i0, i1 in zip(aux_loc[:-1], aux_loc[1:])])
+    else:
+        q_aux = np.array([np.sqrt(abs(np.diag(auxmol.intor(
+            'int2c2e', shls_slice=(i, i + 1, i, i + 1)))).max()) for i in range(auxmol.nbas)])
+    opt.q_cond = np.hstack((opt.q_cond.ravel(), q_aux))
+    bas_placeholder = np.array([0, 0, 1, 1, 0, 0, 0, 0], dtype=np.int32)
+    fakemol = mol + auxmol
+    fakemol._bas = np.vstack((fakemol._bas, bas_placeholder))
+    opt.fakemol = fakemol
+    return opt
+
+
+def _vj_slice(mol, auxmol):
+    nbas, nbas1 = mol.nbas, mol.nbas + auxmol.nbas
+    return (0, nbas, 0, nbas, nbas, nbas1, nbas1, nbas1 + 1)
+
+
+def _vj_pass2(mol, auxmol, opt, c):
+    from pyscf.scf import jk
+    c = np.asarray(c, dtype=np.float64)
+    aux_loc = auxmol.ao_loc_nr()
+    with lib.temporary_env(opt, prescreen='CVHFnr3c2e_vj_pass2_prescreen', _dmcondname=None):
+        opt.dm_cond = np.array([abs(c[i0:i1]).max() if i1 > i0 else 0.
+                                for i0, i1 in zip(aux_loc[:-1], aux_loc[1:])])
+        vj = jk.get_jk(opt.fakemol, c.reshape(1, 1, -1), ['ijkl,lk->ij'], 'int3c2e',
+                       aosym='s2ij', hermi=1, shls_slice=_vj_slice(mol, auxmol), vhfopt=opt)
+    return np.asarray(vj).reshape(mol.nao, mol.nao)
+
+
+def _coulomb_of_aux_direct(mol, auxmol, c, direct_scf_tol=1e-13):
+    return _vj_pass2(mol, auxmol, _vj_opt(mol, auxmol, direct_scf_tol), c)
+
+
+class AuxCoulomb:
+    """The Coulomb side of one guess in an auxiliary basis: PySCF's screened 3-centre passes
+    and one Cholesky factor of the metric (k|l), shared by every fit and J build.
+
+    The fit d = (k|l)^-1 (l|mu nu) P_mu nu is the robust DF approximation of rho[P] (the
+    one PySCF's DF-J uses), so ``coulomb(fit(dm)[0])`` is its DF Coulomb matrix.
+
+    ``project(dm)`` gives (k|rho[dm]), ``solve(v)`` the coefficients (k|l)^-1 v, ``fit(dm)``
+    both, ``coulomb(d)`` the J matrix of sum_k d_k chi_k (Hartree). Where the integrals are
+    not held in memory, raises ImportError, AttributeError or TypeError if PySCF's private
+    3-centre driver is unavailable.
+    """
+
+    def __init__(self, mol, auxmol, direct_scf_tol=1e-13, max_memory=None):
+        self.mol, self.auxmol = mol, auxmol
+        # (mu nu|k) held in memory where it fits in half of what PySCF may still use (as
+        # PySCF's in-core DF does): one 3-centre pass' cost once, then every projection and
+        # J build of the guess is a matrix product. Else each is a screened direct pass.
+        if max_memory is None:
+            max_memory = mol.max_memory
+        self.int3c_bytes = mol.nao * (mol.nao + 1) // 2 * auxmol.nao * 8
+        self.incore = self.int3c_bytes * 1e-6 < 0.5 * (max_memory - lib.current_memory()[0])
+        self._int3c = None
+        self._last = None
+        j2c = auxmol.intor('int2c2e', hermi=1)
+        # the screened driver only where the passes are direct (before j2c is overwritten)
+        self.opt = None if self.incore else _vj_opt(mol, auxmol, direct_scf_tol, j2c=j2c)
+        try:   # in place: for 20 000 auxiliary functions the metric alone is 3 GB
+            self.cho = scipy.linalg.cho_factor(j2c, lower=True, overwrite_a=True)
+            self.metric = None
+        except scipy.linalg.LinAlgError:   # not positive definite: least squares instead
+            self.cho = None
+            self.metric = auxmol.intor('int2c2e', hermi=1)
+
+    def _ints(self):
+        if self._int3c is None:
+            mol, nbas = self.mol, self.mol.nbas
+            self._int3c = (mol + self.auxmol).intor(
+                'int3c2e', aosym='s2ij',
+                shls_slice=(0, nbas, 0, nbas, nbas, nbas + self.auxmol.nbas))
+        return self._int3c
+
+    def project(self, dm):
+        from pyscf.scf import jk
+        mol = self.mol
+        dm = np.asarray(dm, dtype=np.float64, order='C').reshape(mol.nao, mol.nao)
+        if self.incore:
+            # s2ij pairs i >= j carry P_ij + P_ji off the diagonal
+            return self._ints().T.dot(lib.pack_tril(dm + dm.T - np.diag(dm.diagonal())))
+        with lib.temporary_env(self.opt, prescreen='CVHFnr3c2e_vj_pass1_prescreen'):
+            jaux = jk.get_jk(self.opt.fakemol, dm.reshape(1, mol.nao, mol.nao), ['ijkl,ji->kl'],
+                             'int3c2e', aosym='s2ij', hermi=0,
+                             shls_slice=_vj_slice(mol, self.auxmol), vhfopt=self.opt)
+        return np.asarray(jaux).reshape(-1)
+
+    def solve(self, v):
+        if self.cho is not None:
+            return scipy.linalg.cho_solve(self.cho, v)
+        return scipy.linalg.lstsq(self.metric, v, cond=1e-12)[0]
+
+    def metric_times(self, d):
+        """(k|l) d, from the Cholesky factor (the metric itself was overwritten)."""
+        if self.cho is None:
+            return self.metric.dot(d)
+        from scipy.linalg import blas
+        low = self.cho[0]
+        return blas.dtrmv(low, blas.dtrmv(low, d, lower=1, trans=1), lower=1)
+
+    def fit(self, dm):
+        """(coefficients, (k|rho[dm])); the last one is remembered (the guess fits P_SAD
+        for its Coulomb matrix and again for the second build's residual)."""
+        dm = np.asarray(dm)
+        last = self._last
+        if last is not None and last[0].shape == dm.shape and np.array_equal(last[0], dm):
+            return last[1], last[2]
+        v = self.project(dm)
+        d = self.solve(v)
+        self._last = (dm.copy(), d, v)
+        return d, v
+
+    def coulomb(self, d):
+        if self.incore:
+            return lib.unpack_tril(self._ints().dot(np.asarray(d, dtype=np.float64)))
+        return _vj_pass2(self.mol, self.auxmol, self.opt, d)
+
+    @property
+    def route(self):
+        return 'guess 3c in memory' if self.incore else 'guess 3c direct'
+
+    def coeffs(self, auxmol, c):
+        """The density sum_k c_k chi_k of (spherical) ``auxmol`` in this object's terms."""
+        return _coeffs_in(self.auxmol, auxmol, c)
+
+
+def coulomb_of_guess(mol, auxmol, dm, c, direct_scf_tol=1e-13, aux=None):
+    """J of rho[dm] + sum_k c_k chi_k (Hartree), with rho[dm] density-fitted in ``auxmol``.
+
+    One screened 3-centre pass to fit ``dm`` and one to build J from the combined
+    coefficients: a guess does not need the exact 4-centre J of the SAD density, which on
+    a QM9-sized molecule costs as much as the rest of the projection together. ``aux``: an
+    :class:`AuxCoulomb` of (mol, auxmol) to reuse. None where PySCF's 3-centre driver is
+    unavailable.
+    """
+    try:
+        aux = aux or AuxCoulomb(mol, auxmol, direct_scf_tol)
+        return aux.coulomb(aux.fit(dm)[0] + np.asarray(c))
+    except (ImportError, AttributeError, TypeError, OSError):
+        return None
+
+
+def _coulomb_of_aux_blocks(mol, auxmol, c, max_memory=2000):
+    """J_{mu nu} = sum_k (mu nu|k) c_k (Hartree), unscreened, in blocks of auxiliary shells."""
+    nao = mol.nao
+    out = np.zeros((nao, nao))
+    ao_loc = auxmol.ao_loc_nr()
+    blk = max(1, int(max_memory * 1e6 / 8 / (nao * (nao + 1) // 2)))
+    pmol = mol + auxmol
+    b0 = 0
+    while b0 < auxmol.nbas:
+        b1 = b0
+        while b1 < auxmol.nbas and ao_loc[b1 + 1] - ao_loc[b0] <= blk:
+            b1 += 1
+        b1 = max(b1, b0 + 1)
+        ints = pmol.intor('int3c2e', aosym='s2ij',
+                          shls_slice=(0, mol.nbas, 0, mol.nbas,
+                                      mol.nbas + b0, mol.nbas + b1))
+        out_tril = ints.dot(c[ao_loc[b0]:ao_loc[b1]])
+        out += lib.unpack_tril(out_tril)
+        b0 = b1
+    return out
+
+
+def _coulomb_auxmol(mol, auxmol):
+    """``auxmol`` as the 3-centre integrals need it: they take one cart flag for AO and
+    auxiliary shells alike, so a Cartesian basis gets Cartesian auxiliary functions
+    (coefficients through :func:`_coeffs_in`)."""
+    if not (mol.cart and not auxmol.cart):
+        return auxmol
+    jmol = auxmol.copy()
+    jmol.cart = True
+    jmol.build(False, False)
+    return jmol
+
+
+def _coeffs_in(jmol, auxmol, c):
+    """Coefficients ``c`` of ``auxmol``'s functions as those of ``jmol``'s (the same density)."""
+    return np.asarray(c) if jmol is auxmol else _cart2sph_sparse(auxmol).dot(c)
+
+
+def _aux_coulomb(mol, auxmol, max_memory=None):
+    """An :class:`AuxCoulomb` for ``mol`` on ``auxmol`` as the 3-centre passes need it
+    (:func:`_coulomb_auxmol`), or None where PySCF's 3-centre driver is unavailable."""
+    try:
+        return AuxCoulomb(mol, _coulomb_auxmol(mol, auxmol), max_memory=max_memory)
+    except (ImportError, AttributeError, TypeError, OSError):
+        return None
+
+
+
+class CderiCoulomb:
+    """The guess's Coulomb side on PySCF's DF tensor B = X (k|mu nu) of ``with_df``.
+
+    X is PySCF's own decomposition of the metric (k|l) (``df.incore.cholesky_eri``: the
+    inverse Cholesky factor, or the eigen route for a near-singular metric). Densities are
+    represented by e = X (k|rho): the fit of a density matrix is e = B P, its Coulomb
+    matrix B^T e, and e.e its Coulomb self-energy norm, so the interface of
+    :class:`AuxCoulomb` holds with ``solve`` and ``metric_times`` the identity.
+    """
+    route = 'SCF DF tensor'
+
+    def __init__(self, with_df):
+        if with_df._cderi is None:
+            with_df.build()
+        if with_df.auxmol is None:
+            raise ValueError('a DF tensor without its auxiliary basis')
+        self.with_df = with_df
+        self.mol, self.auxmol = with_df.mol, with_df.auxmol
+        j2c = self.auxmol.intor('int2c2e', hermi=1)
+        try:
+            self.low, self.cd = scipy.linalg.cholesky(j2c, lower=True), True
+        except scipy.linalg.LinAlgError:
+            from pyscf.df.incore import _eig_decompose, LINEAR_DEP_THR
+            self.low, self.cd = _eig_decompose(self.mol, j2c, LINEAR_DEP_THR), False
+        self.naux = self.low.shape[0]
+        if self.naux != with_df.get_naoaux():
+            raise ValueError('the DF tensor has %d rows, its metric decomposes into %d' % (
+                with_df.get_naoaux(), self.naux))
+        self._last = None
+        self._cross = {}
+
+    def _x(self, v):
+        if self.cd:
+            return scipy.linalg.solve_triangular(self.low, v, lower=True)
+        return self.low.dot(v)
+
+    def coeffs(self, auxmol, c):
+        """e of the density sum_k c_k chi_k of (spherical) ``auxmol``: X (k|chi) c, the
+        Coulomb projection onto this fitting basis (exact where the bases are the same)."""
+        jmol = _coulomb_auxmol(self.mol, auxmol)
+        key = id(auxmol)
+        if key not in self._cross:
+            self._cross[key] = gto.intor_cross('int2c2e', self.auxmol, jmol)
+        return self._x(self._cross[key].dot(_coeffs_in(jmol, auxmol, c)))
+
+    def project(self, dm):
+        dm = np.asarray(dm, dtype=np.float64).reshape(self.mol.nao, self.mol.nao)
+        tril = lib.pack_tril(dm + dm.T - np.diag(dm.diagonal()))
+        out, p0 = np.empty(self.naux), 0
+        for b in self.with_df.loop():
+            out[p0:p0 + len(b)] = b.dot(tril)
+            p0 += len(b)
+        return out
+
+    def solve(self, v):
+        return v
+
+    def metric_times(self, d):
+        return d
+
+    def fit(self, dm):
+        dm = np.asarray(dm)
+        last = self._last
+        if last is not None and last[0].shape == dm.shape and np.array_equal(last[0], dm):
+            return last[1], last[1]
+        e = self.project(dm)
+        self._last = (dm.copy(), e)
+        return e, e
+
+    def coulomb(self, e):
+        e = np.asarray(e, dtype=np.float64)
+        out, p0 = 0, 0
+        for b in self.with_df.loop():
+            out = out + e[p0:p0 + len(b)].dot(b)
+            p0 += len(b)
+        return lib.unpack_tril(out)
+
+
+def _scf_needs_k(mf):
+    """Whether the SCF builds exact exchange from its DF tensor (so PySCF builds it anyway)."""
+    if getattr(mf, 'only_dfj', False):
+        return False
+    if not hasattr(mf, 'xc'):
+        return True
+    omega, alpha, hyb = mf._numint.rsh_and_hybrid_coeff(mf.xc, spin=mf.mol.spin)
+    return abs(hyb) > 1e-14 or abs(alpha) > 1e-14
+
+
+def coulomb_engine(mf, auxmol, log=None):
+    """The Coulomb side of the guess for SCF object ``mf`` (see the module docstring), or
+    None where PySCF's 3-centre driver is unavailable. ``auxmol``: the basis of the grid fit.
+    """
+    mol = mf.mol
+    with_df = getattr(mf, 'with_df', None)
+    if isinstance(with_df, df.DF) and with_df.mol is mol:
+        build = with_df._cderi is not None or _scf_needs_k(mf)
+        if not build:
+            aux = with_df.auxmol or df.addons.make_auxmol(mol, with_df.auxbasis)
+            nbytes = mol.nao * (mol.nao + 1) // 2 * aux.nao * 8
+            # PySCF's own rule for a tensor in memory (df.DF.build)
+            build = nbytes * 1e-6 < .9 * (with_df.max_memory - lib.current_memory()[0])
+            if not build and log is not None:
+                log.info('densr: the DF tensor (%.1f GB) does not fit in memory; the '
+                         'guess makes screened 3-centre passes, as the SCF\'s DF-J does',
+                         nbytes * 1e-9)
+        if build:
+            try:
+                return CderiCoulomb(with_df)
+            except (ValueError, scipy.linalg.LinAlgError) as e:
+                if log is not None:
+                    log.info('densr: the SCF\'s DF tensor cannot serve the guess (%s); the '
+                             'guess fits on its own', e)
+    return _aux_coulomb(mol, auxmol, mf.max_memory)
