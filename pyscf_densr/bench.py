@@ -35,6 +35,13 @@ Columns of a row (:data:`COLUMNS`; energies in Hartree, times in seconds, NMAE i
                              build, DFT grids) counts in the guess time; total_time is the
                              fair comparison. Loading the network (torch import, weights)
                              happens once per process before any timing.
+``guess_builds fock_builds`` Fock builds made inside the guess (densr, oracle, control: the
+                             model's ``guess_fock_builds``, plus one exchange build for
+                             methods with exact exchange; PySCF's guesses: 0), and the total
+                             with the SCF's cycles: the count a guess cannot hide builds from
+``cycle_time``               scf_time / cycles: one SCF cycle of this run, seconds
+``peak_mem_mb``              the process's peak resident memory during guess and SCF (MB;
+                             Linux VmHWM, reset before each row; blank elsewhere)
 ``proj_score``               Tr(P_conv S P_guess S) / N_electrons (Lehtola, JCTC 2019), spin
                              blocks summed (a restricted P counts as P/2 per spin), so 1 is
                              the exact answer
@@ -50,7 +57,11 @@ Columns of a row (:data:`COLUMNS`; energies in Hartree, times in seconds, NMAE i
 ``jk_route``                 how the SCF built J/K: ``incore`` (4-centre integrals held in
                              memory, PySCF's choice when nao**4 bytes fit in ``max_memory``
                              beside what the process already uses), ``direct`` (recomputed
-                             every cycle) or ``df``. Guesses of one molecule are only
+                             every cycle), ``df-tensor`` (PySCF's DF tensor, built once:
+                             PySCF's choice with exact exchange, and what the densr guess
+                             builds and leaves to the SCF) or ``df-direct`` (PySCF's direct
+                             DF-J of a pure functional: 3-centre passes every cycle).
+                             Guesses of one molecule are only
                              comparable in time on the same route; the summary says when not
 ``error``                    why the row has no result (the guess or the SCF raised)
 
@@ -99,10 +110,12 @@ HELDOUT_RANGE = (450, 500)  # test split of the shipped models (shared/data shar
 
 COLUMNS = ['molecule', 'level', 'guess', 'natm', 'nao', 'nelectron', 'charge', 'spin',
            'converged', 'cycles', 'e_tot', 'dE', 'same_state',
-           'guess_time', 'scf_time', 'total_time',
+           'guess_time', 'scf_time', 'total_time', 'guess_builds', 'fock_builds', 'cycle_time',
+           'peak_mem_mb',
            'proj_score', 'dE_guess', 'nmae_sad', 'nmae_pred', 'nmae_dm',
            'voxels', 'threads', 'jk_route', 'error']
-_INT = ('natm', 'nao', 'nelectron', 'charge', 'spin', 'cycles', 'voxels', 'threads')
+_INT = ('natm', 'nao', 'nelectron', 'charge', 'spin', 'cycles', 'voxels', 'threads',
+        'guess_builds', 'fock_builds')
 _BOOL = ('converged', 'same_state')
 _STR = ('molecule', 'level', 'guess', 'jk_route', 'error')
 
@@ -430,9 +443,41 @@ def _blank_row(molecule, level, guess, mol):
 
 
 def _jk_route(mf):
-    if getattr(mf, 'with_df', None) is not None:
-        return 'df'
+    with_df = getattr(mf, 'with_df', None)
+    if with_df is not None:
+        return 'df-tensor' if getattr(with_df, '_cderi', None) is not None else 'df-direct'
     return 'incore' if getattr(mf, '_eri', None) is not None else 'direct'
+
+
+def guess_builds(mf, guess, model=None):
+    """Fock builds made inside ``guess`` (see the module docstring)."""
+    if guess not in GRID_GUESSES:
+        return 0
+    from pyscf_densr import project
+    if model is None or isinstance(model, (str, os.PathLike)):
+        model = hook.load_model(model)
+    omega, alpha, hyb = project._exchange_coeffs(mf)
+    return hook.guess_fock_builds(model) + int(abs(hyb) > 1e-14 or abs(alpha) > 1e-14)
+
+
+def _reset_peak_memory():
+    try:
+        with open('/proc/self/clear_refs', 'w') as f:
+            f.write('5')
+    except OSError:
+        pass
+
+
+def _peak_memory():
+    """Peak resident memory since :func:`_reset_peak_memory`, MB (None off Linux)."""
+    try:
+        with open('/proc/self/status') as f:
+            for line in f:
+                if line.startswith('VmHWM:'):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
 
 
 def _short_error(e):
@@ -472,9 +517,11 @@ def bench_molecule(molecule, level, guesses=DEFAULT_GUESSES, model=None, device=
                       scf_options)
         row = _blank_row(molecule, level, guess, mol)
         dm0, info = None, {}
+        _reset_peak_memory()
         try:
             dm0, row['guess_time'], info = make_guess(mf, guess, ref, model, device, exchange)
             row['scf_time'] = run_scf(mf, dm0)
+            row['peak_mem_mb'] = _peak_memory()
         except Exception as e:  # a failed guess is a result, not the end of the benchmark
             row['error'] = _short_error(e)
             row['converged'] = False
@@ -485,6 +532,9 @@ def bench_molecule(molecule, level, guesses=DEFAULT_GUESSES, model=None, device=
         row['converged'] = bool(mf.converged)
         row['cycles'] = int(mf.cycles)
         row['e_tot'] = float(mf.e_tot)
+        row['guess_builds'] = guess_builds(mf, guess, model)
+        row['fock_builds'] = row['cycles'] + row['guess_builds']
+        row['cycle_time'] = row['scf_time'] / max(row['cycles'], 1)
         return mf, row, dm0, info
 
     mf_ref, row_ref, dm_sad, _ = scf('minao')
@@ -660,6 +710,11 @@ def summarize(rows):
             tt = sum(_f(ok, 'total_time'))
             st['guess_fraction'] = sum(_f(ok, 'guess_time')) / tt if tt else None
             st['guess_time_mean'] = _mean(_f(ok, 'guess_time'))
+            st['fock_builds_mean'] = _mean(_f(ok, 'fock_builds'))
+            f0 = sum(a.get('fock_builds') or 0 for a, _ in pair)
+            st['build_reduction'] = (
+                100 * (1 - sum(b.get('fock_builds') or 0 for _, b in pair) / f0)
+                if pair and f0 else None)
             st['total_time_sum'] = tt
             st['proj_score_mean'] = _mean(_f(ok, 'proj_score'))
             st['dE_guess_median'] = _median(_f(ok, 'dE_guess'))
@@ -689,16 +744,18 @@ def _table(header, lines):
 
 def format_rows(rows):
     """A plain-text table of the rows (one line per molecule x level x guess)."""
-    header = ['molecule', 'level', 'guess', 'natm', 'nao', 'conv', 'cycles', 'dE/Eh', 'same',
-              't_guess/s', 't_scf/s', 't_total/s', 'proj', 'E[Pg]-E/Eh', 'nmae%', 'sad%',
+    header = ['molecule', 'level', 'guess', 'natm', 'nao', 'conv', 'cycles', 'builds',
+              'dE/Eh', 'same', 't_guess/s', 't_scf/s', 't_cycle/s', 't_total/s', 'MB', 'proj', 'E[Pg]-E/Eh', 'nmae%', 'sad%',
               'error']
     lines = []
     for r in rows:
         nm = r.get('nmae_pred')
         lines.append([r['molecule'][:28], r['level'], r['guess'], r['natm'], r['nao'],
-                      _fmt(r['converged'], ''), _fmt(r['cycles'], 'd'), _fmt(r['dE'], '.1e'),
+                      _fmt(r['converged'], ''), _fmt(r['cycles'], 'd'),
+                      _fmt(r.get('fock_builds'), 'd'), _fmt(r['dE'], '.1e'),
                       _fmt(r['same_state'], ''), _fmt(r['guess_time'], '.2f'),
-                      _fmt(r['scf_time'], '.2f'), _fmt(r['total_time'], '.2f'),
+                      _fmt(r['scf_time'], '.2f'), _fmt(r.get('cycle_time'), '.2f'),
+                      _fmt(r['total_time'], '.2f'), _fmt(r.get('peak_mem_mb'), '.0f'),
                       _fmt(r['proj_score'], '.5f'), _fmt(r['dE_guess'], '.2e'),
                       _fmt(nm, '.2f'), _fmt(r.get('nmae_sad') if nm is not None else None,
                                             '.2f'), (r.get('error') or '')[:40]])
@@ -715,14 +772,15 @@ def format_summary(summary):
     out = []
     for level, per in summary.items():
         with_dm = any(st['nmae_dm_mean'] is not None for st in per.values())
-        header = ['guess', 'n', 'err', 'conv', 'cyc mean', 'cyc med', 'cyc -%',
-                  'speedup med', 'speedup tot', 'same %', 'guess %', 'proj', 'E[Pg]-E med',
+        header = ['guess', 'n', 'err', 'conv', 'cyc mean', 'cyc med', 'cyc -%', 'builds',
+                  'builds -%', 'speedup med', 'speedup tot', 'same %', 'guess %', 'proj', 'E[Pg]-E med',
                   'nmae%', 'sad%'] + (['dm%'] if with_dm else [])
         lines = []
         for guess, st in per.items():
             ln = [guess, st['n'], st['errors'], st['converged'],
                   _fmt(st['cycles_mean'], '.2f'), _fmt(st['cycles_median'], '.1f'),
-                  _fmt(st['cycle_reduction'], '.1f'), _fmt(st['speedup_median'], '.2f'),
+                  _fmt(st['cycle_reduction'], '.1f'), _fmt(st['fock_builds_mean'], '.2f'),
+                  _fmt(st['build_reduction'], '.1f'), _fmt(st['speedup_median'], '.2f'),
                   _fmt(st['speedup_total'], '.2f'), _fmt(pct(st['same_state_rate']), '.0f'),
                   _fmt(pct(st['guess_fraction']), '.1f'), _fmt(st['proj_score_mean'], '.4f'),
                   _fmt(st['dE_guess_median'], '.2e'), _fmt(st['nmae_pred_mean'], '.2f'),
@@ -736,11 +794,15 @@ def format_summary(summary):
 
 
 def mixed_jk_routes(rows):
-    """(molecule, level) keys whose guesses' SCFs built J/K by different routes."""
+    """(molecule, level) keys whose guesses' SCFs built J/K by different routes, other than
+    the DF tensor that the grid guesses build for a density-fitted SCF (by design)."""
     routes = {}
     for r in rows:
-        if r.get('jk_route'):
-            routes.setdefault((r['molecule'], r['level']), set()).add(r['jk_route'])
+        route = r.get('jk_route')
+        if route:
+            if route.startswith('df') and r['guess'] in GRID_GUESSES:
+                continue
+            routes.setdefault((r['molecule'], r['level']), set()).add(route)
     return sorted(k for k, v in routes.items() if len(v) > 1)
 
 
@@ -798,6 +860,8 @@ def plot(rows, folder):
 
     ``cycles.png``: SCF cycles per guess (box plot, one panel per level).
     ``time_vs_size.png``: total time (filled) and guess time (open) against basis size.
+    ``guess_vs_cycle.png``: guess time of densr/oracle/control and the time of one SCF cycle
+    (minao's run) against atoms, log-log.
     ``guess_time_vs_voxels.png``: guess time of densr/oracle/control against fine-grid points.
     """
     import matplotlib
@@ -852,6 +916,25 @@ def plot(rows, folder):
         ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     paths.append(os.path.join(folder, 'time_vs_size.png'))
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for g in guesses:
+        rr = [r for r in rows if r['guess'] == g and r.get('cycle_time')]
+        if g in GRID_GUESSES and rr:
+            ax.scatter([r['natm'] for r in rr], [max(r['guess_time'], 1e-4) for r in rr],
+                       color=colors[g], marker='s', s=18, label='%s: guess' % g)
+        if g == 'minao' and rr:
+            ax.scatter([r['natm'] for r in rr], [r['cycle_time'] for r in rr], color='k',
+                       s=18, label='one SCF cycle (minao run)')
+    ax.set_xscale('log')
+    ax.set_yscale('log')
+    ax.set_xlabel('atoms')
+    ax.set_ylabel('wall time / s')
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    paths.append(os.path.join(folder, 'guess_vs_cycle.png'))
     fig.savefig(paths[-1], dpi=120)
     plt.close(fig)
 

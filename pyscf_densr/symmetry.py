@@ -12,6 +12,8 @@ symmetric as the geometry. An operation g is represented on the AOs by U_g,
 matrix F is averaged as (1/|G|) sum_g U_g^T F U_g.
 """
 
+import functools
+
 import numpy as np
 import scipy.sparse
 from scipy.spatial import cKDTree
@@ -103,23 +105,38 @@ def point_group(mol, tol=TOL):
     return ops
 
 
-def _shell_rotation(l, cart, rot):
-    """D with chi_m(R^-1 x) = sum_m' chi_m'(x) D_m'm for the angular functions of one shell
-    in PySCF's order and normalisation (a least-squares fit on random points)."""
+@functools.lru_cache(maxsize=None)
+def _shell_functions(l, cart):
+    """One shell of angular momentum ``l`` at the origin, and random points to fit on."""
     from pyscf import gto
     mol = gto.M(atom='X 0 0 0', basis={'X': [[l, [1.0, 1.0]]]}, cart=cart, unit='Bohr',
                 verbose=0)
     pts = np.random.default_rng(7).normal(size=(4 * (l + 1) ** 2 + 8, 3))
-    ao = mol.eval_gto('GTOval', pts)
-    ao_rot = mol.eval_gto('GTOval', pts.dot(rot))   # rows x -> R^-1 x = R^T x
-    return np.linalg.lstsq(ao, ao_rot, rcond=None)[0]
+    return mol, pts, mol.eval_gto('GTOval', pts)
 
 
-def ao_representation(mol, rot, perm):
-    """U_g as a sparse (nao, nao) matrix for the operation (rot, perm) of :func:`point_group`."""
+def shell_rotations(rots, lmax, cart=False):
+    """For each operation R of ``rots`` and each l <= ``lmax``, D with
+    chi_m(R^-1 x) = sum_m' chi_m'(x) D_m'm for the angular functions of one shell in
+    PySCF's order and normalisation (least squares on random points, one evaluation per l)."""
+    out = [[None] * (lmax + 1) for _ in rots]
+    for l in range(lmax + 1):
+        mol, pts, ao = _shell_functions(l, bool(cart))
+        # rows x -> R^-1 x = R^T x
+        big = mol.eval_gto('GTOval', np.vstack([pts.dot(r) for r in rots]))
+        pinv = np.linalg.pinv(ao)
+        for i in range(len(rots)):
+            out[i][l] = pinv.dot(big[i * len(pts):(i + 1) * len(pts)])
+    return out
+
+
+def ao_representation(mol, rot, perm, d=None):
+    """U_g as a sparse (nao, nao) matrix for the operation (rot, perm) of :func:`point_group`
+    (``d``: its :func:`shell_rotations`, where the caller has them)."""
     ao_loc = mol.ao_loc_nr()
-    lmax = int(mol._bas[:, 1].max()) if mol.nbas else 0
-    d = [_shell_rotation(l, mol.cart, rot) for l in range(lmax + 1)]
+    if d is None:
+        lmax = int(mol._bas[:, 1].max()) if mol.nbas else 0
+        d = shell_rotations([rot], lmax, mol.cart)[0]
     shells = [mol.atom_shell_ids(i) for i in range(mol.natm)]
     rows, cols, vals = [], [], []
     for i in range(mol.natm):
@@ -144,7 +161,11 @@ class Symmetrizer:
     def __init__(self, mol, tol=TOL):
         ops = point_group(mol, tol) if mol.natm else []
         self.order = len(ops)
-        self.us = [] if self.order <= 1 else [ao_representation(mol, q, p) for q, p in ops]
+        self.us = []
+        if self.order > 1:
+            lmax = int(mol._bas[:, 1].max()) if mol.nbas else 0
+            ds = shell_rotations([q for q, _ in ops], lmax, mol.cart)
+            self.us = [ao_representation(mol, q, p, d) for (q, p), d in zip(ops, ds)]
 
     def operator(self, f):
         """(1/|G|) sum_g U_g^T F U_g for F (nao, nao) or a stack of them (Fock, potential)."""

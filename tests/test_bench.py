@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from pyscf import gto, scf, dft
 
-from pyscf_densr import bench, cli
+from pyscf_densr import bench, cli, hook
 from conftest import WATER, SHARED
 
 WATER_XYZ = '3\ncharge=0 name=water\n' + '\n'.join(WATER.split('; ')) + '\n'
@@ -92,7 +92,8 @@ def test_oracle_beats_control(water_run):
 
 def test_plots_are_png(water_run):
     names = sorted(os.listdir(water_run['plots']))
-    assert names == ['cycles.png', 'guess_time_vs_voxels.png', 'time_vs_size.png']
+    assert names == ['cycles.png', 'guess_time_vs_voxels.png', 'guess_vs_cycle.png',
+                     'time_vs_size.png']
     for n in names:
         with open(os.path.join(water_run['plots'], n), 'rb') as f:
             assert f.read(8) == b'\x89PNG\r\n\x1a\n'
@@ -265,7 +266,7 @@ def test_jk_route_is_recorded(tmp_path, capsys):
                        'minao', '1e', '--max-memory', '1', '--csv', str(out),
                        '--no-progress']) == 0
     rows = bench.read_csv(str(out))
-    assert [r['jk_route'] for r in rows] == ['direct', 'direct', 'df', 'df']
+    assert [r['jk_route'] for r in rows] == ['direct', 'direct', 'df-tensor', 'df-tensor']
     assert 'different routes' not in capsys.readouterr().out
     rows[1]['jk_route'] = 'incore'
     assert bench.mixed_jk_routes(rows) == [('water', 'hf/sto-3g')]
@@ -311,3 +312,15 @@ def test_cli_help(capsys):
                 '--smiles', '--charge'):
         assert opt in out
     assert bench.main([]) == 2   # no molecules: a usage error, not a crash
+
+
+def test_fock_builds_and_memory_columns(water_run):
+    """Builds inside the guess count with the cycles; PySCF's guesses make none."""
+    rows = {r['guess']: r for r in water_run['rows']}
+    assert rows['minao']['guess_builds'] == 0
+    assert rows['minao']['fock_builds'] == rows['minao']['cycles']
+    d = rows['densr']
+    assert d['guess_builds'] == hook.guess_fock_builds(hook.load_model()) >= 1
+    assert d['fock_builds'] == d['cycles'] + d['guess_builds']
+    assert abs(d['cycle_time'] * d['cycles'] - d['scf_time']) < 1e-9
+    assert d['peak_mem_mb'] is None or d['peak_mem_mb'] > 50
