@@ -406,20 +406,26 @@ def init_guess(mf, mol=None, model=None, device=None, exchange=None, fallback=No
                             symmetry, log)
     except OptionError:
         raise
-    except NotApplicable as e:
-        if fallback == 'error':
-            raise
-        log.note('%s: PySCF\'s own guess is used', e)
     except DensrError as e:
         if fallback == 'error':
             raise
-        log.warn('%s; PySCF\'s own guess is used (fallback=minao)', e)
+        return _fall_back(mf, mol, e, log)
     except Exception as e:
         err = DensrError('densr guess failed inside (%s: %s); please report it with the '
                          'input' % (type(e).__name__, str(e).splitlines()[0][:200] if str(e)
                                     else ''))
         if fallback == 'error':
             raise err from e
+        err.__cause__ = e
+        return _fall_back(mf, mol, err, log)
+
+
+def _fall_back(mf, mol, err, log):
+    """PySCF's own guess after ``err``: a note where densr does not apply by design
+    (:class:`NotApplicable`), a warning where the guess failed."""
+    if isinstance(err, NotApplicable):
+        log.note('%s: PySCF\'s own guess is used', err)
+    else:
         log.warn('%s; PySCF\'s own guess is used (fallback=minao)', err)
     return pyscf_guess(mf, mol)
 
@@ -438,6 +444,12 @@ def _densr_guess(mf, mol, model, device, exchange, fallback, mix, fock_builds, s
     if isinstance(mf, ghf.GHF):
         return _generalized_guess(mf, mol, model, device, exchange, fallback, mix, log,
                                   fock_builds, symmetry)
+    s1e = mf.get_ovlp(mol)
+    if s1e.shape[-1] != mol.nao or np.iscomplexobj(s1e):
+        raise NotApplicable('densr guess: %s works in a basis of %d %s functions, not the '
+                            'molecule\'s %d real AOs (a spinor or two-component method)' % (
+                                type(mf).__name__, s1e.shape[-1],
+                                'complex' if np.iscomplexobj(s1e) else 'real', mol.nao))
     t_start = time.perf_counter()
     try:
         dm_sad = mf.init_guess_by_minao(mol)
@@ -460,7 +472,7 @@ def _densr_guess(mf, mol, model, device, exchange, fallback, mix, fock_builds, s
     nsym = guess_symmetry(net, symmetry)
     try:
         delta, fine = predict_delta_rho(mol, dm_sad_tot, net, device, log, nsym)
-        expected = fit_charge(mol, dm_sad_tot, mf.get_ovlp(mol), log)
+        expected = fit_charge(mol, dm_sad_tot, s1e, log)
         check_delta_rho(mol, delta, fine, expected, log)
         t0 = time.perf_counter()
         dm = project.density_matrix_from_delta_rho(

@@ -100,7 +100,13 @@ def test_classify_compat_failures():
                            "(0.8 difference)") == 'real'
     assert compat.classify("AttributeError: 'NoneType' object has no attribute") == 'real'
     assert compat.classify("AssertionError: 7 != 12") == 'tolerance'
+    assert compat.classify("AssertionError: np.float64(5.3e-07) != 0 within 6 places "
+                           "(np.float64(5.3e-07) difference)") == 'tolerance'
     base = {'a::t1': ('passed', ''), 'a::t2': ('passed', ''), 'a::t3': ('failed', 'x')}
     densr = {'a::t1': ('passed', ''), 'a::t2': ('error', 'IndexError: list index'),
              'a::t3': ('failed', 'x')}
-    assert compat.compare(base, densr) == [('a::t2', 'real', 'IndexError: list index')]
+    rows = compat.compare(base, densr)
+    assert rows == [('a::t2', 'real', 'IndexError: list index')]
+    text = compat.report(rows, base, densr, [('a::t1', False, 'densr guess failed inside'),
+                                             ('a::t3', True, 'densr guess: no atoms')])
+    assert '| 3 | 2 | 0 | 2 | 1 tests |' in text and 'guess failed: densr guess' in text
