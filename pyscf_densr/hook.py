@@ -63,6 +63,10 @@ KEY = 'densr'
 MIN_DISTANCE = 0.2  # Bohr; closer atoms are an error, not a molecule
 UNSEEN_RADIUS = 3.0  # Bohr; delta-rho is switched off within this distance of unseen elements
 MAX_BOX_VOXELS = 2e7  # coarse voxels; default of PYSCF_DENSR_MAX_BOX_VOXELS
+# Below this many basis functions a whole minao SCF takes about as long as the guess's fixed
+# cost (network pass, grids, Fock builds: 0.3-0.5 s on one core), so no guess can pay for
+# itself: such molecules get PySCF's own guess (measured in docs/benchmarks.md, small end)
+MIN_NAO = 60
 
 _models = {}
 _models_lock = threading.Lock()
@@ -444,6 +448,9 @@ def _densr_guess(mf, mol, model, device, exchange, fallback, mix, fock_builds, s
     if isinstance(mf, ghf.GHF):
         return _generalized_guess(mf, mol, model, device, exchange, fallback, mix, log,
                                   fock_builds, symmetry)
+    if mol.nao < MIN_NAO:
+        raise NotApplicable('densr guess: %d basis functions, fewer than %d: the SCF is '
+                            'cheaper than the guess would cost' % (mol.nao, MIN_NAO))
     s1e = mf.get_ovlp(mol)
     if s1e.shape[-1] != mol.nao or np.iscomplexobj(s1e):
         raise NotApplicable('densr guess: %s works in a basis of %d %s functions, not the '

@@ -41,3 +41,11 @@ def random_rotation(seed):
     if np.linalg.det(q) < 0:
         q[:, 0] *= -1
     return q
+
+
+@pytest.fixture(autouse=True)
+def densr_on_small_molecules(monkeypatch):
+    """The tests exercise the densr guess on small molecules, below the size where the
+    package gives PySCF's own guess for speed (hook.MIN_NAO; tested on its own)."""
+    from pyscf_densr import hook
+    monkeypatch.setattr(hook, 'MIN_NAO', 0)

@@ -110,3 +110,19 @@ def test_classify_compat_failures():
     text = compat.report(rows, base, densr, [('a::t1', False, 'densr guess failed inside'),
                                              ('a::t3', True, 'densr guess: no atoms')])
     assert '| 3 | 2 | 0 | 2 | 1 tests |' in text and 'guess failed: densr guess' in text
+
+
+def test_small_molecules_get_pyscf_guess(monkeypatch):
+    """Below hook.MIN_NAO basis functions the SCF costs less than any guess: PySCF's own
+    guess with a note (NotApplicable when strict); at or above it, the densr guess."""
+    from pyscf_densr import hook
+    monkeypatch.setattr(hook, 'MIN_NAO', 40)
+    mol = gto.M(atom=WATER, basis='def2-svp', verbose=0)
+    assert mol.nao < 40
+    with pytest.raises(hook.NotApplicable, match='basis functions'):
+        pyscf_densr.init_guess(scf.RHF(mol), fallback='error')
+    assert np.allclose(pyscf_densr.init_guess(scf.RHF(mol)), scf.RHF(mol).init_guess_by_minao())
+    big = gto.M(atom=WATER, basis='def2-tzvp', verbose=0)
+    assert big.nao >= 40
+    dm = pyscf_densr.init_guess(scf.RHF(big), fallback='error')
+    assert not np.allclose(dm, scf.RHF(big).init_guess_by_minao(), atol=1e-3)

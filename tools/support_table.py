@@ -1,13 +1,16 @@
-"""Cycles minao / densr for each class of docs/support.md with the default model.
+"""Cycles and wall time of minao and densr for each class of docs/support.md.
 
-Run from the repository root: ``OMP_NUM_THREADS=1 python examples/diagnostics/support_table.py``
-(about 15 minutes on one thread). PySCF defaults (conv_tol 1e-9, grids level 3), def2-SVP
-unless a case says otherwise; prints one markdown row per case and fails loudly if a densr
-run lands in another state than minao's.
+    python tools/support_table.py [--threads 1] [--model NAME] [FILTER ...]
+
+PySCF defaults (conv_tol 1e-9, grids level 3), def2-SVP unless a case says otherwise; one
+Markdown row per case (FILTER: only cases whose class or molecule contains it), and an
+error if a densr run lands in another state than minao's. Times are wall seconds of the
+whole ``mf.kernel()`` (guess included), each case run minao, densr, minao, densr in one
+process after a warm-up densr run (model loaded), the faster of each pair kept.
 """
-import sys, time
+import argparse
+import time
 from pyscf import gto, scf, dft, lib
-lib.num_threads(1)
 import pyscf_densr
 
 ETHANOL = '''C -0.0484 0.5590 0.0000; C 1.2400 -0.2464 0.0000; O -1.1614 -0.3238 0.0000
@@ -63,28 +66,51 @@ CASES = [
 ]
 
 
-def run(make, mol, guess):
+def run(make, mol, guess, model=None):
     mf = make(mol)
     mf.init_guess = guess
     t0 = time.perf_counter()
-    mf.kernel()
+    if guess == 'densr' and model:
+        mf.kernel(pyscf_densr.init_guess(mf, model=model))
+    else:
+        mf.kernel()
     assert mf.converged, (guess, mol.atom)
     return mf, time.perf_counter() - t0
 
 
-only = sys.argv[1:]
-print('| class | molecule (def2-SVP unless noted) | cycles minao / densr | dE / Eh |')
-print('| --- | --- | --- | --- |')
-tot = [0, 0]
-for cls, name, atom, charge, spin, kw, make in CASES:
-    if only and not any(o.lower() in (cls + name).lower() for o in only):
-        continue
-    mol = gto.M(atom=atom, basis='def2-svp', charge=charge, spin=spin, verbose=0, **kw)
-    ref, _ = run(make, mol, 'minao')
-    mf, _ = run(make, mol, 'densr')
-    de = mf.e_tot - ref.e_tot
-    assert abs(de) < 1e-6, (cls, name, de)
-    tot[0] += ref.cycles
-    tot[1] += mf.cycles
-    print('| %s | %s | %d / %d | %.1e |' % (cls, name, ref.cycles, mf.cycles, de), flush=True)
-print('| total | | %d / %d | |' % tuple(tot))
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    ap.add_argument('only', nargs='*', help='only cases whose class or molecule contain it')
+    ap.add_argument('--threads', type=int, default=1)
+    ap.add_argument('--model', default=None, help='densr model (default: the shipped one)')
+    a = ap.parse_args(argv)
+    lib.num_threads(a.threads)
+    run(CASES[0][-1], gto.M(atom=WATER, basis='def2-svp', verbose=0), 'densr', a.model)
+    print('| class | molecule (def2-SVP unless noted) | cycles minao / densr | '
+          'time minao / densr / s | speedup | dE / Eh |')
+    print('| --- | --- | --- | --- | --- | --- |')
+    tot = [0, 0, 0., 0.]
+    ratios = []
+    for cls, name, atom, charge, spin, kw, make in CASES:
+        if a.only and not any(o.lower() in (cls + name).lower() for o in a.only):
+            continue
+        mol = gto.M(atom=atom, basis='def2-svp', charge=charge, spin=spin, verbose=0, **kw)
+        ref, t0 = run(make, mol, 'minao')
+        mf, t1 = run(make, mol, 'densr', a.model)
+        t0 = min(t0, run(make, mol, 'minao')[1])
+        t1 = min(t1, run(make, mol, 'densr', a.model)[1])
+        de = mf.e_tot - ref.e_tot
+        assert abs(de) < 1e-6, (cls, name, de)
+        tot = [tot[0] + ref.cycles, tot[1] + mf.cycles, tot[2] + t0, tot[3] + t1]
+        ratios.append(t0 / t1)
+        print('| %s | %s | %d / %d | %.2f / %.2f | %.2f | %.1e |' % (
+            cls, name, ref.cycles, mf.cycles, t0, t1, t0 / t1, de), flush=True)
+    ratios.sort()
+    med = ratios[len(ratios) // 2] if len(ratios) % 2 else sum(
+        ratios[len(ratios) // 2 - 1:len(ratios) // 2 + 1]) / 2
+    print('| total (speedup: median of the rows; sum) | | %d / %d | %.1f / %.1f | %.2f; %.2f | |'
+          % (tot[0], tot[1], tot[2], tot[3], med, tot[2] / tot[3]))
+
+
+if __name__ == '__main__':
+    main()
