@@ -8,7 +8,7 @@ get their collinear twin's guess in PySCF's GHF layout.
 
 Options without code changes (environment variables):
 
-``PYSCF_DENSR_MODEL``     shipped model name or path to NAME.pt (default ``densr-small-v8``;
+``PYSCF_DENSR_MODEL``     shipped model name or path to NAME.pt (default ``densr-cpu``;
                           ``densr-gpu``: the larger model, for GPU users)
 ``PYSCF_DENSR_DEVICE``    ``cpu``, ``cuda``, ``cuda:1``... (default: CUDA if available)
 ``PYSCF_DENSR_FALLBACK``  ``minao`` (default) or ``error``: what happens where the densr

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from pyscf_densr.errors import ModelError  # noqa: F401 (raised here, part of this API)
 
 MODEL_DIR = os.path.join(os.path.dirname(__file__), 'models')
-DEFAULT_MODEL = 'densr-small-v8'
+DEFAULT_MODEL = 'densr-cpu'
 
 DEFAULT_CONFIG = {
     'arch': 'ResUpNet3d',

@@ -586,7 +586,7 @@ def guess_grids(mf, level=1):
     how fine a grid pays depends on how good the density is: on validation molecules 400-403
     (PBE/def2-SVP) the exact delta-rho gave 29 cycles in all at level 1 and 35 at level 0
     (minao 51), while the shipped model's gave 47 at either level; level 0 has about 4.5
-    times fewer points and saves about 1 s per QM9 guess (``examples/diagnostics/xc_route.py``).
+    times fewer points and saves about 1 s per QM9 guess.
     The level is therefore a model setting (``guess_grids_level`` in its config, default 1).
     """
     from pyscf import dft

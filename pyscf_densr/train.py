@@ -52,7 +52,7 @@ TRAIN_DEFAULTS = {
     'max_minutes': None,          # stop (and export) after this wall time
     'run_minutes': None,          # stop this process after this wall time (checkpoint kept,
                                   # schedule untouched): one of several resumed runs, e.g.
-                                  # one call of a lent GPU machine
+                                  # one call of a GPU machine
     'schedule': 'steps',          # cosine from lr to min_lr over 'steps', or over 'minutes'
                                   # (max_minutes of wall time, summed over resumed runs): for a
                                   # fixed budget on hardware of unknown speed

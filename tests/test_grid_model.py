@@ -139,7 +139,7 @@ def test_grown_model_starts_where_the_small_one_was():
     multi = model_mod.build_model(channels=4, blocks=2, coarse_blocks=2, coarse_channels=6)
     assert model_mod.load_grown(multi, small.state_dict()) == ['branch']
     assert torch.equal(multi(x), small(x))
-    # ... and more blocks in an existing branch (how densr-small-v5 grew from v4)
+    # ... and more blocks in an existing branch
     for p in multi.branch.parameters():
         torch.nn.init.normal_(p, std=0.2)
     deeper = model_mod.build_model(channels=4, blocks=2, coarse_blocks=4, coarse_channels=6,
@@ -230,7 +230,7 @@ def _saved_random_net(tmp_path, seed):
 
 
 def test_half_precision_weights_load_as_float32(tmp_path):
-    """Shipped weights may be stored in float16 (densr-small-v6 and -v7, to keep the files small):
+    """Shipped weights may be stored in float16 (densr-cpu, to keep the file small):
     the loaded network computes in float32 with the rounded weights."""
     net, state = _saved_random_net(tmp_path, 2)
     torch.save({k: v.half() for k, v in state.items()}, tmp_path / 'm.pt')
@@ -240,7 +240,7 @@ def test_half_precision_weights_load_as_float32(tmp_path):
     with torch.no_grad():
         a, b = net.eval()(x), half(x)
     assert 0 < float((a - b).abs().max()) < 0.01 * float(a.abs().max())   # rounded, not lost
-    for name in ('densr-small-v6', model_mod.DEFAULT_MODEL):   # both shipped in float16
+    for name in (model_mod.DEFAULT_MODEL,):   # shipped in float16
         assert model_mod.from_pretrained(name).up.weight.dtype == torch.float32
 
 

@@ -456,21 +456,6 @@ def test_import_is_light():
     assert out.stdout.strip() == 'False'
 
 
-def test_sulfur_chlorine_model_sees_s_and_cl(caplog):
-    """The shipped S/Cl fine-tune lists S and Cl as seen (no switch-off near them) and its
-    guess lands where minao does."""
-    net = pyscf_densr.load_model('densr-small-scl')
-    assert {1, 6, 7, 8, 16, 17} <= set(net.config['elements'])
-    mol = gto.M(atom='C 0 0 0; Cl 0 0 1.78; H 1.03 0 -0.36; H -0.51 0.89 -0.36; '
-                'H -0.51 -0.89 -0.36', basis='def2-svp', verbose=0)
-    ref = _run(dft.RKS(mol, xc='pbe'), 'minao')
-    mf = dft.RKS(mol, xc='pbe')
-    assert not hook._unseen_atoms(mol, net.config['elements'])
-    dm = pyscf_densr.init_guess(mf, model='densr-small-scl')
-    mf.kernel(dm)
-    assert mf.converged and abs(mf.e_tot - ref.e_tot) < 1e-6
-
-
 def test_scf_df_tensor_serves_the_guess(ethanol):
     """On PySCF's DF tensor the guess's fit and J are PySCF's DF-J, in the SCF's own
     fitting basis; the grid-fit coefficients (another basis) enter by Coulomb projection."""

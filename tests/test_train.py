@@ -156,10 +156,10 @@ def test_whole_box_training_lowers_the_error(tiny_config, tmp_path):
     shipped model on one molecule must lower that molecule's NMAE."""
     cfg = train.load_config(str(tiny_config))
     cfg.update(crop=0, batch=1, steps=12, val_every=12, lr=1e-4, min_lr=1e-4, model={},
-               init='densr-small', out=str(tmp_path / 'boxes'), train_range=[0, 1],
+               init=model_mod.DEFAULT_MODEL, out=str(tmp_path / 'boxes'), train_range=[0, 1],
                val_range=[0, 1])
     cdir = train.cache_dir(cfg, train._model_config(cfg))
-    before, sad = train.evaluate_nmae(model_mod.from_pretrained('densr-small'), cdir, ['000000'])
+    before, sad = train.evaluate_nmae(model_mod.from_pretrained(), cdir, ['000000'])
     train.train(cfg, log=lambda *a: None)
     hist = [json.loads(l) for l in open(tmp_path / 'boxes' / 'history.jsonl')]
     assert hist[-1]['step'] == 12 and hist[-1]['sad_nmae'] == pytest.approx(sad)
@@ -207,11 +207,11 @@ def test_coulomb_loss_lowers_the_coulomb_error(tiny_config, tmp_path):
     same steps without it."""
     cfg = train.load_config(str(tiny_config))
     cfg.update(crop=0, batch=1, steps=8, val_every=8, lr=1e-4, min_lr=1e-4, model={},
-               init='densr-small', out=str(tmp_path / 'coul'), train_range=[0, 1],
+               init=model_mod.DEFAULT_MODEL, out=str(tmp_path / 'coul'), train_range=[0, 1],
                val_range=[0, 1], coulomb_weight=5.0, select='val_coulomb')
     cdir = train.cache_dir(cfg, train._model_config(cfg))
     before = []
-    train.evaluate_nmae(model_mod.from_pretrained('densr-small'), cdir, ['000000'],
+    train.evaluate_nmae(model_mod.from_pretrained(), cdir, ['000000'],
                         coulomb=before)
     train.train(cfg, log=lambda *a: None)
     hist = [json.loads(l) for l in open(tmp_path / 'coul' / 'history.jsonl')]

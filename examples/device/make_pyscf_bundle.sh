@@ -6,7 +6,7 @@
 # libxc.so (18 MB compressed): libxc_itrf.so is replaced by stubs (xcstub.c) so that
 # pyscf.dft imports, since grids need numint's AO evaluation but no functional. Nothing that
 # evaluates an XC functional works with this bundle; the cache it builds is bitwise the same
-# as the full PySCF's (checked on molecules 400-401 in session 10).
+# as the full PySCF's (checked on molecules 400-401).
 set -eu
 SP=$(python -c "import os, pyscf; print(os.path.dirname(os.path.dirname(pyscf.__file__)))")
 HERE=$(cd "$(dirname "$0")" && pwd)
