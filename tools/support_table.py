@@ -1,6 +1,6 @@
 """Cycles and wall time of minao and densr for each class of docs/support.md.
 
-    python tools/support_table.py [--threads 1] [--model NAME] [FILTER ...]
+    python tools/support_table.py [--threads 1] [--model NAME] [--all-sizes] [FILTER ...]
 
 PySCF defaults (conv_tol 1e-9, grids level 3), def2-SVP unless a case says otherwise; one
 Markdown row per case (FILTER: only cases whose class or molecule contains it), and an
@@ -83,7 +83,12 @@ def main(argv=None):
     ap.add_argument('only', nargs='*', help='only cases whose class or molecule contain it')
     ap.add_argument('--threads', type=int, default=1)
     ap.add_argument('--model', default=None, help='densr model (default: the shipped one)')
+    ap.add_argument('--all-sizes', action='store_true',
+                    help='the densr guess however small the molecule (hook.MIN_NAO = 0)')
     a = ap.parse_args(argv)
+    if a.all_sizes:
+        from pyscf_densr import hook
+        hook.MIN_NAO = 0
     lib.num_threads(a.threads)
     run(CASES[0][-1], gto.M(atom=WATER, basis='def2-svp', verbose=0), 'densr', a.model)
     print('| class | molecule (def2-SVP unless noted) | cycles minao / densr | '
