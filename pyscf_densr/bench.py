@@ -423,7 +423,7 @@ def make_guess(mf, guess, ref=None, model=None, device=None, exchange=None):
         level = 1 if guess == 'oracle' else hook.guess_grids_level(model)
         dm = project.density_matrix_from_delta_rho(
             mf, delta, fine, dm_sad=dm_sad, auxbasis=model.config.get('auxbasis'),
-            exchange=exchange or os.environ.get('PYSCF_DENSR_EXCHANGE', 'auto'), mix=mix,
+            exchange=exchange or 'auto', mix=mix,
             grids_level=level, fock_builds=hook.guess_fock_builds(model))
         dt = time.perf_counter() - t0
         info['delta'], info['grid'] = delta, fine

@@ -6,46 +6,46 @@ passed as ``init_guess``, goes to PySCF's own method unchanged. RHF, UHF, ROHF, 
 density-fitted and scanner variants all reach ``SCF.get_init_guess`` at call time; GHF/GKS
 get their collinear twin's guess in PySCF's GHF layout.
 
-Options without code changes (environment variables):
+Options are attributes of the SCF object, as PySCF's own are (declared in ``_keys`` on
+``pyscf.scf.hf.SCF`` by :func:`register`, printed by ``dump_flags`` at verbose >= 4 when
+``init_guess`` is ``'densr'``); the keyword arguments of :func:`init_guess` take precedence,
+and :func:`options` merges them in one place. None means: the environment variable where
+there is one (for what a user cannot set in code), else the model's setting.
 
-``PYSCF_DENSR_MODEL``     shipped model name or path to NAME.pt (default ``densr-cpu``;
-                          ``densr-gpu``: the larger model, for GPU users)
-``PYSCF_DENSR_DEVICE``    ``cpu``, ``cuda``, ``cuda:1``... (default: CUDA if available)
-``PYSCF_DENSR_FALLBACK``  ``minao`` (default) or ``error``: what happens where the densr
-                          guess does not apply or cannot be made. ``minao``: an SCF that
-                          densr does not cover by design (:class:`NotApplicable`: 4-component
-                          DHF/DKS, no atoms, only ghost atoms, no electrons, a periodic
-                          cell) gets PySCF's own guess with a one-line note in the log; a
-                          guess that fails (:class:`DensrError`: a bad model file, NaN or
-                          absurd network output, out of memory, a box over the limit,
-                          overlapping atoms, or any exception inside the guess, wrapped)
-                          gets PySCF's own guess with a warning. ``error`` (strict): both
-                          raise. Invalid option values raise ``ValueError`` either way.
-``PYSCF_DENSR_EXCHANGE``  ``auto`` (default), ``sad`` or ``iterate``; see :mod:`project`.
-``PYSCF_DENSR_MAX_VOXELS`` coarse voxels the network takes in one piece (default 2e6);
-                          larger boxes run in overlapping tiles (see :func:`model.predict`).
-``PYSCF_DENSR_MAX_BOX_VOXELS`` the largest box, in coarse voxels, the guess accepts (default
-                          2e7: a cube of about 108 Bohr at 0.4 Bohr; its grids alone take
-                          about 1 GB); a larger one (atoms far apart, wrong units) is a
-                          :class:`DensrError` raised before anything is allocated.
-``PYSCF_DENSR_BLOCK_MEMORY`` working memory in MB of the blocked grid quadratures and
-                          auxiliary-function evaluations (default 200).
-``PYSCF_DENSR_METALS``    ``minao`` (default) or ``densr``: the guess for molecules with
-                          open-d/f-shell metals (groups 3-11, lanthanides, actinides). A
-                          guess made by one Fock build and an aufbau occupation sends
-                          PySCF's DIIS astray for such complexes (Fe(CO)5, PBE/def2-SVP: no
-                          convergence in 50 cycles or 32 cycles, even with delta-rho = 0,
-                          where minao needs 17), so by default they get minao's guess, with a
-                          warning in the log; ``densr`` makes the densr guess anyway.
-``PYSCF_DENSR_MIX``       the returned guess is P_SAD + mix (P_Fock - P_SAD) (see
-                          :func:`project.mix_with_sad`); default: the model's ``guess_mix``
-                          (chosen on its validation molecules), else 1.
-``PYSCF_DENSR_FOCK_BUILDS`` 1 to 6: Fock builds of the projection (more than one: Anderson
-                          mixing of the builds, :func:`project.anderson_step`);
-                          default: the model's ``guess_fock_builds``, else 1.
-``PYSCF_DENSR_SYMMETRY``  1, 2, 8 or 48: the network's prediction averaged over that many
-                          symmetry operations of the box, one pass each (see
-                          :func:`model.predict`); default: the model's ``symmetry``, else 1.
+``densr_model``        shipped model name or path to NAME.pt (``PYSCF_DENSR_MODEL``; default
+                       ``densr-cpu``; ``densr-gpu``: the larger model, for GPU users)
+``densr_device``       ``cpu``, ``cuda``, ``cuda:1``... (``PYSCF_DENSR_DEVICE``; default CUDA
+                       if available)
+``densr_fallback``     ``minao`` (default) or ``error`` (``PYSCF_DENSR_FALLBACK``): what
+                       happens where the densr guess does not apply or cannot be made.
+                       ``minao``: an SCF that densr does not cover by design
+                       (:class:`NotApplicable`: under ``MIN_NAO`` basis functions,
+                       4-component or spinor methods, no atoms, only ghost atoms, no
+                       electrons, a periodic cell) gets PySCF's own guess with a one-line
+                       note in the log; a guess that fails (:class:`DensrError`: a bad model
+                       file, NaN or absurd network output, out of memory, a box over the
+                       limit, overlapping atoms, or any exception inside the guess, wrapped)
+                       gets PySCF's own guess with a warning. ``error`` (strict): both
+                       raise. Invalid option values raise ``ValueError`` either way.
+``densr_fock_builds``  1 to 6 Fock builds in the guess (more than one: Anderson mixing of
+                       the builds, :func:`project.anderson_step`); default the model's
+                       ``guess_fock_builds``
+``densr_symmetry``     1, 2, 8 or 48 network passes averaged over symmetry operations of the
+                       box (:func:`model.predict`); default the model's ``symmetry``
+``densr_mix``          the returned guess is P_SAD + mix (P_Fock - P_SAD), mix in (0, 1];
+                       default the model's ``guess_mix``
+``densr_exchange``     ``auto`` (default), ``sad`` or ``iterate``: exact exchange of the
+                       guess from P_SAD or rebuilt once from the first diagonalisation
+``densr_metals``       False (default): molecules with open-shell d/f metals get minao's
+                       guess, with a warning (one Fock build and an aufbau occupation send
+                       PySCF's DIIS astray for such complexes: Fe(CO)5, PBE/def2-SVP, no
+                       convergence in 50 cycles where minao needs 17); True: densr anyway
+
+Memory: the network runs in tiles of at most ``PYSCF_DENSR_MAX_VOXELS`` coarse voxels
+(default 2e6); a box over ``PYSCF_DENSR_MAX_BOX_VOXELS`` (default 2e7, about 108 Bohr a side)
+is a :class:`DensrError` raised before anything is allocated; the blocked grid quadratures
+use ``PYSCF_DENSR_BLOCK_MEMORY`` MB (default 200); PySCF's own buffers follow
+``mf.max_memory``.
 """
 
 import os
@@ -128,7 +128,7 @@ def check_molecule(mol):
 
 
 def open_shell_metals(mol):
-    """Symbols of the real atoms of groups 3-11 and of the f block (see PYSCF_DENSR_METALS)."""
+    """Symbols of the real atoms of groups 3-11 and of the f block (see densr_metals)."""
     out = set()
     for i in range(mol.natm):
         z = int(mol.atom_charge(i) and gto.charge(mol.atom_pure_symbol(i)))
@@ -307,13 +307,13 @@ def check_delta_rho(mol, delta, fine, expected, log=None):
 
 
 def guess_mix(net, mix=None):
-    """The damping of the returned guess: ``mix``, else PYSCF_DENSR_MIX, else the model's."""
+    """The damping of the returned guess: ``mix``, else the model's ``guess_mix``."""
     if mix is None:
-        mix = os.environ.get('PYSCF_DENSR_MIX') or net.config.get('guess_mix', 1.0)
+        mix = net.config.get('guess_mix', 1.0)
     try:
         mix = float(mix)
     except ValueError:
-        raise OptionError('PYSCF_DENSR_MIX must be a number in (0, 1], not %r' % mix) from None
+        raise OptionError('densr_mix must be a number in (0, 1], not %r' % mix) from None
     if not 0 < mix <= 1:
         raise OptionError('the guess mix must be in (0, 1], not %g' % mix)
     return mix
@@ -321,16 +321,15 @@ def guess_mix(net, mix=None):
 
 def guess_fock_builds(net, builds=None):
     """Fock builds of the projection (1 to project.MAX_FOCK_BUILDS; more than one:
-    :func:`project.anderson_step`): ``builds``, else PYSCF_DENSR_FOCK_BUILDS, else the
-    model's ``guess_fock_builds`` (default 1)."""
+    :func:`project.anderson_step`): ``builds``, else the model's ``guess_fock_builds``
+    (default 1)."""
     from pyscf_densr import project
     if builds is None:
-        builds = os.environ.get('PYSCF_DENSR_FOCK_BUILDS') or net.config.get(
-            'guess_fock_builds', 1)
+        builds = net.config.get('guess_fock_builds', 1)
     try:
         builds = int(builds)
     except ValueError:
-        raise OptionError('PYSCF_DENSR_FOCK_BUILDS must be an integer from 1 to %d, not %r'
+        raise OptionError('densr_fock_builds must be an integer from 1 to %d, not %r'
                           % (project.MAX_FOCK_BUILDS, builds)) from None
     if not 1 <= builds <= project.MAX_FOCK_BUILDS:
         raise OptionError('the guess\'s Fock builds must be from 1 to %d, not %d'
@@ -340,18 +339,17 @@ def guess_fock_builds(net, builds=None):
 
 def guess_symmetry(net, symmetry=None):
     """Symmetry operations of the box the network's prediction is averaged over (1, 2, 8 or
-    48; :func:`model.predict`): ``symmetry``, else PYSCF_DENSR_SYMMETRY, else the model's
-    ``symmetry`` (default 1)."""
+    48; :func:`model.predict`): ``symmetry``, else the model's ``symmetry`` (default 1)."""
     from pyscf_densr.model import SYMMETRY_PASSES
     if symmetry is None:
-        symmetry = os.environ.get('PYSCF_DENSR_SYMMETRY') or net.config.get('symmetry', 1)
+        symmetry = net.config.get('symmetry') or 1
     try:
         symmetry = int(symmetry)
     except ValueError:
         symmetry = None
     if symmetry not in SYMMETRY_PASSES:
-        raise OptionError('the symmetry averaging of the network (symmetry, '
-                         'PYSCF_DENSR_SYMMETRY) takes 1, 2, 8 or 48 operations of the box')
+        raise OptionError('the symmetry averaging of the network (densr_symmetry) takes 1, '
+                          '2, 8 or 48 operations of the box')
     return symmetry
 
 
@@ -361,13 +359,46 @@ def guess_grids_level(net):
     return int(net.config.get('guess_grids_level', 1))
 
 
+# the guess's options: SCF attribute -> environment variable (None: set in code only), default
+OPTIONS = {
+    'densr_model': ('PYSCF_DENSR_MODEL', None),
+    'densr_device': ('PYSCF_DENSR_DEVICE', None),
+    'densr_fallback': ('PYSCF_DENSR_FALLBACK', 'minao'),
+    'densr_fock_builds': (None, None),
+    'densr_symmetry': (None, None),
+    'densr_mix': (None, None),
+    'densr_exchange': (None, 'auto'),
+    'densr_metals': (None, False),
+}
+
+
+def options(mf, **kwargs):
+    """The densr settings for SCF object ``mf``, merged in one place: a keyword argument
+    (``model=``, ``fock_builds=``...), else the attribute ``mf.densr_<name>``, else its
+    environment variable (model, device, fallback), else the default (None: the model's
+    setting, resolved by :func:`init_guess`). Fallback and exchange are validated here."""
+    out = {}
+    for attr, (env, default) in OPTIONS.items():
+        name = attr[len('densr_'):]
+        value = kwargs.get(name)
+        if value is None:
+            value = getattr(mf, attr, None)
+        if value is None and env:
+            value = os.environ.get(env) or None
+        out[name] = default if value is None else value
+    out['fallback'] = str(out['fallback']).lower()
+    if out['fallback'] not in ('error', 'minao'):
+        raise OptionError("densr_fallback (PYSCF_DENSR_FALLBACK) must be 'minao' or 'error', "
+                          "not %r" % out['fallback'])
+    if out['exchange'] not in ('auto', 'sad', 'iterate'):
+        raise OptionError("densr_exchange must be 'auto', 'sad' or 'iterate', not %r"
+                          % out['exchange'])
+    return out
+
+
 def fallback_policy(fallback=None):
     """``fallback``, else PYSCF_DENSR_FALLBACK, else ``'minao'`` (see the module docstring)."""
-    fallback = (fallback or os.environ.get('PYSCF_DENSR_FALLBACK') or 'minao').lower()
-    if fallback not in ('error', 'minao'):
-        raise OptionError("fallback (PYSCF_DENSR_FALLBACK) must be 'minao' or 'error', not %r"
-                          % fallback)
-    return fallback
+    return options(None, fallback=fallback)['fallback']
 
 
 def pyscf_guess(mf, mol=None):
@@ -377,7 +408,7 @@ def pyscf_guess(mf, mol=None):
 
 
 def init_guess(mf, mol=None, model=None, device=None, exchange=None, fallback=None, mix=None,
-               fock_builds=None, symmetry=None):
+               fock_builds=None, symmetry=None, metals=None):
     """The densr initial guess density matrix for SCF object ``mf``.
 
     Args:
@@ -385,17 +416,9 @@ def init_guess(mf, mol=None, model=None, device=None, exchange=None, fallback=No
             not). Others (4-component DHF/DKS, no atoms or electrons, periodic cells) get
             PySCF's own guess under the fallback policy.
         mol: the molecule (default ``mf.mol``).
-        model: shipped model name, path to NAME.pt, or a loaded network.
-        device: torch device for the network ('cpu', 'cuda', ...).
-        exchange: 'auto', 'sad' or 'iterate' (see :func:`project.density_matrix_from_delta_rho`).
-        fallback: 'minao' (default) or 'error' (see the module docstring).
-        mix: P_SAD + mix (P_Fock - P_SAD) is returned; default PYSCF_DENSR_MIX or the
-            model's ``guess_mix`` (see :func:`project.mix_with_sad`).
-        fock_builds: 1 to project.MAX_FOCK_BUILDS (see :func:`project.anderson_step`); default
-            PYSCF_DENSR_FOCK_BUILDS or the model's ``guess_fock_builds``.
-        symmetry: 1, 2, 8 or 48 network passes averaged over symmetry operations of the box
-            (see :func:`model.predict`); default PYSCF_DENSR_SYMMETRY or the model's
-            ``symmetry``.
+        model, device, exchange, fallback, mix, fock_builds, symmetry, metals: the options
+            of the module docstring; each overrides the SCF attribute ``densr_<name>``
+            (:func:`options`). ``model`` may also be a loaded network.
 
     Returns:
         The density matrix in ``mf``'s convention (2D for RHF/RKS, (2, nao, nao) otherwise)
@@ -404,10 +427,11 @@ def init_guess(mf, mol=None, model=None, device=None, exchange=None, fallback=No
     """
     mol = mol or mf.mol
     log = logger.new_logger(mf)
-    fallback = fallback_policy(fallback)
+    opts = options(mf, model=model, device=device, exchange=exchange, fallback=fallback,
+                   mix=mix, fock_builds=fock_builds, symmetry=symmetry, metals=metals)
+    fallback = opts['fallback']
     try:
-        return _densr_guess(mf, mol, model, device, exchange, fallback, mix, fock_builds,
-                            symmetry, log)
+        return _densr_guess(mf, mol, opts, log)
     except OptionError:
         raise
     except DensrError as e:
@@ -434,20 +458,16 @@ def _fall_back(mf, mol, err, log):
     return pyscf_guess(mf, mol)
 
 
-def _densr_guess(mf, mol, model, device, exchange, fallback, mix, fock_builds, symmetry, log):
+def _densr_guess(mf, mol, opts, log):
+    """The data path: SAD -> grid -> network -> fit -> Fock builds -> density matrix."""
     from pyscf_densr import project
     from pyscf.scf import dhf, ghf
-    exchange = exchange or os.environ.get('PYSCF_DENSR_EXCHANGE', 'auto')
-    if exchange not in ('auto', 'sad', 'iterate'):
-        raise OptionError("exchange (PYSCF_DENSR_EXCHANGE) must be 'auto', 'sad' or "
-                          "'iterate', not %r" % exchange)
     if isinstance(mf, dhf.DHF):
         raise NotApplicable('densr guess: 4-component Dirac-Hartree-Fock/Dirac-Kohn-Sham (%s) '
                             'is not covered' % type(mf).__name__)
     check_molecule(mol)
     if isinstance(mf, ghf.GHF):
-        return _generalized_guess(mf, mol, model, device, exchange, fallback, mix, log,
-                                  fock_builds, symmetry)
+        return _generalized_guess(mf, mol, opts, log)
     if mol.nao < MIN_NAO:
         raise NotApplicable('densr guess: %d basis functions, fewer than %d: the SCF is '
                             'cheaper than the guess would cost' % (mol.nao, MIN_NAO))
@@ -465,26 +485,26 @@ def _densr_guess(mf, mol, model, device, exchange, fallback, mix, fock_builds, s
                          '(minao), which failed for this molecule (elements %s): %s: %s' % (
                              ','.join(sorted(set(mol.elements))), type(e).__name__, e)) from e
     metals = open_shell_metals(mol)
-    if metals and os.environ.get('PYSCF_DENSR_METALS', 'minao').lower() != 'densr':
+    if metals and not opts['metals']:
         log.warn('densr: %s: open-shell d/f metals; a guess made by one Fock build and an '
                  'aufbau occupation sends PySCF\'s SCF astray for such complexes, so the '
-                 'minao guess is used (PYSCF_DENSR_METALS=densr overrides)', ','.join(metals))
+                 'minao guess is used (mf.densr_metals = True overrides)', ','.join(metals))
         return dm_sad
     dm_sad_tot = np.asarray(dm_sad)
     if dm_sad_tot.ndim == 3:
         dm_sad_tot = dm_sad_tot.sum(axis=0)
-    net = load_model(model, device)
-    options = dict(mix=guess_mix(net, mix), grids_level=guess_grids_level(net),
-                   fock_builds=guess_fock_builds(net, fock_builds))
-    nsym = guess_symmetry(net, symmetry)
+    net = load_model(opts['model'], opts['device'])
+    settings = dict(mix=guess_mix(net, opts['mix']), grids_level=guess_grids_level(net),
+                    fock_builds=guess_fock_builds(net, opts['fock_builds']))
+    nsym = guess_symmetry(net, opts['symmetry'])
     try:
-        delta, fine = predict_delta_rho(mol, dm_sad_tot, net, device, log, nsym)
+        delta, fine = predict_delta_rho(mol, dm_sad_tot, net, opts['device'], log, nsym)
         expected = fit_charge(mol, dm_sad_tot, s1e, log)
         check_delta_rho(mol, delta, fine, expected, log)
         t0 = time.perf_counter()
         dm = project.density_matrix_from_delta_rho(
             mf, delta, fine, dm_sad=dm_sad, auxbasis=net.config.get('auxbasis'),
-            exchange=exchange, log=log, charge=expected, **options)
+            exchange=opts['exchange'], log=log, charge=expected, **settings)
         log.info('densr: projection to a density matrix in %.2f s', time.perf_counter() - t0)
     except MemoryError as e:
         raise DensrError('densr guess ran out of memory (%s); lower PYSCF_DENSR_BLOCK_MEMORY '
@@ -514,15 +534,13 @@ def _collinear_twin(mf, mol):
     return twin
 
 
-def _generalized_guess(mf, mol, model, device, exchange, fallback, mix, log, fock_builds=None,
-                       symmetry=None):
+def _generalized_guess(mf, mol, opts, log):
     """GHF/GKS: the total density of the collinear twin's guess (:func:`_collinear_twin`),
     laid out as PySCF lays out its own minao guess for GHF: half in each spin block, plus
     an alpha-beta coupling of 5% of the diagonal. Keeping the twin's spin polarisation
     instead led an open-shell spin-orbit (X2C) GHF to another state than minao's."""
     from pyscf.scf import ghf
-    dm = np.asarray(init_guess(_collinear_twin(mf, mol), mol, model, device, exchange,
-                               fallback, mix, fock_builds, symmetry))
+    dm = np.asarray(init_guess(_collinear_twin(mf, mol), mol, **opts))
     if dm.ndim == 3:
         dm = dm[0] + dm[1]
     log.info('densr: GHF/GKS guess from the total density of the %s twin',
@@ -539,27 +557,31 @@ def _get_init_guess(self, mol=None, key='minao', **kwargs):
     return _orig_get_init_guess(self, mol, key, **kwargs)
 
 
+_orig_dump_flags = None
+
+
+def _dump_flags(self, verbose=None):
+    out = _orig_dump_flags(self, verbose)
+    key = getattr(self, 'init_guess', None)
+    if isinstance(key, str) and key.lower() == KEY:
+        log = logger.new_logger(self, verbose)
+        if log.verbose >= logger.INFO:
+            for attr in OPTIONS:
+                log.info('%s = %s', attr, getattr(self, attr, None))
+    return out
+
+
 def register():
-    """Make ``'densr'`` a valid ``init_guess`` key (idempotent)."""
-    global _orig_get_init_guess
+    """Make ``'densr'`` a valid ``init_guess`` key and declare the ``densr_*`` options on
+    PySCF's SCF class (idempotent)."""
+    global _orig_get_init_guess, _orig_dump_flags
     if _orig_get_init_guess is None:
         _orig_get_init_guess = hf.SCF.get_init_guess
         hf.SCF.get_init_guess = _get_init_guess
         _get_init_guess.__doc__ = _orig_get_init_guess.__doc__
-    _register_gpu4pyscf()
-
-
-def _register_gpu4pyscf():
-    import sys
-    mod = sys.modules.get('gpu4pyscf.scf.hf')
-    if mod is None or getattr(mod.SCF, '_densr_wrapped', False):
-        return
-    orig = mod.SCF.get_init_guess
-
-    def get_init_guess(self, mol=None, key='minao', **kwargs):
-        if isinstance(key, str) and key.lower() == KEY:
-            import cupy  # untested: no GPU build of PySCF was available to this project
-            return cupy.asarray(init_guess(self.to_cpu(), mol))
-        return orig(self, mol, key, **kwargs)
-    mod.SCF.get_init_guess = get_init_guess
-    mod.SCF._densr_wrapped = True
+        _orig_dump_flags = hf.SCF.dump_flags
+        hf.SCF.dump_flags = _dump_flags
+        _dump_flags.__doc__ = _orig_dump_flags.__doc__
+        for attr in OPTIONS:
+            setattr(hf.SCF, attr, None)
+        hf.SCF._keys = set(hf.SCF._keys) | set(OPTIONS)

@@ -666,7 +666,7 @@ def density_matrix_from_delta_rho(mf, delta_rho, grid, dm_sad=None, auxbasis=DEF
     if getattr(aux, 'incore', True) is False and fock_builds > 1:
         log.note('densr: the 3-centre integrals (%.1f GB) do not fit in half of what '
                  'mf.max_memory leaves free, so each of the %d further Fock builds makes two '
-                 'screened integral passes; PYSCF_DENSR_FOCK_BUILDS=1 makes one build, '
+                 'screened integral passes; mf.densr_fock_builds = 1 makes one build, '
                  'density fitting (mf.density_fit()) or a larger mf.max_memory keeps the '
                  'integrals in memory', aux.int3c_bytes * 1e-9, fock_builds - 1)
     grids = guess_grids(mf, grids_level)

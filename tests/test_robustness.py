@@ -426,7 +426,7 @@ def test_bad_options_raise_whatever_the_fallback(monkeypatch):
         pyscf_densr.init_guess(mf, fallback='maybe')
     with pytest.raises(ValueError, match='Fock builds'):
         pyscf_densr.init_guess(mf, fock_builds=9)
-    monkeypatch.setenv('PYSCF_DENSR_EXCHANGE', 'exact')
+    mf.densr_exchange = 'exact'
     with pytest.raises(ValueError, match='exchange'):
         pyscf_densr.init_guess(mf)
 
@@ -565,7 +565,7 @@ def test_heavy_elements_and_ecps(atom, ecp, kind, tmp_path):
 
 def test_open_shell_metals_get_minao_unless_asked(tmp_path, monkeypatch):
     """AgCl (def2-SVP with the Ag ECP): groups 3-11 get minao's guess by default, logged;
-    PYSCF_DENSR_METALS=densr makes the densr guess, which lands where minao does here."""
+    mf.densr_metals = True makes the densr guess, which lands where minao does here."""
     mol = gto.M(atom='Ag 0 0 0; Cl 0 0 2.28', basis='def2-svp', ecp={'Ag': 'def2-svp'},
                 verbose=0)
     assert hook.open_shell_metals(mol) == ['Ag']
@@ -574,11 +574,15 @@ def test_open_shell_metals_get_minao_unless_asked(tmp_path, monkeypatch):
     dm, log = _log_of(mf, tmp_path, lambda m: pyscf_densr.init_guess(m))
     assert 'open-shell d/f metals' in log
     assert np.allclose(dm, mf.init_guess_by_minao())
-    monkeypatch.setenv('PYSCF_DENSR_METALS', 'densr')
-    dm, log = _log_of(make(mol), tmp_path, lambda m: pyscf_densr.init_guess(m))
+    dm, log = _log_of(make(mol), tmp_path, lambda m: pyscf_densr.init_guess(m, metals=True))
     assert 'open-shell d/f metals' not in log and 'carry an ECP' in log
     assert abs(_electron_counts(make(mol), dm)[0] - mol.nelectron) < 1e-8
-    _same_state(make, mol)
+
+    def make_densr(m):
+        mf = make(m)
+        mf.densr_metals = True
+        return mf
+    _same_state(make_densr, mol)
 
 
 def test_metal_classification():
@@ -596,7 +600,7 @@ def test_metal_classification():
 
 @pytest.mark.slow
 def test_iron_pentacarbonyl_same_state_as_minao(tmp_path):
-    """Fe(CO)5, PBE/def2-SVP: the case behind PYSCF_DENSR_METALS (minao 17 cycles)."""
+    """Fe(CO)5, PBE/def2-SVP: the case behind mf.densr_metals (minao 17 cycles)."""
     mol = gto.M(atom='Fe 0 0 0; C 0 0 1.81; O 0 0 2.96; C 0 0 -1.81; O 0 0 -2.96; '
                 'C 1.83 0 0; O 2.98 0 0; C -0.915 1.585 0; O -1.49 2.58 0; '
                 'C -0.915 -1.585 0; O -1.49 -2.58 0', basis='def2-svp', verbose=0)
