@@ -1,6 +1,6 @@
 #!/bin/bash
 # Build gpu/pyscf_trim.tar.xz (about 10 MB): the installed PySCF without what grid-cache
-# building does not touch, for this workplace's GPU machine, which has torch but no PySCF and
+# building does not touch, for a GPU machine that has torch but no PySCF and
 # no package registry, and takes at most 64 MiB of files per call. Dropped: post-HF and PBC
 # Python packages, their C libraries, large basis files other than def2-* and ano, and
 # libxc.so (18 MB compressed): libxc_itrf.so is replaced by stubs (xcstub.c) so that
