@@ -47,7 +47,8 @@ POLICIES = {
 _ALIASES = {'minao+previous': 'previous', 'minao+extrapolate': 'extrapolate'}
 
 # Parameters that change the physics: a change drops results and the stored density matrices.
-_PHYSICS = {'xc', 'basis', 'charge', 'spin', 'density_fit', 'auxbasis', 'grids_level'}
+_PHYSICS = {'xc', 'basis', 'charge', 'spin', 'density_fit', 'auxbasis', 'grids_level',
+            'method'}
 # Parameters that change the numbers but not the state: a change drops the results only.
 _NUMERICS = {'conv_tol', 'max_cycle', 'grid_response'}
 
@@ -149,6 +150,15 @@ class DensrCalculator(Calculator):
      grid_response        False             Grid response in DFT forces (slower; forces become
                                             the exact derivative of the energy)
      verbose              0                 PySCF verbosity (0: quiet, 4: per-cycle output)
+     method               None              A ready PySCF SCF object (any functional, ECPs,
+                                            dispersion, solvent, density fitting...), as
+                                            PySCF's own ``pyscf_ase`` takes one: its
+                                            molecule gives basis, ECP, charge and spin, its
+                                            settings everything else; xc, basis, charge,
+                                            spin, density_fit, auxbasis, grids_level,
+                                            conv_tol, max_cycle and verbose are then unused.
+                                            The atoms must have its molecule's elements in
+                                            its order.
     ==================== ================= =======================================================
 
     Guess policies (``guess``):
@@ -204,6 +214,7 @@ class DensrCalculator(Calculator):
         'grids_level': 3,
         'grid_response': False,
         'verbose': 0,
+        'method': None,
     }
 
     def __init__(self, atoms=None, **kwargs):
@@ -252,6 +263,13 @@ class DensrCalculator(Calculator):
 
     def _charge_spin(self, atoms):
         p = self.parameters
+        if p.method is not None:
+            mol = p.method.mol
+            if [int(z) for z in atoms.numbers] != [int(mol.atom_charge(i) + mol.atom_nelec_core(i))
+                                                   for i in range(mol.natm)]:
+                raise InputError('DensrCalculator: the atoms (%s) are not the elements of '
+                                 'the method\'s molecule in its order' % atoms.get_chemical_formula())
+            return int(mol.charge), int(mol.spin)
         charge = p.charge
         if charge is None:
             charge = int(round(atoms.get_initial_charges().sum()))
@@ -264,6 +282,8 @@ class DensrCalculator(Calculator):
 
     def _make_mol(self, atoms, charge, spin):
         p = self.parameters
+        if p.method is not None:
+            return p.method.mol.set_geom_(atoms.positions / Bohr, unit='Bohr', inplace=False)
         try:
             return gto.M(atom=[(int(z), r) for z, r in zip(atoms.numbers, atoms.positions / Bohr)],
                          unit='Bohr', basis=p.basis, charge=charge, spin=spin,
@@ -273,6 +293,10 @@ class DensrCalculator(Calculator):
 
     def _make_scf(self, mol):
         p = self.parameters
+        if p.method is not None:
+            # a fresh SCF of the user's configuration at this geometry, as PySCF's scanners
+            # make one (reset drops everything tied to the old geometry)
+            return p.method.copy().reset(mol)
         restricted = mol.spin == 0
         if str(p.xc).lower() == 'hf':
             mf = scf.RHF(mol) if restricted else scf.UHF(mol)
@@ -392,7 +416,7 @@ class DensrCalculator(Calculator):
                       t_guess=t1 - t0, t_scf=t2 - t1)
         if not mf.converged:
             msg = ('DensrCalculator: SCF not converged in %d cycles from the %s guess '
-                   '(conv_tol %g); retrying from minao' % (mf.cycles, kind, p.conv_tol))
+                   '(conv_tol %g); retrying from minao' % (mf.cycles, kind, mf.conv_tol))
             warnings.warn(msg, RuntimeWarning, stacklevel=3)
             logger.warn(mf, msg)
             mf = self._make_scf(mol)
@@ -407,7 +431,7 @@ class DensrCalculator(Calculator):
             if not mf.converged:
                 raise SCFError('DensrCalculator: SCF not converged from the %s guess nor from '
                                'minao (max_cycle %d, conv_tol %g); raise max_cycle, check the '
-                               'geometry, charge and spin' % (kind, p.max_cycle, p.conv_tol))
+                               'geometry, charge and spin' % (kind, mf.max_cycle, mf.conv_tol))
         self.mf = mf
         self._remember(mf, coords)
         energy = float(mf.e_tot) * Hartree

@@ -1,7 +1,7 @@
 """Training and fine-tuning: grids from labelled shards, random crops, checkpoints.
 
 ``densr train CONFIG.yaml`` and ``densr finetune CONFIG.yaml`` run :func:`train`. The config
-(YAML, TOML or JSON) holds everything; see ``docs/training.md`` and ``examples/train_default.yaml``.
+(YAML, TOML or JSON) holds everything; see ``docs/training.md`` and ``examples/train_cpu.yaml``.
 
 Grids are made once per molecule from the shard's orbitals (the converged density) and
 PySCF's minao guess (the SAD density), with the same box rules as inference

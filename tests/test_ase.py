@@ -268,3 +268,33 @@ def test_unconverged_guess_recovers_from_minao(monkeypatch):
     assert h['retried'] and h['converged']
     assert h['cycles'] == ref.cycles * 2
     assert abs(e - ref.e_tot * Hartree) < 1e-6
+
+
+def test_wraps_a_ready_pyscf_method():
+    """A configured PySCF method (here a density-fitted hybrid on coarse grids)
+    drives the calculator: its energy at each geometry is that method's, the densr policies
+    apply, the wrong elements are refused, and a new method resets the state."""
+    from pyscf import gto, dft
+    atoms = molecule('H2O')
+    mol = gto.M(atom=[(s, p) for s, p in zip(atoms.get_chemical_symbols(), atoms.positions)],
+                basis='def2-svp', verbose=0)
+    method = dft.RKS(mol, xc='b3lyp').density_fit()
+    method.grids.level = 1
+    method.conv_tol = 1e-10
+    calc = DensrCalculator(method=method, guess='densr+previous')
+    atoms.calc = calc
+    for shift in (0.0, 0.02):
+        atoms.positions[0, 2] += shift
+        e = atoms.get_potential_energy()
+        ref = dft.RKS(mol.set_geom_(atoms.positions, inplace=False), xc='b3lyp').density_fit()
+        ref.grids.level = 1
+        ref.conv_tol = 1e-10
+        assert abs(e / Hartree - ref.kernel()) < 1e-8
+    assert [h['guess'] for h in calc.history] == ['densr', 'previous']
+    assert calc.mf.xc == 'b3lyp' and calc.mf.grids.level == 1
+    calc.set(method=dft.RKS(mol, xc='pbe'))
+    assert calc._state is None
+    with pytest.raises(InputError, match='elements'):
+        bad = molecule('NH3')
+        bad.calc = DensrCalculator(method=method)
+        bad.get_potential_energy()
