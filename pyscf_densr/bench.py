@@ -793,6 +793,40 @@ def format_summary(summary):
     return '\n\n'.join(out)
 
 
+def format_markdown(rows):
+    """A Markdown table, one line per molecule x level: cycles and Fock builds of every guess
+    (slash-separated, in the order of the rows), densr's guess time against one SCF cycle of
+    minao's run, total times, densr's speedup and peak memory, and whether every guess
+    landed in minao's state."""
+    guesses = list(dict.fromkeys(r['guess'] for r in rows))
+    keys = list(dict.fromkeys((r['molecule'], r['level']) for r in rows))
+    by = {(r['molecule'], r['level'], r['guess']): r for r in rows}
+    g = '/'.join(guesses)
+    lines = ['| molecule | level | atoms | nao | cycles %s | Fock builds %s | densr guess / s '
+             '| one minao cycle / s | total %s / s | densr speedup | densr peak MB | '
+             'same state |' % (g, g, g),
+             '| --- | --- | ---: | ---: | --- | --- | ---: | ---: | --- | ---: | ---: | --- |']
+    for mol, lv in keys:
+        rr = [by.get((mol, lv, x)) for x in guesses]
+        ok = [r for r in rr if r is not None and not r.get('error')]
+        if not ok:
+            continue
+        m, d = by.get((mol, lv, 'minao')), by.get((mol, lv, 'densr'))
+
+        def cell(key, spec):
+            return '/'.join(_fmt(r.get(key) if r is not None and not r.get('error') else None,
+                                 spec) for r in rr)
+        speed = (m['total_time'] / d['total_time'] if m and d and not d.get('error')
+                 and d.get('total_time') else None)
+        lines.append('| %s | %s | %d | %d | %s | %s | %s | %s | %s | %s | %s | %s |' % (
+            mol, lv, ok[0]['natm'], ok[0]['nao'], cell('cycles', 'd'), cell('fock_builds', 'd'),
+            _fmt(d.get('guess_time') if d else None, '.1f'),
+            _fmt(m.get('cycle_time') if m else None, '.1f'), cell('total_time', '.0f'),
+            _fmt(speed, '.2f'), _fmt(d.get('peak_mem_mb') if d else None, '.0f'),
+            'yes' if all(r['guess'] == 'minao' or r.get('same_state') for r in ok) else 'no'))
+    return '\n'.join(lines)
+
+
 def mixed_jk_routes(rows):
     """(molecule, level) keys whose guesses' SCFs built J/K by different routes, other than
     the DF tensor that the grid guesses build for a density-fitted SCF (by design)."""
@@ -1047,6 +1081,8 @@ def _parser():
     out.add_argument('--plots', metavar='DIR', help='write PNG plots to DIR')
     out.add_argument('--summary-only', action='store_true',
                      help='print only the per-level summary, not every row')
+    out.add_argument('--markdown', action='store_true',
+                     help='also print a Markdown table, one line per molecule and level')
     out.add_argument('--no-progress', action='store_true', help='no progress bar')
     return p
 
@@ -1118,6 +1154,9 @@ def main(argv=None):
         print(format_rows(allrows))
         print()
     print(format_summary(summarize(allrows)))
+    if args.markdown:
+        print()
+        print(format_markdown(allrows))
     mixed = mixed_jk_routes(allrows)
     if mixed:
         print('\nnote: the SCFs of %d molecule-level pairs built J/K by different routes '

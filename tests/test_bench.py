@@ -324,3 +324,10 @@ def test_fock_builds_and_memory_columns(water_run):
     assert d['fock_builds'] == d['cycles'] + d['guess_builds']
     assert abs(d['cycle_time'] * d['cycles'] - d['scf_time']) < 1e-9
     assert d['peak_mem_mb'] is None or d['peak_mem_mb'] > 50
+
+
+def test_markdown_table(water_run):
+    text = bench.format_markdown(water_run['rows'])
+    lines = text.splitlines()
+    assert lines[0].startswith('| molecule | level |') and len(lines) == 3
+    assert '| water | pbe/def2-svp |' in lines[2] and lines[2].endswith('| yes |')
