@@ -61,19 +61,23 @@ def make_auxmol(mol, auxbasis=DEFAULT_AUXBASIS):
     """The auxiliary (fitting) molecule, spherical functions, same atoms as ``mol``.
 
     Elements that ``auxbasis`` does not cover get PySCF's even-tempered basis
-    (``df.aug_etb``) instead, so any element PySCF can handle can be fitted. Ghost atoms
-    ('ghost-O', 'X-O') get their element's functions: the density near them is fitted
-    like anywhere else. Bare dummy atoms without a basis get none.
+    (``df.aug_etb``, made from the atom's own AO basis) instead, so any element PySCF can
+    handle can be fitted. Ghost atoms ('ghost-O', 'X-O') get their element's functions: the
+    density near them is fitted like anywhere else; a bare ghost with a basis of its own
+    ('ghost' with H functions, say) gets the even-tempered set of that basis. Bare dummy
+    atoms without a basis get none.
     """
     if isinstance(auxbasis, str):
         basis = {}
         etb = None
         for symb in set(a[0] for a in mol._atom):
             elem = _element_of(symb)
-            if not elem or not mol._basis.get(symb, mol._basis.get(elem)):
-                basis[symb] = []
+            own = mol._basis.get(symb, mol._basis.get(elem) if elem else None)
+            if not own:
                 continue
             try:
+                if not elem:
+                    raise KeyError(symb)
                 basis[symb] = gto.basis.load(auxbasis, elem)
             except Exception:
                 etb = etb or df.aug_etb(mol)

@@ -126,3 +126,20 @@ def test_small_molecules_get_pyscf_guess(monkeypatch):
     assert big.nao >= 40
     dm = pyscf_densr.init_guess(scf.RHF(big), fallback='error')
     assert not np.allclose(dm, scf.RHF(big).init_guess_by_minao(), atol=1e-3)
+
+
+def test_bare_ghost_atom_with_its_own_basis():
+    """A bare 'ghost' carrying H functions (PySCF's own test_ghost_atm_meta_lowdin): an
+    even-tempered fitting set made from its basis, and minao's energy."""
+    mol = gto.M(atom=[['O', (0., 0., 0.)], ['ghost', (0., -0.757, 0.587)],
+                      [1, (0., 0.757, 0.587)]], spin=1, symmetry=True, verbose=0,
+                basis={'O': 'ccpvdz', 'H': 'ccpvdz', 'GHOST': gto.basis.load('ccpvdz', 'H')})
+    from pyscf_densr import project
+    assert project.make_auxmol(mol).atom_nshells(1) > 0
+    pyscf_densr.init_guess(scf.RHF(mol), fallback='error')
+    e = []
+    for key in ('minao', 'densr'):
+        mf = scf.RHF(mol)
+        mf.init_guess = key
+        e.append(mf.kernel())
+    assert abs(e[0] - e[1]) < 1e-8
