@@ -11,7 +11,8 @@ and imports :mod:`pyscf_densr`, with the densr guess made for every molecule how
 
 tolerance   an assertion on a value that depends on where the SCF starts (an energy after a
             fixed number of cycles, a quantity converged only loosely, a count of
-            iterations) missed by less than ``--tolerance`` (default 1e-4);
+            iterations) missed by less than ``--tolerance`` (default 1e-4), or a test of
+            :data:`START_DEPENDENT` (checked one by one, with the reason);
 real        anything else: an exception from the guess or the SCF, or an assertion missed
             by more than that; and every test in which the densr guess failed and fell
             back to PySCF's own guess (the test may pass, but densr did not serve it).
@@ -48,6 +49,18 @@ def _recorded(mf, mol, err, log):
 hook._fall_back = _recorded
 """
 _RUN = "import sys, pytest; sys.exit(pytest.main(sys.argv[1:]))"
+# Tests whose asserted value depends on where the SCF starts, each checked by hand: they
+# count as 'tolerance' (start-dependent) with the reason given, whatever the difference.
+START_DEPENDENT = {
+    'pyscf/scf/test/test_diis.py::KnownValues::test_roll_back':
+        'the energy after max_cycle = 10, not converged',
+    'pyscf/scf/test/test_rhf.py::KnownValues::test_input_diis':
+        'the energy after max_cycle = 1',
+    'pyscf/scf/test/test_addons.py::KnownValues::test_frac_occ':
+        "N2(2+) with fractional occupations has two SCF solutions: minao and atom reach "
+        "-107.1347 Eh, PySCF's own huckel, sap and 1e guesses the lower -107.1947, as densr "
+        "does",
+}
 # "a != b within 7 places (diff difference)" (assertAlmostEqual) and numpy's "Max absolute
 # difference ...: x" (assert_allclose)
 _NUM = r'(?:np\.float64\()?([-+0-9.eE]+)\)?'
@@ -137,7 +150,10 @@ def compare(base, densr, tolerance=1e-4):
         if state not in ('failed', 'error') or base.get(tid, ('missing',))[0] != 'passed':
             continue
         first = msg.strip().splitlines()[0][:160] if msg.strip() else state
-        rows.append((tid, classify(msg, tolerance), first))
+        if tid in START_DEPENDENT:
+            rows.append((tid, 'tolerance', START_DEPENDENT[tid] + ' (' + first[:80] + ')'))
+        else:
+            rows.append((tid, classify(msg, tolerance), first))
     return rows
 
 

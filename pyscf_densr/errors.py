@@ -16,3 +16,9 @@ class ModelError(DensrError):
 
 class OptionError(ValueError):
     """A guess option with a value it cannot take; raised whatever the fallback policy."""
+
+
+class SCFOwnError(Exception):
+    """An error raised by the SCF object's own method inside the guess (its ``get_occ``
+    cannot occupy the orbitals, say): the SCF cannot run from any guess, so the guess
+    re-raises the original (``__cause__``) instead of handing over to another guess."""

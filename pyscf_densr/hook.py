@@ -72,7 +72,8 @@ _models = {}
 _models_lock = threading.Lock()
 
 
-from pyscf_densr.errors import DensrError, NotApplicable, ModelError, OptionError  # noqa: F401
+from pyscf_densr.errors import (DensrError, NotApplicable, ModelError, OptionError,  # noqa: F401
+                                SCFOwnError)
 
 
 def _device(device=None):
@@ -434,6 +435,8 @@ def init_guess(mf, mol=None, model=None, device=None, exchange=None, fallback=No
         return _densr_guess(mf, mol, opts, log)
     except OptionError:
         raise
+    except SCFOwnError as e:
+        raise e.__cause__
     except DensrError as e:
         if fallback == 'error':
             raise
@@ -510,7 +513,24 @@ def _densr_guess(mf, mol, opts, log):
         raise DensrError('densr guess ran out of memory (%s); lower PYSCF_DENSR_BLOCK_MEMORY '
                          'or mf.max_memory' % (str(e) or type(e).__name__)) from e
     log.info('densr: initial guess in %.2f s', time.perf_counter() - t_start)
-    return dm
+    return _break_spin_symmetry(mf, mol, dm, log)
+
+
+def _break_spin_symmetry(mf, mol, dm, log):
+    """UHF/UKS of a singlet: PySCF's own guesses break the alpha/beta symmetry as
+    ``mf.init_guess_breaksym`` says (default 1: beta keeps only the atoms' diagonal blocks),
+    so that a broken-symmetry solution (a stretched bond) can be reached; the densr guess
+    does the same, with PySCF's own function. The result is a plain matrix, as theirs."""
+    from pyscf.scf import uhf
+    breaksym = getattr(mf, 'init_guess_breaksym', None)
+    dm = np.asarray(dm) if not hasattr(dm, 'mo_coeff') else dm
+    if not breaksym or not isinstance(mf, uhf.UHF) or mol.spin != 0 or np.ndim(dm) != 3:
+        return dm
+    dma, dmb = uhf._break_dm_spin_symm(mol, dm, breaksym)
+    if dma is dm[0] and dmb is dm[1]:
+        return dm
+    log.debug('densr: alpha/beta symmetry broken as init_guess_breaksym=%s asks', breaksym)
+    return np.array((dma, dmb))
 
 
 def _collinear_twin(mf, mol):

@@ -37,6 +37,7 @@ BLKSIZE = numint.BLKSIZE
 from pyscf_densr import grid as grid_mod
 from pyscf_densr import symmetry
 from pyscf_densr.coulomb import _cart2sph_sparse, coulomb_engine, coulomb_of_aux
+from pyscf_densr.errors import SCFOwnError
 
 DEFAULT_AUXBASIS = 'def2-universal-jkfit'
 # upper bound of the guess's Fock builds (project.anderson_step); each costs one DF-J and XC build
@@ -423,7 +424,10 @@ def density_matrix_from_veff(mf, veff, dm_sad, h1e=None, s1e=None, x=None, sym=N
         veff = sym.operator(veff)
     fock = mf.get_fock(h1e, s1e, veff, dm_sad)
     mo_energy, mo_coeff = _eig(mf, fock, s1e, x)
-    mo_occ = mf.get_occ(mo_energy, mo_coeff)
+    try:
+        mo_occ = mf.get_occ(mo_energy, mo_coeff)
+    except Exception as e:
+        raise SCFOwnError('%s.get_occ failed: %s' % (type(mf).__name__, e)) from e
     dm = mf.make_rdm1(mo_coeff, mo_occ)
     return lib.tag_array(dm, mo_coeff=mo_coeff, mo_occ=mo_occ, mo_energy=mo_energy)
 

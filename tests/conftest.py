@@ -43,9 +43,12 @@ def random_rotation(seed):
     return q
 
 
-@pytest.fixture(autouse=True)
-def densr_on_small_molecules(monkeypatch):
+@pytest.fixture(autouse=True, scope='session')
+def densr_on_small_molecules():
     """The tests exercise the densr guess on small molecules, below the size where the
-    package gives PySCF's own guess for speed (hook.MIN_NAO; tested on its own)."""
+    package gives PySCF's own guess for speed (hook.MIN_NAO; tested on its own).
+    Session-wide, so that module-scoped fixtures run under it too."""
     from pyscf_densr import hook
-    monkeypatch.setattr(hook, 'MIN_NAO', 0)
+    old, hook.MIN_NAO = hook.MIN_NAO, 0
+    yield
+    hook.MIN_NAO = old

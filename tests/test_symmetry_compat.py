@@ -143,3 +143,31 @@ def test_bare_ghost_atom_with_its_own_basis():
         mf.init_guess = key
         e.append(mf.kernel())
     assert abs(e[0] - e[1]) < 1e-8
+
+
+@pytest.mark.parametrize('breaksym', [1, 'mix'])
+def test_uhf_singlet_breaks_spin_symmetry_as_pyscf_does(breaksym):
+    """UHF of stretched H2 with init_guess_breaksym: the densr guess is broken as PySCF's
+    own guesses are, and reaches the same (broken-symmetry for 'mix') solution."""
+    mol = gto.M(atom='H 0 0 0; H 0 0 4.0', basis='sto-3g', verbose=0)
+    e = []
+    for key in ('minao', 'densr'):
+        mf = scf.UHF(mol)
+        mf.init_guess_breaksym = breaksym
+        mf.init_guess = key
+        e.append(mf.kernel())
+        dm0 = mf.get_init_guess(key=key)
+        assert abs(dm0[0] - dm0[1]).max() > 1e-3
+    assert abs(e[0] - e[1]) < 1e-8
+
+
+def test_scf_that_cannot_occupy_raises_its_own_error():
+    """He triplet in one s function: PySCF's own occupation error, not a DensrError."""
+    mol = gto.M(atom='He 0 0 1', basis=[[0, [.6, 1]]], spin=2, verbose=0)
+    with pytest.raises(RuntimeError, match='mo_occ') as e:
+        pyscf_densr.init_guess(mol.UHF(), fallback='error')
+    assert not isinstance(e.value, pyscf_densr.DensrError)
+    mf = mol.UHF()
+    mf.init_guess = 'densr'
+    with pytest.raises(RuntimeError):
+        mf.run()
