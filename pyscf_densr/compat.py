@@ -7,7 +7,8 @@ wheel). The test files run twice with pytest, each in its own process: once as t
 (``minao``, the baseline) and once with ``pyscf.scf.hf.SCF.init_guess = 'densr'``, which is
 what a group gets that puts ``scf_hf_SCF_init_guess = 'densr'`` in its PySCF config file
 and imports :mod:`pyscf_densr`, with the densr guess made for every molecule however small
-(``hook.MIN_NAO = 0``), so that it meets every SCF in the tests. Every test that fails only with densr is listed, sorted:
+(``hook.MIN_NAO = 0``), so that it meets every SCF in the tests. Every test that fails
+only with densr is listed, sorted:
 
 tolerance   an assertion on a value that depends on where the SCF starts (an energy after a
             fixed number of cycles, a quantity converged only loosely, a count of
@@ -19,8 +20,7 @@ real        anything else: an exception from the guess or the SCF, or an asserti
 
 Tests in which densr gave PySCF's own guess by design (4-component and spinor methods, no
 atoms or electrons) are counted apart, grouped by reason. The exit status is 1 when a real
-failure is listed. Run it before each release; its last
-report is in docs/support.md.
+failure is listed. Run it before each release; its last report is in docs/support.md.
 """
 
 import argparse
