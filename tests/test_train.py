@@ -204,14 +204,14 @@ def test_coulomb_error_of_two_gaussians_is_analytic():
 def test_coulomb_loss_lowers_the_coulomb_error(tiny_config, tmp_path):
     """coulomb_weight adds (e|e) of the error to the loss: a few whole-box steps with it
     must lower the validation Coulomb error that the history records, and more than the
-    same steps without it."""
+    same steps without it (a small network built here, from scratch)."""
     cfg = train.load_config(str(tiny_config))
-    cfg.update(crop=0, batch=1, steps=8, val_every=8, lr=1e-4, min_lr=1e-4, model={},
-               init=model_mod.DEFAULT_MODEL, out=str(tmp_path / 'coul'), train_range=[0, 1],
-               val_range=[0, 1], coulomb_weight=5.0, select='val_coulomb')
+    cfg.update(crop=0, batch=1, steps=8, val_every=8, lr=1e-3, min_lr=1e-3,
+               model={'channels': 8, 'blocks': 2}, out=str(tmp_path / 'coul'),
+               train_range=[0, 1], val_range=[0, 1], coulomb_weight=5.0, select='val_coulomb')
     cdir = train.cache_dir(cfg, train._model_config(cfg))
     before = []
-    train.evaluate_nmae(model_mod.from_pretrained(), cdir, ['000000'],
+    train.evaluate_nmae(model_mod.build_model(train._model_config(cfg)), cdir, ['000000'],
                         coulomb=before)
     train.train(cfg, log=lambda *a: None)
     hist = [json.loads(l) for l in open(tmp_path / 'coul' / 'history.jsonl')]
