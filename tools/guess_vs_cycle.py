@@ -1,0 +1,53 @@
+"""Guess time against one SCF cycle of the same SCF, for one molecule, in one process.
+
+    python tools/guess_vs_cycle.py FILE.xyz [--charge Q] [--level pbe/sto-3g+df] [--threads 1]
+
+Times ``pyscf_densr.init_guess(mf)`` (the network already loaded), then one Fock build of
+the same SCF object at the guess (``mf.get_veff``: J and XC on the SCF's own grids, after
+its grids and, with density fitting, the DF tensor the guess left are in place) and one
+diagonalisation: what one SCF cycle costs. Prints both and the peak memory. For molecules
+whose full SCF is too long to benchmark on a small machine.
+"""
+import argparse
+import resource
+import time
+
+from pyscf import lib
+
+import pyscf_densr
+from pyscf_densr import bench
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    ap.add_argument('xyz')
+    ap.add_argument('--charge', type=int, default=0)
+    ap.add_argument('--level', default='pbe/sto-3g+df')
+    ap.add_argument('--threads', type=int, default=1)
+    a = ap.parse_args(argv)
+    lib.num_threads(a.threads)
+    level = bench.parse_level(a.level)
+    m = bench.molecules_from_xyz([a.xyz], charge=a.charge)[0]
+    mol = bench.build_mol(m, level['basis'])
+    mf = bench.make_scf(mol, level)
+    pyscf_densr.load_model()
+    t0 = time.perf_counter()
+    dm = pyscf_densr.init_guess(mf)
+    t1 = time.perf_counter()
+    if getattr(mf, 'grids', None) is not None:
+        mf.grids.build()
+    t2 = time.perf_counter()
+    veff = mf.get_veff(mol, dm)
+    fock = mf.get_fock(dm=dm, vhf=veff)
+    mf.eig(fock, mf.get_ovlp())
+    t3 = time.perf_counter()
+    print('%s, %s: %d atoms, %d basis functions, %d thread(s)' % (
+        m['name'], a.level, mol.natm, mol.nao, lib.num_threads()))
+    print('densr guess %.1f s; SCF grids %.1f s; one SCF cycle (Fock build + '
+          'diagonalisation) %.1f s; guess / cycle %.2f; peak memory %.0f MB' % (
+              t1 - t0, t2 - t1, t3 - t2, (t1 - t0) / (t3 - t2),
+              resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
+
+
+if __name__ == '__main__':
+    main()
