@@ -189,22 +189,6 @@ class AuxCoulomb:
         return _coeffs_in(self.auxmol, auxmol, c)
 
 
-def coulomb_of_guess(mol, auxmol, dm, c, direct_scf_tol=1e-13, aux=None):
-    """J of rho[dm] + sum_k c_k chi_k (Hartree), with rho[dm] density-fitted in ``auxmol``.
-
-    One screened 3-centre pass to fit ``dm`` and one to build J from the combined
-    coefficients: a guess does not need the exact 4-centre J of the SAD density, which on
-    a QM9-sized molecule costs as much as the rest of the projection together. ``aux``: an
-    :class:`AuxCoulomb` of (mol, auxmol) to reuse. None where PySCF's 3-centre driver is
-    unavailable.
-    """
-    try:
-        aux = aux or AuxCoulomb(mol, auxmol, direct_scf_tol)
-        return aux.coulomb(aux.fit(dm)[0] + np.asarray(c))
-    except (ImportError, AttributeError, TypeError, OSError):
-        return None
-
-
 def _coulomb_of_aux_blocks(mol, auxmol, c, max_memory=2000):
     """J_{mu nu} = sum_k (mu nu|k) c_k (Hartree), unscreened, in blocks of auxiliary shells."""
     nao = mol.nao
