@@ -167,26 +167,22 @@ class Symmetrizer:
             ds = shell_rotations([q for q, _ in ops], lmax, mol.cart)
             self.us = [ao_representation(mol, q, p, d) for (q, p), d in zip(ops, ds)]
 
+    def _average(self, a, left):
+        if not self.us:
+            return a
+        a = np.asarray(a)
+        if a.ndim == 3:
+            return np.array([self._average(x, left) for x in a])
+        out = np.zeros_like(a)
+        for u in self.us:
+            m = u.T if left else u
+            out += m.dot(m.dot(a.T).T)   # M a M^T without a dense M
+        return out / len(self.us)
+
     def operator(self, f):
         """(1/|G|) sum_g U_g^T F U_g for F (nao, nao) or a stack of them (Fock, potential)."""
-        if not self.us:
-            return f
-        f = np.asarray(f)
-        if f.ndim == 3:
-            return np.array([self.operator(x) for x in f])
-        out = np.zeros_like(f)
-        for u in self.us:
-            out += u.T.dot(u.T.dot(f.T).T)   # U^T F U without a dense U
-        return out / len(self.us)
+        return self._average(f, True)
 
     def density(self, p):
         """(1/|G|) sum_g U_g P U_g^T for a density matrix P (or a stack)."""
-        if not self.us:
-            return p
-        p = np.asarray(p)
-        if p.ndim == 3:
-            return np.array([self.density(x) for x in p])
-        out = np.zeros_like(p)
-        for u in self.us:
-            out += u.dot(u.dot(p.T).T)
-        return out / len(self.us)
+        return self._average(p, False)
