@@ -889,6 +889,20 @@ class CsvAppender:
             csv.writer(f).writerow([_csv_value(row.get(k)) for k in COLUMNS])
 
 
+def _save_loglog(plt, fig, ax, xlabel, ylabel, folder, name):
+    """Log-log axes, labels and legend; the figure saved as ``folder/name`` (returned)."""
+    ax.set_xscale('log')
+    ax.set_yscale('log')
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = os.path.join(folder, name)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def plot(rows, folder):
     """PNG figures of ``rows`` in ``folder``; returns their paths.
 
@@ -962,15 +976,8 @@ def plot(rows, folder):
         if g == 'minao' and rr:
             ax.scatter([r['natm'] for r in rr], [r['cycle_time'] for r in rr], color='k',
                        s=18, label='one SCF cycle (minao run)')
-    ax.set_xscale('log')
-    ax.set_yscale('log')
-    ax.set_xlabel('atoms')
-    ax.set_ylabel('wall time / s')
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    paths.append(os.path.join(folder, 'guess_vs_cycle.png'))
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    paths.append(_save_loglog(plt, fig, ax, 'atoms', 'wall time / s', folder,
+                              'guess_vs_cycle.png'))
 
     vox = [r for r in rows if r['guess'] in GRID_GUESSES and r.get('voxels')]
     if vox:
@@ -983,15 +990,8 @@ def plot(rows, folder):
                                color=colors.get(g), s=18,
                                marker='o' if lv == levels[0] else 'x',
                                label='%s %s' % (g, lv))
-        ax.set_xscale('log')
-        ax.set_yscale('log')
-        ax.set_xlabel('fine-grid points')
-        ax.set_ylabel('guess time / s')
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        paths.append(os.path.join(folder, 'guess_time_vs_voxels.png'))
-        fig.savefig(paths[-1], dpi=120)
-        plt.close(fig)
+        paths.append(_save_loglog(plt, fig, ax, 'fine-grid points', 'guess time / s', folder,
+                                  'guess_time_vs_voxels.png'))
     return paths
 
 

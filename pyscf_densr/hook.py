@@ -397,11 +397,6 @@ def options(mf, **kwargs):
     return out
 
 
-def fallback_policy(fallback=None):
-    """``fallback``, else PYSCF_DENSR_FALLBACK, else ``'minao'`` (see the module docstring)."""
-    return options(None, fallback=fallback)['fallback']
-
-
 def pyscf_guess(mf, mol=None):
     """PySCF's own default guess for ``mf`` (minao; the core Hamiltonian without atoms)."""
     get = _orig_get_init_guess or hf.SCF.get_init_guess
