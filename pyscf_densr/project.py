@@ -253,6 +253,7 @@ def xc_potential(mf, dm_sad, auxmol, c, grids=None, delta_grid=None):
     xctype = ni._xc_type(xc)
     if xctype not in ('LDA', 'GGA', 'MGGA'):
         raise NotImplementedError('densr guess for XC type %s' % xctype)
+    orbitals = _occupied_orbitals(dm_sad)
     dm_sad = np.asarray(dm_sad)
     spin = 1 if dm_sad.ndim == 3 else 0
     dms = dm_sad if spin else dm_sad[None]
@@ -264,7 +265,10 @@ def xc_potential(mf, dm_sad, auxmol, c, grids=None, delta_grid=None):
     max_memory = max(500, mf.max_memory - lib.current_memory()[0])
     for ao, mask, weight, coords in ni.block_loop(mol, grids, nao, ao_deriv,
                                                    max_memory=max_memory * .5):
-        rho = [ni.eval_rho(mol, ao, d, mask, xctype, hermi=1) for d in dms]
+        if orbitals is None:
+            rho = [ni.eval_rho(mol, ao, d, mask, xctype, hermi=1) for d in dms]
+        else:
+            rho = [ni.eval_rho2(mol, ao, mo, occ, mask, xctype) for mo, occ in orbitals]
         if delta_grid is None and c is None:
             drho = None
         elif delta_grid is None:
@@ -304,6 +308,21 @@ def xc_potential(mf, dm_sad, auxmol, c, grids=None, delta_grid=None):
                     vmat[s] += numint._tau_dot(mol, ao, ao, wv[4] * .5, mask,
                                                (0, mol.nbas), mol.ao_loc_nr())
     return excsum, (vmat if spin else vmat[0])
+
+
+def _occupied_orbitals(dm):
+    """[(mo_coeff, mo_occ)] per spin block of a density matrix tagged by an aufbau build,
+    or None (untagged, or ROHF's one set of orbitals for both spins). rho from the occupied
+    orbitals costs nocc/nao of rho from the matrix."""
+    mo, occ = getattr(dm, 'mo_coeff', None), getattr(dm, 'mo_occ', None)
+    if mo is None or occ is None:
+        return None
+    mo, occ = np.asarray(mo), np.asarray(occ)
+    if dm.ndim == 2 and mo.ndim == 2 and occ.ndim == 1:
+        return [(mo, occ)]
+    if dm.ndim == 3 and mo.ndim == 3 and occ.ndim == 2 and len(mo) == len(dm):
+        return list(zip(mo, occ))
+    return None
 
 
 def _exchange_coeffs(mf):
@@ -492,7 +511,7 @@ def anderson_step(mf, v1, dm1, dm_sad, auxmol, c, grids=None, dm_x=None, h1e=Non
         if np.asarray(dm).ndim == 3:
             v = np.array((v, v))
         if hasattr(mf, 'xc'):
-            v = v + xc_potential(mf, np.asarray(dm), auxmol, None, grids)[1]
+            v = v + xc_potential(mf, dm, auxmol, None, grids)[1]
         j_out = aux.project(total(fock_dm(v)))
         vs.append(v)
         mrs.append(j_out - j_in)
