@@ -396,7 +396,6 @@ class DensrCalculator(Calculator):
             self._forces()
 
     def _scf(self, atoms):
-        p = self.parameters
         self.mf = None
         mol = self._mol_for(atoms)
         coords = mol.atom_coords()

@@ -453,10 +453,10 @@ def guess_builds(mf, guess, model=None):
     """Fock builds made inside ``guess`` (see the module docstring)."""
     if guess not in GRID_GUESSES:
         return 0
-    from pyscf_densr import project
+    from pyscf_densr import potential
     if model is None or isinstance(model, (str, os.PathLike)):
         model = hook.load_model(model)
-    omega, alpha, hyb = project._exchange_coeffs(mf)
+    omega, alpha, hyb = potential._exchange_coeffs(mf)
     return hook.guess_fock_builds(model) + int(abs(hyb) > 1e-14 or abs(alpha) > 1e-14)
 
 

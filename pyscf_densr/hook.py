@@ -28,7 +28,7 @@ there is one (for what a user cannot set in code), else the model's setting.
                        gets PySCF's own guess with a warning. ``error`` (strict): both
                        raise. Invalid option values raise ``ValueError`` either way.
 ``densr_fock_builds``  1 to 6 Fock builds in the guess (more than one: Anderson mixing of
-                       the builds, :func:`project.anderson_step`); default the model's
+                       the builds, :func:`builds.anderson_step`); default the model's
                        ``guess_fock_builds``
 ``densr_symmetry``     1, 2, 8 or 48 network passes averaged over symmetry operations of the
                        box (:func:`model.predict`); default the model's ``symmetry``
@@ -321,20 +321,20 @@ def guess_mix(net, mix=None):
 
 
 def guess_fock_builds(net, builds=None):
-    """Fock builds of the projection (1 to project.MAX_FOCK_BUILDS; more than one:
-    :func:`project.anderson_step`): ``builds``, else the model's ``guess_fock_builds``
+    """Fock builds of the projection (1 to MAX_FOCK_BUILDS; more than one:
+    :func:`builds.anderson_step`): ``builds``, else the model's ``guess_fock_builds``
     (default 1)."""
-    from pyscf_densr import project
+    from pyscf_densr.builds import MAX_FOCK_BUILDS
     if builds is None:
         builds = net.config.get('guess_fock_builds', 1)
     try:
         builds = int(builds)
     except ValueError:
         raise OptionError('densr_fock_builds must be an integer from 1 to %d, not %r'
-                          % (project.MAX_FOCK_BUILDS, builds)) from None
-    if not 1 <= builds <= project.MAX_FOCK_BUILDS:
+                          % (MAX_FOCK_BUILDS, builds)) from None
+    if not 1 <= builds <= MAX_FOCK_BUILDS:
         raise OptionError('the guess\'s Fock builds must be from 1 to %d, not %d'
-                         % (project.MAX_FOCK_BUILDS, builds))
+                         % (MAX_FOCK_BUILDS, builds))
     return builds
 
 
@@ -356,7 +356,7 @@ def guess_symmetry(net, symmetry=None):
 
 def guess_grids_level(net):
     """The molecular grid level of the guess's XC step: the model's ``guess_grids_level``
-    (default 1; see :func:`project.guess_grids`)."""
+    (default 1; see :func:`potential.guess_grids`)."""
     return int(net.config.get('guess_grids_level', 1))
 
 

@@ -6,7 +6,7 @@ import torch
 from pyscf import gto, df
 from pyscf.dft import numint
 
-from pyscf_densr import grid, model as model_mod, project
+from pyscf_densr import fit, grid, model as model_mod
 from conftest import cartesian, WATER
 
 
@@ -40,7 +40,7 @@ def test_density_integrates_to_electron_count():
 
 def test_separable_quadrature_matches_dense():
     mol = gto.M(atom=WATER, basis='def2-svp', verbose=0)
-    aux = project.make_auxmol(mol)
+    aux = fit.make_auxmol(mol)
     cart = cartesian(aux)
     g = grid.make_box(mol.atom_coords(), 0.3, 4.0)
     rng = np.random.default_rng(0)
@@ -53,13 +53,13 @@ def test_separable_quadrature_matches_dense():
 
 def test_fit_conserves_charge_and_reproduces_aux_density():
     mol = gto.M(atom=WATER, basis='def2-svp', verbose=0)
-    aux = project.make_auxmol(mol)
+    aux = fit.make_auxmol(mol)
     g = grid.make_box(mol.atom_coords(), 0.2, 5.0)
     rng = np.random.default_rng(1)
     c_true = rng.normal(size=aux.nao) * 1e-2
     field = aux.eval_gto('GTOval_sph', g.coords()).dot(c_true).reshape(g.shape)
-    c = project.fit_delta_rho(aux, field, g, charge=0.25)
-    assert abs(project._s_integrals(aux).dot(c) - 0.25) < 1e-10
+    c = fit.fit_delta_rho(aux, field, g, charge=0.25)
+    assert abs(fit._s_integrals(aux).dot(c) - 0.25) < 1e-10
     fitted = aux.eval_gto('GTOval_sph', g.coords()).dot(c)
     # the constraint costs little: the fitted field is close to the original
     assert np.abs(fitted - field.ravel()).sum() < 0.3 * np.abs(field).sum()
@@ -68,7 +68,7 @@ def test_fit_conserves_charge_and_reproduces_aux_density():
 def test_auxbasis_covers_unusual_elements():
     mol = gto.M(atom='U 0 0 0; H 0 0 2.0', basis={'U': 'ano', 'H': 'sto-3g'}, spin=None,
                 verbose=0)
-    aux = project.make_auxmol(mol)
+    aux = fit.make_auxmol(mol)
     assert aux.nao > 0
 
 

@@ -8,7 +8,7 @@ import pytest
 from pyscf import gto, scf, dft, lib
 
 import pyscf_densr
-from pyscf_densr import coulomb, grid, project, hook, model as model_mod
+from pyscf_densr import builds, coulomb, fit, grid, project, hook, model as model_mod
 from conftest import ETHANOL, WATER, random_rotation
 
 
@@ -46,21 +46,21 @@ def test_second_fock_build_corrects_the_overshoot(ethanol):
     fine = grid.make_box(ethanol.atom_coords(), 0.4, 5.669).refine(2)
     delta = 0.6 * grid.eval_density(ethanol, ref.make_rdm1() - dm_sad, fine)
     res = {}
-    for builds in (1, 2, 4):
+    for n in (1, 2, 4):
         mf = dft.RKS(ethanol, xc='pbe')
         dm0 = project.density_matrix_from_delta_rho(mf, delta, fine, dm_sad=dm_sad,
-                                                    grids_level=0, fock_builds=builds)
+                                                    grids_level=0, fock_builds=n)
         assert abs(np.einsum('ij,ji', dm0, mf.get_ovlp()) - ethanol.nelectron) < 1e-8
         e_guess = mf.energy_tot(dm0)
         mf.kernel(dm0=dm0)
         assert mf.converged and abs(mf.e_tot - ref.e_tot) < 1e-6
-        res[builds] = (abs(e_guess - ref.e_tot), mf.cycles)
+        res[n] = (abs(e_guess - ref.e_tot), mf.cycles)
     assert res[2][0] < 0.5 * res[1][0]
     assert res[2][1] <= res[1][1]
     assert res[4][0] < res[2][0] and res[4][1] <= res[2][1]
     with pytest.raises(ValueError, match='fock_builds'):
         project.density_matrix_from_delta_rho(mf, delta, fine, dm_sad=dm_sad,
-                                              fock_builds=project.MAX_FOCK_BUILDS + 1)
+                                              fock_builds=builds.MAX_FOCK_BUILDS + 1)
 
 
 def test_anderson_coefficients_minimise_the_residual():
@@ -71,7 +71,7 @@ def test_anderson_coefficients_minimise_the_residual():
     a = rng.normal(size=(12, 12))
     metric = a @ a.T + 12 * np.eye(12)
     rs = [rng.normal(size=12) for _ in range(3)]
-    coeffs = project._anderson_coefficients(rs, [metric @ r for r in rs])
+    coeffs = builds._anderson_coefficients(rs, [metric @ r for r in rs])
     assert abs(coeffs.sum() - 1) < 1e-12
     norm = lambda c: float(sum(ci * r for ci, r in zip(c, rs)) @ metric
                            @ sum(ci * r for ci, r in zip(c, rs)))
@@ -83,14 +83,14 @@ def test_anderson_coefficients_minimise_the_residual():
     v_star = rng.normal(size=2)
     vs = [rng.normal(size=2) for _ in range(3)]
     rs = [jac @ (v - v_star) for v in vs]
-    coeffs = project._anderson_coefficients(rs, [metric @ r for r in rs])
+    coeffs = builds._anderson_coefficients(rs, [metric @ r for r in rs])
     assert np.allclose(sum(ci * v for ci, v in zip(coeffs, vs)), v_star, atol=1e-8)
     # two residuals pointing the same way: extrapolation would be needed, beta is clamped
     r1 = rng.normal(size=12)
-    coeffs = project._anderson_coefficients([r1, 0.5 * r1], [metric @ r1, 0.5 * metric @ r1])
+    coeffs = builds._anderson_coefficients([r1, 0.5 * r1], [metric @ r1, 0.5 * metric @ r1])
     assert np.allclose(coeffs, (0.0, 1.0))
     # a repeated residual (a build that changed nothing) is not an error
-    coeffs = project._anderson_coefficients([r1, 0.5 * r1, 0.5 * r1],
+    coeffs = builds._anderson_coefficients([r1, 0.5 * r1, 0.5 * r1],
                                             [metric @ r1, 0.5 * metric @ r1, 0.5 * metric @ r1])
     assert np.all(np.isfinite(coeffs)) and abs(coeffs.sum() - 1) < 1e-12
 
@@ -100,11 +100,11 @@ def test_aux_coulomb_matches_pyscf_density_fitting(ethanol):
     product undoes its solve."""
     mf = dft.RKS(ethanol, xc='pbe')
     dm = mf.init_guess_by_minao()
-    auxmol = project.make_auxmol(ethanol)
+    auxmol = fit.make_auxmol(ethanol)
     aux = coulomb.AuxCoulomb(ethanol, auxmol)
     d, v = aux.fit(dm)
     assert np.allclose(aux.metric_times(d), v, atol=1e-8)
-    want = dft.RKS(ethanol, xc='pbe').density_fit(auxbasis=project.DEFAULT_AUXBASIS).get_j(
+    want = dft.RKS(ethanol, xc='pbe').density_fit(auxbasis=fit.DEFAULT_AUXBASIS).get_j(
         ethanol, dm)
     assert abs(aux.coulomb(d) - want).max() < 1e-7
     assert aux.fit(dm.copy())[0] is d    # the last fit is remembered
@@ -208,10 +208,10 @@ def test_grid_density_interpolates_value_and_gradient():
     pts = np.random.default_rng(0).uniform(-2.5, 2.5, (500, 3))
     d = pts - [0.1, -0.2, 0.05]
     want = np.exp(-a * np.sum(d ** 2, axis=1))
-    got = project.grid_density(field, fine, pts, deriv=1)
+    got = fit.grid_density(field, fine, pts, deriv=1)
     assert abs(got[0] - want).max() < 0.015      # trilinear: O(h^2 f'')
     assert abs(got[1:] - (-2 * a * d.T * want)).max() < 0.05   # peak gradient 0.72
-    outside = project.grid_density(field, fine, np.array([[50.0, 0, 0]]))
+    outside = fit.grid_density(field, fine, np.array([[50.0, 0, 0]]))
     assert outside[0, 0] == 0
 
 
@@ -487,7 +487,7 @@ def test_scf_df_tensor_serves_the_guess(ethanol):
     fitting basis; the grid-fit coefficients (another basis) enter by Coulomb projection."""
     mf = dft.RKS(ethanol, xc='pbe').density_fit()
     dm = mf.init_guess_by_minao()
-    auxmol = project.make_auxmol(ethanol)          # def2-universal-jkfit; the SCF's differs
+    auxmol = fit.make_auxmol(ethanol)          # def2-universal-jkfit; the SCF's differs
     aux = coulomb.coulomb_engine(mf, auxmol)
     assert isinstance(aux, coulomb.CderiCoulomb) and mf.with_df._cderi is not None
     assert aux.auxmol.nao != auxmol.nao
@@ -500,7 +500,7 @@ def test_scf_df_tensor_serves_the_guess(ethanol):
     assert abs(aux.coulomb(aux.coeffs(auxmol, d)) - own.coulomb(d)).max() < 2e-3
     # in the same basis the projection is exact
     same = coulomb.CderiCoulomb(dft.RKS(ethanol, xc='pbe').density_fit(
-        auxbasis=project.DEFAULT_AUXBASIS).with_df)
+        auxbasis=fit.DEFAULT_AUXBASIS).with_df)
     assert abs(same.coulomb(same.coeffs(auxmol, d)) - own.coulomb(d)).max() < 1e-8
 
 

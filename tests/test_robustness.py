@@ -19,7 +19,7 @@ import torch
 from pyscf import gto, scf, dft
 
 import pyscf_densr
-from pyscf_densr import coulomb, grid, project, hook, model as model_mod
+from pyscf_densr import coulomb, fit, grid, project, hook, model as model_mod
 from conftest import cartesian, ETHANOL, WATER, random_rotation
 
 hypothesis = pytest.importorskip('hypothesis')
@@ -78,7 +78,7 @@ def _fine_shape(mol, net):
 def test_blocked_quadratures_equal_dense_with_tiny_memory():
     """Blocks, slabs and the Cartesian-to-spherical accumulation change nothing (1e-10)."""
     mol = gto.M(atom=ETHANOL, basis='def2-svp', verbose=0)
-    aux = project.make_auxmol(mol)
+    aux = fit.make_auxmol(mol)
     cart = cartesian(aux)
     g = grid.make_box(mol.atom_coords(), 0.35, 4.0)
     field = np.random.default_rng(3).normal(size=g.shape)
@@ -106,11 +106,11 @@ def test_tiled_density_and_aux_density_equal_dense():
     ao = mol.eval_gto('GTOval', g.coords())
     ref = np.einsum('pi,ij,pj->p', ao, dm, ao)
     assert np.allclose(grid.eval_density(mol, dm, g, max_memory=1).ravel(), ref, atol=1e-10)
-    aux = project.make_auxmol(mol)
+    aux = fit.make_auxmol(mol)
     c = rng.normal(size=aux.nao)
     pts = g.coords()[::7]
     ref = np.einsum('cpk,k->cp', aux.eval_gto('GTOval_sph_deriv1', pts), c)
-    assert np.allclose(project.aux_density(aux, c, pts, deriv=1, max_memory=0.2), ref,
+    assert np.allclose(fit.aux_density(aux, c, pts, deriv=1, max_memory=0.2), ref,
                        atol=1e-10)
 
 
@@ -134,7 +134,7 @@ def test_gram_memory_is_bounded():
     """The Gram of 16 waters' aux basis: beyond its (naux, naux) result, the working
     memory follows ``max_memory``, not (nprim, nprim) as a dense build would."""
     mol = gto.M(atom=_waters(16), basis='sto-3g', verbose=0)
-    aux = project.make_auxmol(mol)
+    aux = fit.make_auxmol(mol)
     cart = cartesian(aux)
     g = grid.make_box(mol.atom_coords(), 0.4, 5.669).refine(2)
     nprim = len(grid.cartesian_gto_factors(cart, [a[:2] for a in g.axes()])[3])
@@ -151,7 +151,7 @@ def test_gram_memory_is_bounded():
 
 def test_screened_coulomb_of_aux_matches_plain_integrals():
     mol = gto.M(atom=ETHANOL, basis='def2-svp', verbose=0)
-    aux = project.make_auxmol(mol)
+    aux = fit.make_auxmol(mol)
     c = np.random.default_rng(2).normal(size=aux.nao) * 1e-2
     c[:40] = 0                                     # shells with nothing to contract
     plain = coulomb._coulomb_of_aux_blocks(mol, aux, c, max_memory=1)
@@ -160,14 +160,14 @@ def test_screened_coulomb_of_aux_matches_plain_integrals():
 
 def test_cholesky_solver_agrees_with_eigh():
     mol = gto.M(atom=WATER, basis='def2-svp', verbose=0)
-    aux = project.make_auxmol(mol)
+    aux = fit.make_auxmol(mol)
     g = grid.make_box(mol.atom_coords(), 0.2, 5.0)
     rng = np.random.default_rng(1)
     field = aux.eval_gto('GTOval_sph', g.coords()).dot(rng.normal(size=aux.nao) * 1e-2)
     field = field.reshape(g.shape)
-    c1 = project.fit_delta_rho(aux, field, g, charge=0.1, solver='eigh')
-    c2 = project.fit_delta_rho(aux, field, g, charge=0.1, solver='cholesky')
-    n = project._s_integrals(aux)
+    c1 = fit.fit_delta_rho(aux, field, g, charge=0.1, solver='eigh')
+    c2 = fit.fit_delta_rho(aux, field, g, charge=0.1, solver='cholesky')
+    n = fit._s_integrals(aux)
     assert abs(n.dot(c2) - 0.1) < 1e-10
     chi = aux.eval_gto('GTOval_sph', g.coords())
     r1 = np.abs(chi.dot(c1) - field.ravel()).sum()
@@ -262,9 +262,9 @@ def test_ghost_atoms_same_state_as_minao(ghosts):
     dm = pyscf_densr.init_guess(make(mol))
     assert abs(_electron_counts(make(mol), dm)[0] - 10) < 1e-8
     # ghost atoms carry their element's fitting functions, not a fallback basis
-    aux = project.make_auxmol(mol)
-    elem = project._element_of(mol.atom_symbol(3))
-    ref = project.make_auxmol(gto.M(atom='%s 0 0 0' % elem, basis='6-31g', spin=None,
+    aux = fit.make_auxmol(mol)
+    elem = fit._element_of(mol.atom_symbol(3))
+    ref = fit.make_auxmol(gto.M(atom='%s 0 0 0' % elem, basis='6-31g', spin=None,
                                     verbose=0))
     assert aux.atom_nshells(3) == ref.atom_nshells(0) > 0
 

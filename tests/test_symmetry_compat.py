@@ -134,8 +134,8 @@ def test_bare_ghost_atom_with_its_own_basis():
     mol = gto.M(atom=[['O', (0., 0., 0.)], ['ghost', (0., -0.757, 0.587)],
                       [1, (0., 0.757, 0.587)]], spin=1, symmetry=True, verbose=0,
                 basis={'O': 'ccpvdz', 'H': 'ccpvdz', 'GHOST': gto.basis.load('ccpvdz', 'H')})
-    from pyscf_densr import project
-    assert project.make_auxmol(mol).atom_nshells(1) > 0
+    from pyscf_densr import fit
+    assert fit.make_auxmol(mol).atom_nshells(1) > 0
     pyscf_densr.init_guess(scf.RHF(mol), fallback='error')
     e = []
     for key in ('minao', 'densr'):

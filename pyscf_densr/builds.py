@@ -1,0 +1,222 @@
+"""Step 3 of the projection: Fock builds, diagonalisation and the returned matrix.
+
+``density_matrix_from_veff``: F = h + V, diagonalised and occupied with the SCF object's own
+``eig``/``get_occ``/``make_rdm1``, so RHF/UHF/ROHF (and their KS variants) each get the
+occupation they would use themselves; the result carries ``mo_coeff`` and ``mo_occ``.
+``anderson_step``: further Fock builds, each at the density of the last matrix, and the
+aufbau matrix of the Anderson (DIIS) combination of all the Fock matrices, which undoes most
+of the first step's overshoot. ``mix_with_sad``: an optional damping towards P_SAD.
+"""
+
+import numpy as np
+from pyscf import lib
+from pyscf.lib import logger
+
+from pyscf_densr.coulomb import coulomb_engine
+from pyscf_densr.errors import SCFOwnError
+from pyscf_densr.potential import add_exchange, xc_potential
+
+# upper bound of the guess's Fock builds (anderson_step); each costs one DF-J and XC build
+MAX_FOCK_BUILDS = 6
+
+
+def orthogonalizer(mf, s1e):
+    """The SCF's own orthogonalizer of the overlap (canonical, dropping near-zero
+    eigenvalues as PySCF's kernel does), or None where the SCF class has none."""
+    check = getattr(mf, 'check_linear_dependency', None)
+    if check is None:
+        return None
+    try:
+        return check(s1e)
+    except TypeError:
+        return None
+
+
+def _eig(mf, fock, s1e, x):
+    if x is not None:
+        try:
+            return mf.eig(fock, s1e, x=x)
+        except TypeError:  # an eig without the x keyword (older PySCF, custom classes)
+            pass
+    return mf.eig(fock, s1e)
+
+
+def density_matrix_from_veff(mf, veff, dm_sad, h1e=None, s1e=None, x=None, sym=None):
+    """Diagonalise F = h + veff with the SCF object's own machinery; the aufbau density matrix.
+
+    ``x`` is the orthogonalizer of the overlap (:func:`orthogonalizer`); with it a nearly
+    linearly dependent basis is handled exactly as PySCF's SCF kernel handles it. ``sym``: a
+    :class:`symmetry.Symmetrizer`; ``veff`` is averaged over the point group first.
+    """
+    mol = mf.mol
+    if h1e is None:
+        h1e = mf.get_hcore(mol)
+    if s1e is None:
+        s1e = mf.get_ovlp(mol)
+    if x is None:
+        x = orthogonalizer(mf, s1e)
+    if sym is not None:
+        veff = sym.operator(veff)
+    fock = mf.get_fock(h1e, s1e, veff, dm_sad)
+    mo_energy, mo_coeff = _eig(mf, fock, s1e, x)
+    try:
+        mo_occ = mf.get_occ(mo_energy, mo_coeff)
+    except Exception as e:
+        raise SCFOwnError('%s.get_occ failed: %s' % (type(mf).__name__, e)) from e
+    dm = mf.make_rdm1(mo_coeff, mo_occ)
+    return lib.tag_array(dm, mo_coeff=mo_coeff, mo_occ=mo_occ, mo_energy=mo_energy)
+
+
+def anderson_step(mf, v1, dm1, dm_sad, auxmol, c, grids=None, dm_x=None, h1e=None, s1e=None,
+                  x=None, aux=None, log=None, builds=2, v_x=None, sym=None):
+    """More Fock builds (``builds`` in all, counting the first), and the Anderson combination
+    of the Fock matrices.
+
+    ``v1`` is the local (Coulomb + XC) potential of the guess density
+    rho_pred = rho[dm_sad] + sum_k c_k chi_k and ``dm1`` the aufbau matrix of h + v1 (minus
+    the exact exchange of ``dm_x``, when the method has some). One Roothaan step from an
+    approximate density overshoots: the error of rho[dm1] is the error of rho_pred amplified
+    and of the other sign, for the long-wavelength part that J carries (docs/method.md,
+    step 7). Here v2 is the potential of rho[dm1] (density-fitted J, XC on ``grids``) and
+    dm2 the aufbau matrix of h + v2; the returned matrix is the aufbau matrix of
+    h + (1 - beta) v1 + beta v2, beta minimising the Coulomb norm of the linearised residual
+    (1 - beta) r1 + beta r2, r1 = rho[dm1] - rho_pred, r2 = rho[dm2] - rho[dm1]: Anderson
+    mixing with two points, the history PySCF's DIIS lacks at its first step. beta is kept
+    in [0, 1]. Each further build k takes the potential of the density of build k-1's
+    combined matrix, and the combination uses the whole history
+    (:func:`_anderson_coefficients`). Each build costs one DF-J and XC build, two
+    diagonalisations and two density fits. Exact exchange stays that of ``dm_x``
+    (``v_x``: its term, ``add_exchange(mf, 0, dm_x)``, where the caller has it). Returns
+    (dm, coefficients of v1, v2, ...); ``dm1`` and None where the 3-centre driver is
+    unavailable.
+    """
+    mol = mf.mol
+    log = log or logger.new_logger(mf)
+    if h1e is None:
+        h1e = mf.get_hcore(mol)
+    if s1e is None:
+        s1e = mf.get_ovlp(mol)
+    aux = aux or coulomb_engine(mf, auxmol, log)
+    if aux is None:
+        log.info('densr: no further Fock builds (PySCF\'s 3-centre J driver is unavailable)')
+        return dm1, None
+    cj = aux.coeffs(auxmol, c)
+
+    def total(dm):
+        dm = np.asarray(dm)
+        return dm.sum(axis=0) if dm.ndim == 3 else dm
+
+    # the exchange of dm_x is the same in every build: one K build, not two per build
+    if v_x is None and dm_x is not None:
+        v_x = add_exchange(mf, np.zeros_like(np.asarray(v1)), dm_x)
+
+    def fock_dm(v):
+        if v_x is not None:
+            v = v + v_x
+        return density_matrix_from_veff(mf, v, dm_sad, h1e, s1e, x, sym)
+
+    d_sad, j_sad = aux.fit(total(dm_sad))
+    d1, j1 = aux.fit(total(dm1))
+    # history of input potentials and the residuals of their output densities, with the
+    # residuals' metric images (k|l) r, so that norms need no second metric
+    vs, rs, mrs = [np.asarray(v1)], [d1 - d_sad - cj], [j1 - j_sad - aux.metric_times(cj)]
+    dm, d_in, j_in = dm1, d1, j1
+    coeffs = np.ones(1)
+    for k in range(2, builds + 1):
+        v = aux.coulomb(d_in)
+        if np.asarray(dm).ndim == 3:
+            v = np.array((v, v))
+        if hasattr(mf, 'xc'):
+            v = v + xc_potential(mf, dm, auxmol, None, grids)[1]
+        j_out = aux.project(total(fock_dm(v)))
+        vs.append(v)
+        mrs.append(j_out - j_in)
+        rs.append(aux.solve(mrs[-1]))
+        coeffs = _anderson_coefficients(rs, mrs)
+        log.info('densr: Fock build %d; Coulomb norm of its residual %.3g; Anderson '
+                 'coefficients %s', k, np.sqrt(max(float(rs[-1].dot(mrs[-1])), 0)),
+                 np.array2string(coeffs, precision=3))
+        if not coeffs[1:].any():   # beta clamped to 0: the first build's matrix itself
+            dm = dm1
+        else:
+            dm = fock_dm(sum(a * v for a, v in zip(coeffs, vs)))
+        if k < builds:
+            d_in, j_in = aux.fit(total(dm))
+    return dm, coeffs
+
+
+def _anderson_coefficients(rs, mrs):
+    """Coefficients a (sum 1) minimising the Coulomb norm of sum_i a_i r_i.
+
+    Two points: a = (1 - beta, beta) with beta kept in [0, 1]. More: the constrained least
+    squares of Pulay's DIIS; where it asks for extrapolation beyond twice the history's span
+    (a coefficient above 2 or below -1), the two newest points alone are used.
+    """
+    n = len(rs)
+    b = np.array([[float(ri.dot(mj)) for mj in mrs] for ri in rs])
+    b = (b + b.T) / 2
+    if n == 2:
+        den = b[0, 0] - 2 * b[0, 1] + b[1, 1]
+        beta = min(max((b[0, 0] - b[0, 1]) / den, 0.0), 1.0) if den > 1e-14 else 0.0
+        return np.array((1 - beta, beta))
+    scale = np.abs(np.diag(b)).max() or 1.0
+    try:
+        a = np.linalg.solve(np.block([[b / scale, np.ones((n, 1))],
+                                      [np.ones((1, n)), np.zeros((1, 1))]]),
+                            np.r_[np.zeros(n), 1.0])[:n]
+    except np.linalg.LinAlgError:   # two equal residuals (a build that changed nothing)
+        a = np.full(n, np.nan)
+    if not np.all(np.isfinite(a)) or a.max() > 2 or a.min() < -1:
+        a = np.zeros(n)
+        a[-2:] = _anderson_coefficients(rs[-2:], mrs[-2:])
+    return a
+
+
+def mix_with_sad(mf, dm, dm_sad, mix, s1e=None, x=None):
+    """P_SAD + mix (dm - P_SAD), tagged with its natural orbitals and occupations.
+
+    P_SAD is first scaled (per spin) to the electron count of ``dm``, so the result holds
+    exactly the electrons of ``dm``.
+
+    A damped first step: the one-shot Fock build of an approximate density overshoots, as an
+    undamped Roothaan step does, and PySCF's DIIS then starts without the history that would
+    correct it. ``mix`` is chosen per model on validation molecules (``guess_mix`` in the
+    model's config). The natural orbitals (S-orthonormal, occupations in about [0, 2] or
+    [0, 1] per spin) are attached as ``mo_coeff``/``mo_occ`` because PySCF's numerical
+    integration uses those tags in place of the matrix when they are present: tagging the
+    mixed matrix with the Fock build's orbitals would silently change the density.
+    Restricted open-shell objects, whose ``mo_coeff`` is one set for both spins, get the
+    unmixed ``dm`` back. ``x`` is the orthogonalizer of ``s1e`` when the caller has it.
+    """
+    if mix is None or abs(mix - 1.0) < 1e-12:
+        return dm
+    from pyscf.scf import rohf
+    if isinstance(mf, rohf.ROHF):   # ROKS too
+        return dm
+    dm1 = np.asarray(dm)
+    dm_sad = np.asarray(dm_sad)
+    if s1e is None:
+        s1e = mf.get_ovlp()
+    # P_SAD scaled to the electrons (per spin) of the Fock build's matrix, so that the
+    # damped guess holds exactly N (minao's SAD loses about 0.01 e per atom to the basis)
+    n1 = np.einsum('...ij,ji->...', dm1, s1e)
+    ns = np.einsum('...ij,ji->...', dm_sad, s1e)
+    scale = np.where(abs(ns) > 1e-8, n1 / np.where(abs(ns) > 1e-8, ns, 1), 1.0)
+    dm_sad = dm_sad * np.asarray(scale)[..., None, None]
+    mixed = dm_sad + mix * (dm1 - dm_sad)
+    if x is None:
+        x = orthogonalizer(mf, s1e)
+    if x is None:
+        from pyscf.scf import addons
+        x = addons.canonical_orth_(s1e)
+    sx = s1e.dot(x)
+    mo, occ = [], []
+    for p in mixed.reshape(-1, *mixed.shape[-2:]):   # one spin block at a time
+        o, u = np.linalg.eigh(sx.T.dot(p).dot(sx))
+        order = np.argsort(o)[::-1]
+        mo.append(x.dot(u[:, order]))
+        occ.append(o[order])
+    mo, occ = np.asarray(mo).reshape(*mixed.shape[:-2], *mo[0].shape), np.asarray(occ)
+    occ = occ.reshape(*mixed.shape[:-2], occ.shape[-1])
+    mixed = np.einsum('...pi,...i,...qi->...pq', mo, occ, mo)
+    return lib.tag_array(mixed, mo_coeff=mo, mo_occ=occ)

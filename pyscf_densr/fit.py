@@ -1,0 +1,206 @@
+"""Step 1 of the projection: delta-rho on a uniform grid as a sum of auxiliary Gaussians.
+
+``fit_delta_rho`` fits delta-rho (e/Bohr^3 on a :class:`grid.UniformGrid`) with an
+auxiliary basis, ``delta-rho(r) ~ sum_k c_k chi_k(r)``: least squares over the grid points,
+the electron count conserved exactly (a Lagrange constraint). Both the right-hand side and
+the Gram matrix use the separability of Gaussians (:mod:`grid`), so the fit costs a few
+matrix products instead of evaluating every function on every voxel. ``aux_density`` and
+``grid_density`` evaluate the fitted sum, or the grid field itself, at arbitrary points.
+"""
+
+import numpy as np
+import scipy.linalg
+from pyscf import gto, df
+from pyscf.dft import numint
+
+from pyscf_densr import grid as grid_mod
+from pyscf_densr.coulomb import _cart2sph_sparse
+
+BLKSIZE = numint.BLKSIZE
+DEFAULT_AUXBASIS = 'def2-universal-jkfit'
+EIGH_MAX = 2500  # auxiliary functions up to which the fit uses a full eigendecomposition
+
+
+def _element_of(symbol):
+    """'O', 'O1', 'GHOST-O', 'ghost_O2', 'X-O' -> 'O'; a bare dummy 'X' -> ''."""
+    s = str(symbol).strip()
+    up = s.upper()
+    if up.startswith('GHOST'):
+        s = s[5:].lstrip('-_:')
+    elif up.startswith('X-') or up.startswith('X_') or up.startswith('X:'):
+        s = s[2:]
+    s = ''.join(ch for ch in s if not ch.isdigit()).strip()
+    if not s or s.upper() == 'X':
+        return ''
+    return gto.mole._std_symbol(s)
+
+
+def make_auxmol(mol, auxbasis=DEFAULT_AUXBASIS):
+    """The auxiliary (fitting) molecule, spherical functions, same atoms as ``mol``.
+
+    Elements that ``auxbasis`` does not cover get PySCF's even-tempered basis
+    (``df.aug_etb``, made from the atom's own AO basis) instead, so any element PySCF can
+    handle can be fitted. Ghost atoms ('ghost-O', 'X-O') get their element's functions: the
+    density near them is fitted like anywhere else; a bare ghost with a basis of its own
+    ('ghost' with H functions, say) gets the even-tempered set of that basis. Bare dummy
+    atoms without a basis get none.
+    """
+    if isinstance(auxbasis, str):
+        basis = {}
+        etb = None
+        for symb in set(a[0] for a in mol._atom):
+            elem = _element_of(symb)
+            own = mol._basis.get(symb, mol._basis.get(elem) if elem else None)
+            if not own:
+                continue
+            try:
+                if not elem:
+                    raise KeyError(symb)
+                basis[symb] = gto.basis.load(auxbasis, elem)
+            except Exception:
+                etb = etb or df.aug_etb(mol)
+                basis[symb] = etb.get(symb) or etb.get(elem)
+        auxbasis = basis
+    auxmol = df.make_auxmol(mol, auxbasis)
+    if auxmol.cart:  # PySCF copies mol.cart; the fit and its charges assume spherical
+        auxmol.cart = False
+        auxmol.build(False, False)
+    return auxmol
+
+
+def _s_integrals(auxmol):
+    """int chi_k(r) dr for every (spherical) auxiliary function: the charge of each."""
+    n = np.zeros(auxmol.nao)
+    ao_loc = auxmol.ao_loc_nr()
+    for ib in range(auxmol.nbas):
+        if auxmol.bas_angular(ib) != 0:
+            continue
+        a = auxmol.bas_exp(ib)
+        cs = auxmol._libcint_ctr_coeff(ib)
+        q = np.einsum('pc,p->c', cs, (np.pi / a) ** 1.5) * 0.282094791773878143
+        n[ao_loc[ib]:ao_loc[ib + 1]] = q
+    return n
+
+
+def _solve_metric(metric, rhs, cond, solver='auto', overwrite=False):
+    """``metric^-1 rhs`` for a symmetric positive semi-definite ``metric``.
+
+    'eigh' inverts in the subspace of eigenvalues above ``cond`` times the largest; 'cholesky'
+    adds ``cond`` times the largest diagonal element to the diagonal (Tikhonov) and solves by
+    Cholesky, about 20 times faster for large metrics and without a second (n, n) matrix when
+    ``overwrite``. 'auto' takes 'eigh' up to :data:`EIGH_MAX` functions.
+    """
+    n = len(metric)
+    if solver == 'auto':
+        solver = 'eigh' if n <= EIGH_MAX else 'cholesky'
+    if solver == 'eigh':
+        w, u = scipy.linalg.eigh(metric)
+        keep = w > cond * w[-1]
+        u, w = u[:, keep], w[keep]
+        return u.dot(u.T.dot(rhs) / w[:, None])
+    if solver != 'cholesky':
+        raise ValueError('solver must be auto, eigh or cholesky, not %r' % solver)
+    a = metric if overwrite else metric.copy()
+    a[np.diag_indices(n)] += cond * max(float(np.max(np.diag(a))), 1e-300)
+    # LAPACK works in place on a Fortran-ordered array: a symmetric C-ordered matrix is
+    # its own transpose, so factorising a.T avoids a second (n, n) copy
+    low = scipy.linalg.cho_factor(a.T if a.flags.c_contiguous else a, lower=True,
+                                  overwrite_a=True, check_finite=False)
+    return scipy.linalg.cho_solve(low, rhs, check_finite=False)
+
+
+def fit_delta_rho(auxmol, delta_rho, grid, charge=0.0, metric=None, cond=1e-10,
+                  solver='auto', max_memory=None):
+    """Fit coefficients ``c`` so that sum_k c_k chi_k(r) ~ ``delta_rho`` on ``grid``.
+
+    Args:
+        auxmol: spherical auxiliary basis (from :func:`make_auxmol`).
+        delta_rho: array of ``grid.shape`` in e/Bohr^3.
+        grid: the :class:`grid.UniformGrid` delta_rho lives on.
+        charge: the number of electrons the fitted density must integrate to exactly.
+        metric: the metric of the fit; default the discrete Gram matrix of the auxiliary
+            functions on ``grid`` (an unweighted least-squares fit to the grid values).
+        cond: relative threshold of the (near) null space of the metric that is left out.
+        solver: 'auto', 'eigh' or 'cholesky' (see :func:`_solve_metric`).
+        max_memory: working memory (MB) of the blocked quadratures beyond the (naux, naux)
+            metric itself (see :mod:`grid`).
+
+    Returns:
+        c, (naux,) array.
+    """
+    cmol = auxmol.copy()
+    cmol.cart = True
+    cmol.build(False, False)
+    c2s = _cart2sph_sparse(auxmol)
+    b = c2s.T.dot(grid_mod.project_on_cartesian_gtos(cmol, delta_rho, grid, max_memory))
+    own = metric is None
+    if own:
+        metric = grid_mod.gram_of_cartesian_gtos(cmol, grid, transform=c2s,
+                                                 max_memory=max_memory)
+    n = _s_integrals(auxmol)
+    # Solve S c = b - lambda n, n.c = charge, in the well-conditioned subspace of S.
+    rhs = np.stack([b, n], axis=1)
+    try:
+        x = _solve_metric(metric, rhs, cond, solver, overwrite=own)
+    except np.linalg.LinAlgError:
+        # Cholesky met a numerically indefinite metric (only for nearly linearly dependent
+        # auxiliary sets): the eigendecomposition drops the offending directions instead
+        if own:
+            metric = grid_mod.gram_of_cartesian_gtos(cmol, grid, transform=c2s,
+                                                     max_memory=max_memory)
+        x = _solve_metric(metric, rhs, cond, 'eigh')
+    sinv_b, sinv_n = x[:, 0], x[:, 1]
+    lam = (n.dot(sinv_b) - charge) / n.dot(sinv_n)
+    return sinv_b - lam * sinv_n
+
+
+def aux_density(auxmol, c, coords, deriv=0, max_memory=None):
+    """sum_k c_k chi_k at ``coords`` ((1, n) values, or (4, n) with the gradient for deriv=1).
+
+    Points are taken in chunks (PySCF's molecular grids come grouped in space), and each
+    chunk evaluates only the auxiliary shells that reach it, so the cost grows linearly
+    with the size of a large molecule and the values never exceed ``max_memory`` MB
+    (default ``PYSCF_DENSR_BLOCK_MEMORY`` or 200).
+    """
+    comp = 4 if deriv else 1
+    intor = 'GTOval_sph_deriv1' if deriv else 'GTOval_sph'
+    naux = auxmol.nao
+    budget = grid_mod._default_memory(max_memory) * 1e6 / 8
+    blk = max(BLKSIZE, min(int(budget // (comp * naux)), 2048) // BLKSIZE * BLKSIZE)
+    out = np.zeros((comp, len(coords)))
+    for p0 in range(0, len(coords), blk):
+        p1 = min(p0 + blk, len(coords))
+        mask = numint.make_mask(auxmol, coords[p0:p1])
+        shls = np.nonzero(mask.any(axis=0))[0]
+        if len(shls) == 0:
+            continue
+        sub = grid_mod.submol(auxmol, shls)
+        idx = grid_mod.shell_ao_index(auxmol, shls)
+        ao = sub.eval_gto(intor, coords[p0:p1], non0tab=np.asarray(mask[:, shls], order='C'))
+        ao = ao.reshape(comp, p1 - p0, len(idx))
+        ci = c[idx]
+        for k in range(comp):  # per component: eval_gto's layout is not C order, no copy
+            out[k, p0:p1] = ao[k].dot(ci)
+    return out
+
+
+def grid_density(field, grid, coords, deriv=0):
+    """A field on a uniform ``grid`` at arbitrary ``coords`` (Bohr): (1, n), or (4, n) with the
+    gradient for deriv=1. Trilinear interpolation; the gradient by central differences of
+    one grid spacing; zero outside the box."""
+    from scipy import ndimage
+    frac = ((np.asarray(coords) - grid.origin) / grid.spacing).T
+    out = np.empty((4 if deriv else 1, frac.shape[1]))
+
+    def at(f):
+        return ndimage.map_coordinates(field, f, order=1, mode='constant', cval=0.0,
+                                       output=np.float64)
+    out[0] = at(frac)
+    if deriv:
+        for i in range(3):
+            f = frac.copy()
+            f[i] += 1
+            up = at(f)
+            f[i] -= 2
+            out[1 + i] = (up - at(f)) / (2 * grid.spacing)
+    return out
