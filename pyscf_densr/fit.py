@@ -160,7 +160,7 @@ def aux_density(auxmol, c, coords, deriv=0, max_memory=None):
     Points are taken in chunks (PySCF's molecular grids come grouped in space), and each
     chunk evaluates only the auxiliary shells that reach it, so the cost grows linearly
     with the size of a large molecule and the values never exceed ``max_memory`` MB
-    (default ``PYSCF_DENSR_BLOCK_MEMORY`` or 200).
+    (default :data:`grid.BLOCK_MEMORY`).
     """
     comp = 4 if deriv else 1
     intor = 'GTOval_sph_deriv1' if deriv else 'GTOval_sph'

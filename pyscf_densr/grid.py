@@ -198,13 +198,13 @@ def cartesian_gto_factors(mol, axes):
 
 PRIM_CUTOFF = 1e-15  # a 1D factor below this fraction of its own maximum counts as zero
 BLOCK_PRIMS = 256     # primitive terms per block of the blocked quadratures
+BLOCK_MEMORY = 200    # MB of blocks, where the caller gives no budget
 
 
 def _default_memory(max_memory):
-    """Working memory (MB) of the blocked quadratures."""
+    """Working memory (MB) of the blocked quadratures (default :data:`BLOCK_MEMORY`)."""
     if max_memory is None:
-        import os
-        max_memory = float(os.environ.get('PYSCF_DENSR_BLOCK_MEMORY', 200))
+        max_memory = BLOCK_MEMORY
     return max(1.0, float(max_memory))
 
 
@@ -261,7 +261,7 @@ def project_on_cartesian_gtos(mol, field, grid, max_memory=None):
     primitive terms are taken in blocks of neighbours of similar extent, and each block is
     contracted with the part of ``field`` inside its bounding box only, one slab of
     x-planes at a time, so the working memory stays below ``max_memory`` MB (default
-    ``PYSCF_DENSR_BLOCK_MEMORY`` or 200) whatever the size of the molecule.
+    :data:`BLOCK_MEMORY`) whatever the size of the molecule.
     """
     fx, fy, fz, coef, owner = cartesian_gto_factors(mol, grid.axes())
     field = np.asarray(field).reshape(grid.shape)

@@ -41,11 +41,13 @@ there is one (for what a user cannot set in code), else the model's setting.
                        PySCF's DIIS astray for such complexes: Fe(CO)5, PBE/def2-SVP, no
                        convergence in 50 cycles where minao needs 17); True: densr anyway
 
-Memory: the network runs in tiles of at most ``PYSCF_DENSR_MAX_VOXELS`` coarse voxels
-(default 2e6); a box over ``PYSCF_DENSR_MAX_BOX_VOXELS`` (default 2e7, about 108 Bohr a side)
-is a :class:`DensrError` raised before anything is allocated; the blocked grid quadratures
-use ``PYSCF_DENSR_BLOCK_MEMORY`` MB (default 200); PySCF's own buffers follow
-``mf.max_memory``.
+Memory follows ``mf.max_memory`` (MB), as PySCF's own buffers do: the guess's arrays may use
+what it leaves free (:func:`guess_memory`). A box whose network pass would not fit there
+(about ``NET_BYTES_PER_VOXEL`` per coarse voxel on the CPU), or larger than
+``MAX_BOX_VOXELS`` (2e7 coarse voxels, about 108 Bohr a side: wrong units, mostly), is a
+:class:`DensrError` raised before anything is allocated; the network runs in tiles of at
+most ``model.MAX_TILE_VOXELS`` coarse voxels; the blocked grid quadratures use at most a
+quarter of the free memory, up to 200 MB.
 """
 
 import os
@@ -62,7 +64,10 @@ from pyscf_densr import grid as grid_mod
 KEY = 'densr'
 MIN_DISTANCE = 0.2  # Bohr; closer atoms are an error, not a molecule
 UNSEEN_RADIUS = 3.0  # Bohr; delta-rho is switched off within this distance of unseen elements
-MAX_BOX_VOXELS = 2e7  # coarse voxels; default of PYSCF_DENSR_MAX_BOX_VOXELS
+MAX_BOX_VOXELS = 2e7  # coarse voxels: larger boxes are an error (wrong units, mostly)
+# peak host memory of one CPU network pass per coarse voxel (densr-cpu: 550-650 B measured on
+# boxes of 64k and 343k voxels, input and float32 output included)
+NET_BYTES_PER_VOXEL = 700
 # Below this many basis functions a whole minao SCF takes about as long as the guess's fixed
 # cost (network pass, grids, Fock builds: 0.3-0.5 s on one core), so no guess can pay for
 # itself: such molecules get PySCF's own guess (measured in docs/benchmarks.md, small end)
@@ -175,9 +180,10 @@ def _unseen_mask(mol, fine, elements, out=None):
     return out, atoms
 
 
-def max_box_voxels():
-    """The largest box (coarse voxels) the guess accepts: ``PYSCF_DENSR_MAX_BOX_VOXELS``."""
-    return float(os.environ.get('PYSCF_DENSR_MAX_BOX_VOXELS', MAX_BOX_VOXELS))
+def guess_memory(max_memory):
+    """MB the guess's own arrays may use: what ``max_memory`` (``mf.max_memory``, MB)
+    leaves free in this process."""
+    return float(max_memory) - lib.current_memory()[0]
 
 
 def _is_oom(e):
@@ -188,12 +194,14 @@ def _is_oom(e):
             or 'defaultcpuallocator' in msg or 'failed to allocate' in msg)
 
 
-def predict_delta_rho(mol, dm_sad, model=None, device=None, log=None, symmetry=None):
+def predict_delta_rho(mol, dm_sad, model=None, device=None, log=None, symmetry=None,
+                      max_memory=None):
     """The network's delta-rho (e/Bohr^3) and the fine grid it lives on.
 
     ``dm_sad`` is the (spin-summed) SAD density matrix. Voxelization honours
     ``lib.num_threads()`` and so does torch on the CPU. ``symmetry``: see
-    :func:`guess_symmetry`.
+    :func:`guess_symmetry`. ``max_memory``: MB cap of the process (``mf.max_memory``;
+    default ``mol.max_memory``).
     """
     import torch
     from pyscf_densr import model as model_mod
@@ -203,34 +211,44 @@ def predict_delta_rho(mol, dm_sad, model=None, device=None, log=None, symmetry=N
     nsym = guess_symmetry(net, symmetry)
     t0 = time.perf_counter()
     box = grid_mod.make_box(mol.atom_coords(), cfg['spacing'], cfg['margin'])
-    limit = max_box_voxels()
+    limit = MAX_BOX_VOXELS
     if box.size > limit:
         ext = (np.asarray(box.shape) - 1) * box.spacing
         raise DensrError(
             'densr guess: the grid box around the atoms would be %s = %.3g voxels at %.2f Bohr '
             '(%.0f x %.0f x %.0f Bohr, %.3g voxels on the %dx finer output grid), more than '
-            'the limit of %d (PYSCF_DENSR_MAX_BOX_VOXELS). Check the geometry and its units; '
-            'raise the limit if the system really is that large.' % (
+            'the limit of %d (pyscf_densr.hook.MAX_BOX_VOXELS). Check the geometry and its '
+            'units; raise the limit if the system really is that large.' % (
                 'x'.join(map(str, box.shape)), box.size, box.spacing, ext[0], ext[1], ext[2],
                 box.size * cfg['upsample'] ** 3, cfg['upsample'], int(limit)))
-    rho_sad = grid_mod.eval_density(mol, dm_sad, box)
+    dev = next(net.parameters()).device
+    free = guess_memory(mol.max_memory if max_memory is None else max_memory)
+    need = box.size * (NET_BYTES_PER_VOXEL if dev.type == 'cpu' else 48) * 1e-6
+    tile = max(model_mod.MIN_TILE_VOXELS, min(model_mod.MAX_TILE_VOXELS,
+                                              int(free * 1e6 / NET_BYTES_PER_VOXEL)))
+    if need > free:
+        raise DensrError(
+            'densr guess: the network pass on the %s box (%d voxels) needs about %.0f MB, '
+            'and mf.max_memory (%.0f MB) leaves %.0f MB free in this process; raise '
+            'mf.max_memory' % ('x'.join(map(str, box.shape)), box.size, need,
+                               mol.max_memory if max_memory is None else max_memory, free))
+    rho_sad = grid_mod.eval_density(mol, dm_sad, box, max_memory=max(1.0, min(200, free / 4)))
     t1 = time.perf_counter()
     log.info('densr: SAD density on %s grid (%d voxels, %.2f Bohr) in %.2f s',
              'x'.join(map(str, box.shape)), box.size, box.spacing, t1 - t0)
-    dev = next(net.parameters()).device
     nthreads = torch.get_num_threads()
     if dev.type == 'cpu':
         torch.set_num_threads(max(1, lib.num_threads()))
     try:
-        delta = model_mod.predict(net, rho_sad, device=dev, symmetry=nsym)
+        delta = model_mod.predict(net, rho_sad, device=dev, symmetry=nsym, max_voxels=tile)
     except (RuntimeError, MemoryError) as e:
         if _is_oom(e):
             raise DensrError('densr guess: the network ran out of memory on %s for a %s box '
-                             '(%s); set PYSCF_DENSR_MAX_VOXELS lower (now %s) to run it in '
-                             'smaller tiles, or PYSCF_DENSR_DEVICE=cpu' % (
+                             '(%s); tiles of %d voxels, set by mf.max_memory; a lower '
+                             'mf.max_memory runs it in smaller tiles, or densr_device=\'cpu\'' % (
                                  dev, 'x'.join(map(str, box.shape)),
                                  str(e).splitlines()[0][:200] if str(e) else type(e).__name__,
-                                 os.environ.get('PYSCF_DENSR_MAX_VOXELS', '2e6'))) from e
+                                 tile)) from e
         raise
     finally:
         torch.set_num_threads(nthreads)
@@ -496,7 +514,8 @@ def _densr_guess(mf, mol, opts, log):
                     fock_builds=guess_fock_builds(net, opts['fock_builds']))
     nsym = guess_symmetry(net, opts['symmetry'])
     try:
-        delta, fine = predict_delta_rho(mol, dm_sad_tot, net, opts['device'], log, nsym)
+        delta, fine = predict_delta_rho(mol, dm_sad_tot, net, opts['device'], log, nsym,
+                                        mf.max_memory)
         expected = fit_charge(mol, dm_sad_tot, s1e, log)
         check_delta_rho(mol, delta, fine, expected, log)
         t0 = time.perf_counter()
@@ -505,8 +524,9 @@ def _densr_guess(mf, mol, opts, log):
             exchange=opts['exchange'], log=log, charge=expected, **settings)
         log.info('densr: projection to a density matrix in %.2f s', time.perf_counter() - t0)
     except MemoryError as e:
-        raise DensrError('densr guess ran out of memory (%s); lower PYSCF_DENSR_BLOCK_MEMORY '
-                         'or mf.max_memory' % (str(e) or type(e).__name__)) from e
+        raise DensrError('densr guess ran out of memory (%s); the guess\'s blocks follow '
+                         'mf.max_memory: lower it to what this machine has' % (
+                             str(e) or type(e).__name__)) from e
     log.info('densr: initial guess in %.2f s', time.perf_counter() - t_start)
     return _break_spin_symmetry(mf, mol, dm, log)
 

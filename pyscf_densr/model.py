@@ -24,6 +24,10 @@ from pyscf_densr.errors import ModelError  # noqa: F401 (raised here, part of th
 
 MODEL_DIR = os.path.join(os.path.dirname(__file__), 'models')
 DEFAULT_MODEL = 'densr-cpu'
+# coarse voxels of one network pass: larger boxes run in overlapping tiles (model.predict);
+# the guess lowers the tile to what mf.max_memory leaves free, down to MIN_TILE_VOXELS
+MAX_TILE_VOXELS = 2000000
+MIN_TILE_VOXELS = 32 ** 3
 
 DEFAULT_CONFIG = {
     'arch': 'ResUpNet3d',
@@ -422,9 +426,9 @@ def _tiles(n, size, halo):
 def predict(model, rho_sad, device=None, max_voxels=None, symmetry=None):
     """delta-rho on the fine grid (numpy float32) from rho_SAD on the coarse grid (numpy).
 
-    Boxes larger than ``max_voxels`` coarse voxels (default from env
-    ``PYSCF_DENSR_MAX_VOXELS`` or 2e6) run in overlapping tiles whose overlap covers the
-    receptive field, so the result equals the untiled one up to float rounding.
+    Boxes larger than ``max_voxels`` coarse voxels (default :data:`MAX_TILE_VOXELS`) run in
+    overlapping tiles whose overlap covers the receptive field, so the result equals the
+    untiled one up to float rounding.
 
     ``symmetry`` (1, 2, 8 or 48; default the model config's ``symmetry``, else 1) averages
     the predictions for that many symmetry operations of the box (:func:`box_symmetries`),
@@ -451,7 +455,7 @@ def _predict_box(model, rho_sad, device=None, max_voxels=None):
     if device is None:
         device = next(model.parameters()).device
     if max_voxels is None:
-        max_voxels = int(float(os.environ.get('PYSCF_DENSR_MAX_VOXELS', 2e6)))
+        max_voxels = MAX_TILE_VOXELS
     r = model.config['upsample']
     x = torch.as_tensor(np.ascontiguousarray(rho_sad), dtype=torch.float32)
     shape = x.shape

@@ -16,7 +16,7 @@ import tracemalloc
 import numpy as np
 import pytest
 import torch
-from pyscf import gto, scf, dft
+from pyscf import gto, scf, dft, lib
 
 import pyscf_densr
 from pyscf_densr import coulomb, fit, grid, project, hook, model as model_mod
@@ -350,7 +350,7 @@ def test_huge_box_fails_before_allocating():
     t0 = time.perf_counter()
     tracemalloc.start()
     try:
-        with pytest.raises(pyscf_densr.DensrError, match='PYSCF_DENSR_MAX_BOX_VOXELS') as e:
+        with pytest.raises(pyscf_densr.DensrError, match='MAX_BOX_VOXELS') as e:
             pyscf_densr.init_guess(scf.RHF(mol), fallback='error')
         peak = tracemalloc.get_traced_memory()[1]
     finally:
@@ -359,14 +359,27 @@ def test_huge_box_fails_before_allocating():
     assert time.perf_counter() - t0 < 30 and peak < 200e6
 
 
-def test_box_limit_is_an_environment_option(monkeypatch):
+def test_box_limit_is_a_clear_error(monkeypatch):
     mol = gto.M(atom=WATER, basis='sto-3g', verbose=0)
-    monkeypatch.setenv('PYSCF_DENSR_MAX_BOX_VOXELS', '1000')
-    monkeypatch.setenv('PYSCF_DENSR_FALLBACK', 'error')
-    with pytest.raises(pyscf_densr.DensrError, match='limit of 1000'):
-        pyscf_densr.init_guess(scf.RHF(mol))
-    monkeypatch.setenv('PYSCF_DENSR_FALLBACK', 'minao')
-    dm = pyscf_densr.init_guess(scf.RHF(mol))
+    monkeypatch.setattr(hook, 'MAX_BOX_VOXELS', 1000)
+    _error_then_minao_fallback(mol, 'limit of 1000')
+
+
+def test_box_over_max_memory_falls_back_before_allocating():
+    """A network pass that mf.max_memory cannot hold: a clear error naming mf.max_memory
+    when strict, minao's guess with a warning by default, and nothing allocated."""
+    mol = gto.M(atom=WATER, basis='sto-3g', verbose=0)
+    mf = scf.RHF(mol)
+    mf.max_memory = lib.current_memory()[0] + 1
+    tracemalloc.start()
+    try:
+        with pytest.raises(pyscf_densr.DensrError, match='needs about .* MB.*mf.max_memory'):
+            pyscf_densr.init_guess(mf, fallback='error')
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 20e6
+    dm = pyscf_densr.init_guess(mf)
     assert np.allclose(dm, scf.RHF(mol).init_guess_by_minao())
 
 
@@ -390,7 +403,7 @@ def test_out_of_memory_in_network_is_reachable(monkeypatch, exc):
     def predict(*a, **k):
         raise exc
     _patched_predict(monkeypatch, predict)
-    _error_then_minao_fallback(mol, 'out of memory.*PYSCF_DENSR_MAX_VOXELS')
+    _error_then_minao_fallback(mol, 'out of memory.*tiles of .* voxels, set by mf.max_memory')
 
 
 def test_out_of_memory_in_projection_is_a_densr_error(monkeypatch):
