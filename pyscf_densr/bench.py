@@ -78,7 +78,6 @@ mean NMAE.
 """
 
 import argparse
-import contextlib
 import csv
 import gc
 import glob
@@ -364,22 +363,6 @@ def reference_grids(mol, dm_conv, dm_sad, config):
 # --------------------------------------------------------------------------------------------
 # guesses
 
-@contextlib.contextmanager
-def _capture_prediction(store):
-    """Keep the (delta_rho, fine grid) of the next :func:`hook.predict_delta_rho` call."""
-    orig = hook.predict_delta_rho
-
-    def wrapped(*args, **kwargs):
-        out = orig(*args, **kwargs)
-        store['delta'], store['grid'] = out
-        return out
-    hook.predict_delta_rho = wrapped
-    try:
-        yield store
-    finally:
-        hook.predict_delta_rho = orig
-
-
 def make_guess(mf, guess, ref=None, model=None, device=None, exchange=None):
     """The initial density matrix ``guess`` for ``mf``; returns (dm0, seconds, info).
 
@@ -399,13 +382,13 @@ def make_guess(mf, guess, ref=None, model=None, device=None, exchange=None):
         return dm, time.perf_counter() - t0, info
     if guess == 'densr':
         import pyscf_densr
-        cap = {}
-        with _capture_prediction(cap):
-            t0 = time.perf_counter()
-            dm = pyscf_densr.init_guess(mf, model=model, device=device, exchange=exchange,
-                                        fallback='error')
-            dt = time.perf_counter() - t0
-        info.update(cap)
+        made = {}
+        t0 = time.perf_counter()
+        dm = pyscf_densr.init_guess(mf, model=model, device=device, exchange=exchange,
+                                    fallback='error', details=made)
+        dt = time.perf_counter() - t0
+        if 'delta_rho' in made:
+            info['delta'], info['grid'] = made['delta_rho'], made['grid']
         return dm, dt, info
     if guess in ('oracle', 'control'):
         from pyscf_densr import project

@@ -422,7 +422,7 @@ def pyscf_guess(mf, mol=None):
 
 
 def init_guess(mf, mol=None, model=None, device=None, exchange=None, fallback=None, mix=None,
-               fock_builds=None, symmetry=None, metals=None):
+               fock_builds=None, symmetry=None, metals=None, details=None):
     """The densr initial guess density matrix for SCF object ``mf``.
 
     Args:
@@ -433,6 +433,9 @@ def init_guess(mf, mol=None, model=None, device=None, exchange=None, fallback=No
         model, device, exchange, fallback, mix, fock_builds, symmetry, metals: the options
             of the module docstring; each overrides the SCF attribute ``densr_<name>``
             (:func:`options`). ``model`` may also be a loaded network.
+        details: a dict to receive what the guess made on the way: ``delta_rho`` (the
+            network's output, e/Bohr^3) and ``grid`` (the :class:`grid.UniformGrid` it lives
+            on), ``fallback`` (the error whose fallback made the guess, or None).
 
     Returns:
         The density matrix in ``mf``'s convention (2D for RHF/RKS, (2, nao, nao) otherwise)
@@ -444,8 +447,10 @@ def init_guess(mf, mol=None, model=None, device=None, exchange=None, fallback=No
     opts = options(mf, model=model, device=device, exchange=exchange, fallback=fallback,
                    mix=mix, fock_builds=fock_builds, symmetry=symmetry, metals=metals)
     fallback = opts['fallback']
+    details = {} if details is None else details
+    details['fallback'] = None
     try:
-        return _densr_guess(mf, mol, opts, log)
+        return _densr_guess(mf, mol, opts, log, details)
     except OptionError:
         raise
     except SCFOwnError as e:
@@ -453,6 +458,7 @@ def init_guess(mf, mol=None, model=None, device=None, exchange=None, fallback=No
     except DensrError as e:
         if fallback == 'error':
             raise
+        details['fallback'] = e
         return _fall_back(mf, mol, e, log)
     except Exception as e:
         err = DensrError('densr guess failed inside (%s: %s); please report it with the '
@@ -461,6 +467,7 @@ def init_guess(mf, mol=None, model=None, device=None, exchange=None, fallback=No
         if fallback == 'error':
             raise err from e
         err.__cause__ = e
+        details['fallback'] = err
         return _fall_back(mf, mol, err, log)
 
 
@@ -474,7 +481,7 @@ def _fall_back(mf, mol, err, log):
     return pyscf_guess(mf, mol)
 
 
-def _densr_guess(mf, mol, opts, log):
+def _densr_guess(mf, mol, opts, log, details):
     """The data path: SAD -> grid -> network -> fit -> Fock builds -> density matrix."""
     from pyscf_densr import project
     from pyscf.scf import dhf, ghf
@@ -483,7 +490,7 @@ def _densr_guess(mf, mol, opts, log):
                             'is not covered' % type(mf).__name__)
     check_molecule(mol)
     if isinstance(mf, ghf.GHF):
-        return _generalized_guess(mf, mol, opts, log)
+        return _generalized_guess(mf, mol, opts, log, details)
     if mol.nao < MIN_NAO:
         raise NotApplicable('densr guess: %d basis functions, fewer than %d: the SCF is '
                             'cheaper than the guess would cost' % (mol.nao, MIN_NAO))
@@ -516,6 +523,7 @@ def _densr_guess(mf, mol, opts, log):
     try:
         delta, fine = predict_delta_rho(mol, dm_sad_tot, net, opts['device'], log, nsym,
                                         mf.max_memory)
+        details['delta_rho'], details['grid'] = delta, fine
         expected = fit_charge(mol, dm_sad_tot, s1e, log)
         check_delta_rho(mol, delta, fine, expected, log)
         t0 = time.perf_counter()
@@ -569,13 +577,13 @@ def _collinear_twin(mf, mol):
     return twin
 
 
-def _generalized_guess(mf, mol, opts, log):
+def _generalized_guess(mf, mol, opts, log, details):
     """GHF/GKS: the total density of the collinear twin's guess (:func:`_collinear_twin`),
     laid out as PySCF lays out its own minao guess for GHF: half in each spin block, plus
     an alpha-beta coupling of 5% of the diagonal. Keeping the twin's spin polarisation
     instead led an open-shell spin-orbit (X2C) GHF to another state than minao's."""
     from pyscf.scf import ghf
-    dm = np.asarray(init_guess(_collinear_twin(mf, mol), mol, **opts))
+    dm = np.asarray(init_guess(_collinear_twin(mf, mol), mol, details=details, **opts))
     if dm.ndim == 3:
         dm = dm[0] + dm[1]
     log.info('densr: GHF/GKS guess from the total density of the %s twin',

@@ -376,6 +376,20 @@ def test_periodic_cell_gets_pyscf_guess():
     assert np.allclose(mf.get_init_guess(key='densr'), pscf.RHF(cell).get_init_guess())
 
 
+def test_details_hold_the_network_output_and_the_fallback(ethanol, monkeypatch):
+    made = {}
+    dm = pyscf_densr.init_guess(dft.RKS(ethanol, xc='pbe'), details=made)
+    assert made['fallback'] is None
+    assert made['delta_rho'].shape == made['grid'].shape
+    assert np.isfinite(made['delta_rho']).all() and abs(made['delta_rho']).max() > 1e-3
+    assert abs(np.einsum('ij,ji', dm, ethanol.intor('int1e_ovlp')) - ethanol.nelectron) < 1e-6
+    monkeypatch.setattr(hook, 'MIN_NAO', 60)
+    small = gto.M(atom='O 0 0 0; H 0 0 0.97', charge=-1, basis='def2-svp', verbose=0)
+    made = {}
+    pyscf_densr.init_guess(dft.RKS(small, xc='pbe'), details=made)
+    assert isinstance(made['fallback'], hook.NotApplicable) and 'delta_rho' not in made
+
+
 def test_element_without_sad_data_is_an_error():
     # Lr has no ANO data for PySCF's minao guess; a user basis makes the molecule valid
     mol = gto.M(atom='Lr 0 0 0; H 0 0 2.0', basis={'H': 'sto-3g', 'Lr': [[0, [1.0, 1.0]]]},
