@@ -127,7 +127,7 @@ def anderson_step(mf, v1, dm1, dm_sad, auxmol, c, grids=None, dm_x=None, h1e=Non
         if np.asarray(dm).ndim == 3:
             v = np.array((v, v))
         if hasattr(mf, 'xc'):
-            v = v + xc_potential(mf, dm, auxmol, None, grids)[1]
+            v = v + xc_potential(mf, dm, grids)[1]
         j_out = aux.project(total(fock_dm(v)))
         vs.append(v)
         mrs.append(j_out - j_in)

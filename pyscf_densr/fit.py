@@ -4,19 +4,17 @@
 auxiliary basis, ``delta-rho(r) ~ sum_k c_k chi_k(r)``: least squares over the grid points,
 the electron count conserved exactly (a Lagrange constraint). Both the right-hand side and
 the Gram matrix use the separability of Gaussians (:mod:`grid`), so the fit costs a few
-matrix products instead of evaluating every function on every voxel. ``aux_density`` and
-``grid_density`` evaluate the fitted sum, or the grid field itself, at arbitrary points.
+matrix products instead of evaluating every function on every voxel. ``grid_density``
+interpolates the grid field itself at arbitrary points (the molecular grids of the XC).
 """
 
 import numpy as np
 import scipy.linalg
 from pyscf import gto, df
-from pyscf.dft import numint
 
 from pyscf_densr import grid as grid_mod
 from pyscf_densr.coulomb import _cart2sph_sparse
 
-BLKSIZE = numint.BLKSIZE
 DEFAULT_AUXBASIS = 'def2-universal-jkfit'
 EIGH_MAX = 2500  # auxiliary functions up to which the fit uses a full eigendecomposition
 
@@ -152,36 +150,6 @@ def fit_delta_rho(auxmol, delta_rho, grid, charge=0.0, metric=None, cond=1e-10,
     sinv_b, sinv_n = x[:, 0], x[:, 1]
     lam = (n.dot(sinv_b) - charge) / n.dot(sinv_n)
     return sinv_b - lam * sinv_n
-
-
-def aux_density(auxmol, c, coords, deriv=0, max_memory=None):
-    """sum_k c_k chi_k at ``coords`` ((1, n) values, or (4, n) with the gradient for deriv=1).
-
-    Points are taken in chunks (PySCF's molecular grids come grouped in space), and each
-    chunk evaluates only the auxiliary shells that reach it, so the cost grows linearly
-    with the size of a large molecule and the values never exceed ``max_memory`` MB
-    (default :data:`grid.BLOCK_MEMORY`).
-    """
-    comp = 4 if deriv else 1
-    intor = 'GTOval_sph_deriv1' if deriv else 'GTOval_sph'
-    naux = auxmol.nao
-    budget = grid_mod._default_memory(max_memory) * 1e6 / 8
-    blk = max(BLKSIZE, min(int(budget // (comp * naux)), 2048) // BLKSIZE * BLKSIZE)
-    out = np.zeros((comp, len(coords)))
-    for p0 in range(0, len(coords), blk):
-        p1 = min(p0 + blk, len(coords))
-        mask = numint.make_mask(auxmol, coords[p0:p1])
-        shls = np.nonzero(mask.any(axis=0))[0]
-        if len(shls) == 0:
-            continue
-        sub = grid_mod.submol(auxmol, shls)
-        idx = grid_mod.shell_ao_index(auxmol, shls)
-        ao = sub.eval_gto(intor, coords[p0:p1], non0tab=np.asarray(mask[:, shls], order='C'))
-        ao = ao.reshape(comp, p1 - p0, len(idx))
-        ci = c[idx]
-        for k in range(comp):  # per component: eval_gto's layout is not C order, no copy
-            out[k, p0:p1] = ao[k].dot(ci)
-    return out
 
 
 def grid_density(field, grid, coords, deriv=0):

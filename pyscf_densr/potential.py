@@ -12,21 +12,21 @@ from pyscf import lib
 from pyscf.lib import logger
 from pyscf.dft import numint
 
-from pyscf_densr.coulomb import _cart2sph_sparse, coulomb_engine, coulomb_of_aux
-from pyscf_densr.fit import aux_density, grid_density
+from pyscf_densr.coulomb import _cart2sph_sparse, coulomb_of_aux
+from pyscf_densr.fit import grid_density
 
 
-def xc_potential(mf, dm_sad, auxmol, c, grids=None, delta_grid=None):
+def xc_potential(mf, dm_sad, grids=None, delta_grid=None):
     """XC energy and potential matrix of rho_guess = rho[dm_sad] + delta-rho.
 
     ``dm_sad`` is (nao, nao) for a restricted calculation or (2, nao, nao) for alpha/beta;
     delta-rho is split equally between the spins. Meta-GGA kinetic energy densities are
-    taken from ``dm_sad`` alone. delta-rho is the fitted sum_k c_k chi_k, or, when
-    ``delta_grid = (delta_rho, grid, sad_scale)`` is given, the grid field itself
-    interpolated onto the molecular grid (:func:`grid_density`, several times cheaper than
-    evaluating the auxiliary functions there) with rho[dm_sad] scaled by ``sad_scale`` (see
-    :func:`density_matrix_from_delta_rho`); ``c`` None and no ``delta_grid``: rho[dm_sad]
-    alone. Returns (exc, vxc) in Hartree.
+    taken from ``dm_sad`` alone. delta-rho is ``delta_grid = (delta_rho, grid, sad_scale)``,
+    the grid field interpolated onto the molecular grid (:func:`fit.grid_density`, several
+    times cheaper than evaluating the fitted auxiliary functions there) with rho[dm_sad]
+    scaled by ``sad_scale`` (see :func:`project.density_matrix_from_delta_rho`); None:
+    rho[dm_sad] alone. A ``dm_sad`` tagged with ``mo_coeff``/``mo_occ`` is evaluated from
+    its occupied orbitals. Returns (exc, vxc) in Hartree.
     """
     mol = mf.mol
     ni = mf._numint
@@ -53,10 +53,8 @@ def xc_potential(mf, dm_sad, auxmol, c, grids=None, delta_grid=None):
             rho = [ni.eval_rho(mol, ao, d, mask, xctype, hermi=1) for d in dms]
         else:
             rho = [ni.eval_rho2(mol, ao, mo, occ, mask, xctype) for mo, occ in orbitals]
-        if delta_grid is None and c is None:
+        if delta_grid is None:
             drho = None
-        elif delta_grid is None:
-            drho = aux_density(auxmol, c, coords, deriv=ao_deriv) / nset
         else:
             field, fgrid, sad_scale = delta_grid
             drho = grid_density(field, fgrid, coords, ao_deriv) / nset
@@ -147,38 +145,34 @@ def exchange_potential(mf, dm):
     return vk
 
 
-def local_potential(mf, dm_sad, auxmol, c, grids=None, coulomb='df', delta_grid=None, aux=None):
+def local_potential(mf, dm_sad, auxmol, c, delta_grid, aux, grids=None):
     """Coulomb + XC potential (Hartree) of the guess density; same shape as ``dm_sad``.
 
-    ``coulomb='df'`` density-fits rho[P_SAD] (:func:`coulomb.coulomb_engine`);
-    ``'exact'`` takes the SCF object's own ``get_j`` of P_SAD. ``delta_grid``: see
-    :func:`xc_potential`. ``aux``: the guess's Coulomb engine (:func:`coulomb.coulomb_engine`)
-    to reuse. ``c`` None: no delta-rho (the potential of rho[dm_sad] itself).
+    Coulomb: rho[P_SAD] density-fitted plus the fitted delta-rho ``c`` (coefficients of
+    ``auxmol``), on the guess's Coulomb engine ``aux`` (:func:`coulomb.coulomb_engine`); where
+    PySCF's 3-centre driver is unavailable (``aux`` None), the SCF object's own ``get_j`` of
+    P_SAD. XC: :func:`xc_potential` of rho[P_SAD] and ``delta_grid``.
     """
     mol = mf.mol
     dm_sad = np.asarray(dm_sad)
     spin = dm_sad.ndim == 3
     dm_tot = dm_sad.sum(axis=0) if spin else dm_sad
-    c0 = np.zeros(auxmol.nao) if c is None else c
-    if coulomb == 'df' and aux is None:
-        aux = coulomb_engine(mf, auxmol)
-    if coulomb == 'df' and aux is not None:
-        v = aux.coulomb(aux.fit(dm_tot)[0] + aux.coeffs(auxmol, c0))
+    if aux is not None:
+        v = aux.coulomb(aux.fit(dm_tot)[0] + aux.coeffs(auxmol, c))
     else:
-        if coulomb == 'df':
-            logger.info(mf, 'densr: PySCF\'s 3-centre J driver is unavailable; exact J of the '
-                        'SAD density instead (same guess, slower)')
+        logger.info(mf, 'densr: PySCF\'s 3-centre J driver is unavailable; exact J of the '
+                    'SAD density instead (same guess, slower)')
         jmol = auxmol
         if mol.cart:
             jmol = auxmol.copy()
             jmol.cart = True
             jmol.build(False, False)
-        cj = c0 if jmol is auxmol else _cart2sph_sparse(auxmol).dot(c0)
+        cj = c if jmol is auxmol else _cart2sph_sparse(auxmol).dot(c)
         v = mf.get_j(mol, dm_tot) + coulomb_of_aux(mol, jmol, cj)
     if spin:
         v = np.array((v, v))
     if hasattr(mf, 'xc'):
-        v = v + xc_potential(mf, dm_sad, auxmol, c, grids, delta_grid)[1]
+        v = v + xc_potential(mf, dm_sad, grids, delta_grid)[1]
     return v
 
 

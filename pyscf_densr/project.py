@@ -31,7 +31,7 @@ from pyscf_densr.potential import (_exchange_coeffs, add_exchange, guess_grids,
 
 def density_matrix_from_delta_rho(mf, delta_rho, grid, dm_sad=None, auxbasis=DEFAULT_AUXBASIS,
                                   exchange='auto', grids_level=1, log=None, charge=None,
-                                  coulomb='df', mix=1.0, xc_density='grid', fock_builds=1):
+                                  mix=1.0, fock_builds=1):
     """The whole projection: delta-rho on ``grid`` -> guess density matrix for ``mf``.
 
     Args:
@@ -44,21 +44,14 @@ def density_matrix_from_delta_rho(mf, delta_rho, grid, dm_sad=None, auxbasis=DEF
         grids_level: level of the molecular grids for the guess's XC (see :func:`guess_grids`).
         charge: electrons the fitted delta-rho carries; default N - Tr(P_SAD S), so that the
             guess density holds exactly N electrons.
-        coulomb: 'df' (J of P_SAD density-fitted in the auxiliary basis) or 'exact' (the SCF
-            object's own J of P_SAD); see :func:`local_potential`.
         mix: the returned matrix is P_SAD + mix (P_Fock - P_SAD); 1 returns the Fock build's
             aufbau matrix itself (see :func:`mix_with_sad`).
-        xc_density: delta-rho of the XC potential: 'grid' interpolates ``delta_rho`` onto
-            the molecular grid, 'fit' evaluates the fitted auxiliary density there (see
-            :func:`xc_potential`). Coulomb always uses the fit.
         fock_builds: 1, or up to MAX_FOCK_BUILDS: more Fock builds, each at the density of
             the last combined matrix, and their Anderson combination (:func:`anderson_step`),
             before damping.
     Returns:
         dm with ``mo_coeff``/``mo_occ`` attached.
     """
-    if xc_density not in ('grid', 'fit'):
-        raise ValueError("xc_density must be 'grid' or 'fit', not %r" % xc_density)
     if fock_builds not in range(1, MAX_FOCK_BUILDS + 1):
         raise ValueError('fock_builds must be an integer from 1 to %d, not %r'
                          % (MAX_FOCK_BUILDS, fock_builds))
@@ -80,13 +73,11 @@ def density_matrix_from_delta_rho(mf, delta_rho, grid, dm_sad=None, auxbasis=DEF
     c = fit_delta_rho(auxmol, delta_rho, grid, charge=charge, max_memory=block)
     t1 = time.perf_counter()
     log.info('densr: delta-rho fitted with %d auxiliary functions in %.2f s', auxmol.nao, t1 - t0)
-    delta_grid = None
-    if xc_density == 'grid':
-        # rho[P_SAD] scaled by 1 + q / N_SAD, q the electrons the fit adds to the field's own
-        # integral (an ion's charge, mostly), so the XC density holds the fitted electrons
-        q = charge - float(np.sum(delta_rho, dtype=np.float64)) * grid.dv
-        delta_grid = (delta_rho, grid, 1 + q / nsad if nsad > 1e-8 else 1.0)
-    aux = coulomb_engine(mf, auxmol, log) if coulomb == 'df' else None
+    # the XC density: rho[P_SAD] scaled by 1 + q / N_SAD, q the electrons the fit adds to the
+    # field's own integral (an ion's charge, mostly), so that it holds the fitted electrons
+    q = charge - float(np.sum(delta_rho, dtype=np.float64)) * grid.dv
+    delta_grid = (delta_rho, grid, 1 + q / nsad if nsad > 1e-8 else 1.0)
+    aux = coulomb_engine(mf, auxmol, log)
     if aux is not None:
         log.info('densr: Coulomb builds of the guess on %s (%s, %d functions)', aux.route,
                  aux.auxmol.basis if isinstance(aux.auxmol.basis, str) else 'fitting basis',
@@ -98,7 +89,7 @@ def density_matrix_from_delta_rho(mf, delta_rho, grid, dm_sad=None, auxbasis=DEF
                  'density fitting (mf.density_fit()) or a larger mf.max_memory keeps the '
                  'integrals in memory', aux.int3c_bytes * 1e-9, fock_builds - 1)
     grids = guess_grids(mf, grids_level)
-    v_local = local_potential(mf, dm_sad, auxmol, c, grids, coulomb, delta_grid, aux)
+    v_local = local_potential(mf, dm_sad, auxmol, c, delta_grid, aux, grids)
     x = orthogonalizer(mf, s1e)
     sym = symmetry.Symmetrizer(mol)
     if sym.order > 1:

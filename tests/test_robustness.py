@@ -97,7 +97,7 @@ def test_blocked_quadratures_equal_dense_with_tiny_memory():
     assert np.allclose(sph, sph.T, atol=0)
 
 
-def test_tiled_density_and_aux_density_equal_dense():
+def test_tiled_density_equals_dense():
     mol = gto.M(atom=ETHANOL, basis='def2-svp', verbose=0)
     g = grid.make_box(mol.atom_coords(), 0.5, 3.0)
     rng = np.random.default_rng(0)
@@ -106,12 +106,6 @@ def test_tiled_density_and_aux_density_equal_dense():
     ao = mol.eval_gto('GTOval', g.coords())
     ref = np.einsum('pi,ij,pj->p', ao, dm, ao)
     assert np.allclose(grid.eval_density(mol, dm, g, max_memory=1).ravel(), ref, atol=1e-10)
-    aux = fit.make_auxmol(mol)
-    c = rng.normal(size=aux.nao)
-    pts = g.coords()[::7]
-    ref = np.einsum('cpk,k->cp', aux.eval_gto('GTOval_sph_deriv1', pts), c)
-    assert np.allclose(fit.aux_density(aux, c, pts, deriv=1, max_memory=0.2), ref,
-                       atol=1e-10)
 
 
 def _waters(n, seed=0, spacing=3.1):
