@@ -45,9 +45,9 @@ Memory follows ``mf.max_memory`` (MB), as PySCF's own buffers do: the guess's ar
 what it leaves free (:func:`guess_memory`). A box whose network pass would not fit there
 (about ``NET_BYTES_PER_VOXEL`` per coarse voxel on the CPU), or larger than
 ``MAX_BOX_VOXELS`` (2e7 coarse voxels, about 108 Bohr a side: wrong units, mostly), is a
-:class:`DensrError` raised before anything is allocated; the network runs in tiles of at
-most ``model.MAX_TILE_VOXELS`` coarse voxels; the blocked grid quadratures use at most a
-quarter of the free memory, up to 200 MB.
+:class:`DensrError` raised before anything is allocated; on a GPU the network runs in tiles
+of at most ``model.MAX_TILE_VOXELS`` coarse voxels; the blocked grid quadratures use at
+most a quarter of the free memory, up to 200 MB.
 """
 
 import os
@@ -224,8 +224,9 @@ def predict_delta_rho(mol, dm_sad, model=None, device=None, log=None, symmetry=N
     dev = next(net.parameters()).device
     free = guess_memory(mol.max_memory if max_memory is None else max_memory)
     need = box.size * (NET_BYTES_PER_VOXEL if dev.type == 'cpu' else 48) * 1e-6
-    tile = max(model_mod.MIN_TILE_VOXELS, min(model_mod.MAX_TILE_VOXELS,
-                                              int(free * 1e6 / NET_BYTES_PER_VOXEL)))
+    # the CPU pass fits in host memory (checked here); a GPU's memory is its own: tiles there
+    # (the network's receptive field makes tiles overlap widely, so they cost extra passes)
+    tile = box.size if dev.type == 'cpu' else model_mod.MAX_TILE_VOXELS
     if need > free:
         raise DensrError(
             'densr guess: the network pass on the %s box (%d voxels) needs about %.0f MB, '
@@ -244,8 +245,8 @@ def predict_delta_rho(mol, dm_sad, model=None, device=None, log=None, symmetry=N
     except (RuntimeError, MemoryError) as e:
         if _is_oom(e):
             raise DensrError('densr guess: the network ran out of memory on %s for a %s box '
-                             '(%s); tiles of %d voxels, set by mf.max_memory; a lower '
-                             'mf.max_memory runs it in smaller tiles, or densr_device=\'cpu\'' % (
+                             '(%s) in tiles of %d voxels; pyscf_densr.model.MAX_TILE_VOXELS '
+                             'sets smaller tiles, or densr_device=\'cpu\'' % (
                                  dev, 'x'.join(map(str, box.shape)),
                                  str(e).splitlines()[0][:200] if str(e) else type(e).__name__,
                                  tile)) from e

@@ -24,10 +24,8 @@ from pyscf_densr.errors import ModelError  # noqa: F401 (raised here, part of th
 
 MODEL_DIR = os.path.join(os.path.dirname(__file__), 'models')
 DEFAULT_MODEL = 'densr-cpu'
-# coarse voxels of one network pass: larger boxes run in overlapping tiles (model.predict);
-# the guess lowers the tile to what mf.max_memory leaves free, down to MIN_TILE_VOXELS
+# coarse voxels of one network pass on a GPU: larger boxes run in overlapping tiles
 MAX_TILE_VOXELS = 2000000
-MIN_TILE_VOXELS = 32 ** 3
 
 DEFAULT_CONFIG = {
     'arch': 'ResUpNet3d',

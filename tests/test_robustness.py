@@ -397,7 +397,7 @@ def test_out_of_memory_in_network_is_reachable(monkeypatch, exc):
     def predict(*a, **k):
         raise exc
     _patched_predict(monkeypatch, predict)
-    _error_then_minao_fallback(mol, 'out of memory.*tiles of .* voxels, set by mf.max_memory')
+    _error_then_minao_fallback(mol, 'out of memory.*tiles of .* voxels')
 
 
 def test_out_of_memory_in_projection_is_a_densr_error(monkeypatch):
