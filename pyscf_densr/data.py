@@ -45,7 +45,16 @@ DEFAULT_OPTIONS = {
     'perturb_fraction': 1.0,  # share of molecules displaced when sigma > 0
     'seed': 0,              # with the index, seeds the displacement
     'threads': None,        # pyscf.lib.num_threads in the worker; None leaves it alone
+    'guess': 'minao',       # the label SCF's initial guess: 'minao' or 'densr'
+    'density_fit': False,   # the label SCF density-fitted (PySCF's default fitting basis)
 }
+GUESSES = ('minao', 'densr')
+# how far a cheaper label recipe (densr guess, density fitting) may move a label against the
+# reference recipe (minao, no fitting): the NMAE of the density (percent, on the network's
+# fine grid), a twentieth of the CPU model's target error (0.7%); tools/label_recipe.py
+# checks it. The stored energy of a density-fitted label carries the fitting error (about
+# 3e-5 Eh per atom at def2-SVP); training uses the densities only
+LABEL_NMAE_TOLERANCE = 0.035
 GEOMETRY_SMILES = 'RDKit ETKDG(randomSeed=index) + MMFF94 minimisation'
 REQUIRED = ('numbers', 'coords')
 
@@ -138,15 +147,28 @@ def build_mol(numbers, coords, basis, charge=0, spin=0):
                  unit='Bohr', basis=basis, charge=int(charge), spin=int(spin), verbose=0)
 
 
-def make_scf(mol, xc='pbe', grids_level=2, conv_tol=1e-9, max_cycle=100):
-    """The SCF object of the labels: RKS/UKS (xc) or RHF/UHF (``xc='hf'``), minao guess."""
+def make_scf(mol, xc='pbe', grids_level=2, conv_tol=1e-9, max_cycle=100, guess='minao',
+             density_fit=False):
+    """The SCF object of the labels: RKS/UKS (xc) or RHF/UHF (``xc='hf'``).
+
+    ``guess``: 'minao' (the reference recipe) or 'densr' (fewer cycles; the converged
+    density is the same to the SCF's tolerance). ``density_fit``: PySCF's density fitting
+    with its default fitting basis, cheaper per cycle at a small, checked change of the
+    label (``tools/label_recipe.py``).
+    """
     from pyscf import dft, scf
+    if guess not in GUESSES:
+        raise ValueError('label guess must be one of %s, not %r' % (', '.join(GUESSES), guess))
     if xc.lower() == 'hf':
         mf = scf.RHF(mol) if mol.spin == 0 else scf.UHF(mol)
     else:
         mf = dft.RKS(mol, xc=xc) if mol.spin == 0 else dft.UKS(mol, xc=xc)
         mf.grids.level = int(grids_level)
-    mf.init_guess = 'minao'
+    if density_fit:
+        mf = mf.density_fit()
+    if guess == 'densr':
+        import pyscf_densr  # noqa: F401 (registers the key)
+    mf.init_guess = guess
     mf.conv_tol = float(conv_tol)
     mf.max_cycle = int(max_cycle)
     mf.verbose = 0
@@ -179,7 +201,7 @@ def compute_molecule(index, molecule, options=None):
     index: its position in the source (the group name); molecule: a SMILES string or a dict
     with ``numbers`` and ``coords`` in Bohr (see :func:`make_geometry`); options: see
     ``DEFAULT_OPTIONS``. Returns a plain dict: ``ok``, the geometry, ``e_tot`` (Hartree),
-    ``cycles_minao``, the occupied orbitals (:func:`_occupied`) and ``wall`` (seconds), or
+    ``cycles`` (of the SCF from ``options['guess']``), the occupied orbitals (:func:`_occupied`) and ``wall`` (seconds), or
     ``ok=False`` with a ``reason``. Never raises.
     """
     t0 = time.time()
@@ -191,13 +213,14 @@ def compute_molecule(index, molecule, options=None):
         geom = make_geometry(index, molecule, opts)
         mol = build_mol(geom['numbers'], geom['coords'], opts['basis'],
                         geom['charge'], geom['spin'])
-        mf = make_scf(mol, opts['xc'], opts['grids_level'], opts['conv_tol'], opts['max_cycle'])
+        mf = make_scf(mol, opts['xc'], opts['grids_level'], opts['conv_tol'], opts['max_cycle'],
+                      opts['guess'], opts['density_fit'])
         mf.kernel()
         if not mf.converged:
             raise MoleculeError('SCF not converged in %d cycles' % mf.max_cycle)
         out.update(geom)
         out.update(_occupied(mf))
-        out.update(ok=True, e_tot=float(mf.e_tot), cycles_minao=int(mf.cycles))
+        out.update(ok=True, e_tot=float(mf.e_tot), cycles=int(mf.cycles), guess=opts['guess'])
     except Exception as err:  # a molecule never stops the run
         out = {'index': int(index), 'ok': False, 'reason': _reason(err)}
     out['wall'] = time.time() - t0
@@ -397,7 +420,8 @@ def _root_attrs(opts, geometry):
     return {'xc': opts['xc'].lower(), 'basis': opts['basis'],
             'grids_level': np.int64(opts['grids_level']),
             'conv_tol': np.float64(opts['conv_tol']), 'pyscf_version': pyscf.__version__,
-            'units': 'bohr', 'geometry': geometry, 'max_cycle': np.int64(opts['max_cycle'])}
+            'units': 'bohr', 'geometry': geometry, 'max_cycle': np.int64(opts['max_cycle']),
+            'density_fit': np.int64(bool(opts['density_fit']))}
 
 
 def open_shard(path, attrs):
@@ -405,7 +429,8 @@ def open_shard(path, attrs):
 
     An unreadable file is moved aside to ``path.corrupt`` and started again; groups left
     half-written by an interrupted run are removed. A shard of another level of theory
-    (xc, basis, grids_level, conv_tol) is an error. Returns (complete, done, failed).
+    (xc, basis, grids_level, conv_tol, density fitting) is an error. Returns (complete, done,
+    failed).
     """
     import h5py
     if os.path.exists(path):
@@ -425,11 +450,12 @@ def open_shard(path, attrs):
             f.attrs['failed'] = np.zeros(0, dtype=np.int64)
         return False, set(), {}
     with _h5open(path, 'r') as f:
-        for k in ('xc', 'basis', 'grids_level', 'conv_tol'):
-            old = f.attrs.get(k)
+        for k in ('xc', 'basis', 'grids_level', 'conv_tol', 'density_fit'):
+            old = f.attrs.get(k, 0 if k == 'density_fit' else None)
             if old is None:
                 continue
-            same = (np.isclose(float(old), float(attrs[k])) if k in ('grids_level', 'conv_tol')
+            same = (np.isclose(float(old), float(attrs[k]))
+                    if k in ('grids_level', 'conv_tol', 'density_fit')
                     else str(old).lower() == str(attrs[k]).lower())
             if not same:
                 raise ValueError('%s has %s=%s, not %s' % (path, k, old, attrs[k]))
@@ -484,7 +510,7 @@ def write_molecule(path, res):
         g.attrs['smiles'] = res.get('smiles', '')
         g.attrs['charge'] = np.int64(res['charge'])
         g.attrs['spin'] = np.int64(res['spin'])
-        g.attrs['cycles_minao'] = np.int64(res['cycles_minao'])
+        g.attrs['cycles_' + res.get('guess', 'minao')] = np.int64(res['cycles'])
         g.attrs['perturbed'] = np.int64(res.get('perturbed', 0))
         if res.get('name'):
             g.attrs['name'] = res['name']
@@ -638,7 +664,7 @@ def generate(source, out_dir, xc='pbe', basis='def2-svp', start=0, stop=None,
              shard_size=SHARD_SIZE, prefix=None, workers=1, scheduler=None, threads=None,
              sigma=0.0, perturb_fraction=1.0, seed=0, max_cycle=100, conv_tol=1e-9,
              grids_level=2, charge=0, spin=None, kind=None, retry_failed=False,
-             progress=True):
+             progress=True, guess='minao', density_fit=False):
     """Label the molecules of ``source`` with index in [start, stop) into shards in
     ``out_dir``; resumable. Returns a summary dict (files, computed, failed, skipped).
 
@@ -649,10 +675,15 @@ def generate(source, out_dir, xc='pbe', basis='def2-svp', start=0, stop=None,
     given); scheduler: Dask scheduler address, Client or cluster (then ``threads`` defaults to
     leaving the workers' setting alone). sigma (Angstrom), perturb_fraction, seed: thermal
     distortion (:func:`make_geometry`). retry_failed: compute recorded failures again.
+    guess, density_fit: the label SCF's recipe (:func:`make_scf`; each molecule records
+    ``cycles_<guess>``, the shard whether it is density-fitted).
     """
+    if guess not in GUESSES:
+        raise ValueError('label guess must be one of %s, not %r' % (', '.join(GUESSES), guess))
     opts = dict(DEFAULT_OPTIONS, xc=xc, basis=basis, grids_level=grids_level,
                 conv_tol=conv_tol, max_cycle=max_cycle, sigma=sigma,
-                perturb_fraction=perturb_fraction, seed=seed, threads=threads)
+                perturb_fraction=perturb_fraction, seed=seed, threads=threads, guess=guess,
+                density_fit=bool(density_fit))
     if threads is None and scheduler is None and workers > 1:
         opts['threads'] = max(1, _cpu_count() // workers)
     mols, names, kind, geometry = read_source(source, kind, charge, spin)
@@ -699,7 +730,7 @@ def generate(source, out_dir, xc='pbe', basis='def2-svp', start=0, stop=None,
                     res['name'] = names[i]
                 write_molecule(path, res)
                 summary['computed'] += 1
-                logger.debug('%06d: %d cycles, %.1f s', i, res['cycles_minao'], res['wall'])
+                logger.debug('%06d: %d cycles, %.1f s', i, res['cycles'], res['wall'])
             else:
                 record_failure(path, i, res['reason'])
                 summary['failed'] += 1
@@ -785,6 +816,12 @@ def _parser():
     p.add_argument('--grids-level', type=int, default=2, help='DFT grids level (default 2)')
     p.add_argument('--conv-tol', type=float, default=1e-9, help='SCF conv_tol (default 1e-9)')
     p.add_argument('--max-cycle', type=int, default=100, help='SCF max_cycle (default 100)')
+    p.add_argument('--guess', choices=GUESSES, default='minao',
+                   help='initial guess of the label SCF (default minao; densr: fewer cycles, '
+                        'same converged density)')
+    p.add_argument('--density-fit', action='store_true',
+                   help='density-fitted label SCF (cheaper; check the change of the labels '
+                        'with tools/label_recipe.py)')
     p.add_argument('--shard-size', type=int, default=SHARD_SIZE,
                    help='molecules per shard (default %d)' % SHARD_SIZE)
     p.add_argument('--prefix', default=None,
@@ -849,7 +886,8 @@ def main(argv=None):
                      max_cycle=args.max_cycle, conv_tol=args.conv_tol,
                      grids_level=args.grids_level, charge=args.charge, spin=args.spin,
                      kind=args.kind, retry_failed=args.retry_failed,
-                     progress=not args.no_progress)
+                     progress=not args.no_progress, guess=args.guess,
+                     density_fit=args.density_fit)
         print('%d labelled, %d failed, %d skipped; shards: %s' % (
             s['computed'], s['failed'], s['skipped'], ' '.join(
                 os.path.basename(f) for f in s['files'])))

@@ -14,7 +14,7 @@ import pytest
 h5py = pytest.importorskip('h5py')
 from pyscf.data.nist import BOHR  # noqa: E402
 
-from pyscf_densr import data  # noqa: E402
+from pyscf_densr import data, grid  # noqa: E402
 
 SHARED = os.path.join(os.path.dirname(__file__), '..', '..', 'shared', 'data')
 SMILES = ['C', 'O', 'N']
@@ -123,6 +123,32 @@ def test_geometry_reproduces_shared():
             geom = data.make_geometry(int(k), g.attrs['smiles'])
             assert list(geom['numbers']) == list(g['numbers'][()])
             assert np.abs(geom['coords'] - g['coords'][()]).max() < 1e-8
+
+
+def test_cheaper_recipe_keeps_the_labels(reference, tmp_path):
+    """Labels from the densr guess with density fitting: the same densities as the reference
+    recipe's within data.LABEL_TOLERANCE, the recipe recorded, and not mixed into a shard of
+    the reference recipe."""
+    src, out = reference
+    s = data.generate(src, str(tmp_path), progress=False, guess='densr', density_fit=True,
+                      **LEVEL)
+    assert s['computed'] == 3 and s['failed'] == 0
+    ref, new = _results(out), _results(tmp_path)
+    with h5py.File(_shards(tmp_path)[0], 'r') as f:
+        assert f.attrs['density_fit'] == 1
+        for k in f:
+            assert f[k].attrs['cycles_densr'] > 0 and 'cycles_minao' not in f[k].attrs
+            mol = data.build_mol(f[k]['numbers'][()], f[k]['coords'][()], 'sto-3g')
+            g = grid.make_box(mol.atom_coords(), 0.2, 5.669)
+            rho_ref = grid.eval_density(mol, ref[k][1], g)
+            rho_new = grid.eval_density(mol, new[k][1], g)
+            nmae = abs(rho_new - rho_ref).sum() / rho_ref.sum() * 100
+            assert nmae < data.LABEL_NMAE_TOLERANCE
+    with pytest.raises(ValueError, match='density_fit'):
+        data.generate(src, str(out), progress=False, density_fit=True, retry_failed=True,
+                      **LEVEL)
+    with pytest.raises(ValueError, match='label guess'):
+        data.generate(src, str(tmp_path / 'x'), progress=False, guess='huckel', **LEVEL)
 
 
 def test_resume(reference, tmp_path, monkeypatch):
