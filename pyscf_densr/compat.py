@@ -7,7 +7,7 @@ wheel). The test files run twice with pytest, each in its own process: once as t
 (``minao``, the baseline) and once with ``pyscf.scf.hf.SCF.init_guess = 'densr'``, which is
 what a group gets that puts ``scf_hf_SCF_init_guess = 'densr'`` in its PySCF config file
 and imports :mod:`pyscf_densr`, with the densr guess made for every molecule however small
-(``hook.MIN_NAO = 0``), so that it meets every SCF in the tests. Every test that fails
+(``hook.MIN_NAO = 0``, ``hook.COVER_HF = True``), so that it meets every SCF in the tests. Every test that fails
 only with densr is listed, sorted:
 
 tolerance   an assertion on a value that depends on where the SCF starts (an energy after a
@@ -40,6 +40,7 @@ from pyscf.scf import hf
 from pyscf_densr import hook
 hf.SCF.init_guess = 'densr'
 hook.MIN_NAO = 0   # densr on every molecule, however small
+hook.COVER_HF = True   # and on Hartree-Fock
 _fall_back = hook._fall_back
 def _recorded(mf, mol, err, log):
     with open(os.environ['DENSR_COMPAT_FALLBACKS'], 'a') as f:

@@ -45,10 +45,11 @@ def random_rotation(seed):
 
 @pytest.fixture(autouse=True, scope='session')
 def densr_on_small_molecules():
-    """The tests exercise the densr guess on small molecules, below the size where the
-    package gives PySCF's own guess for speed (hook.MIN_NAO; tested on its own).
-    Session-wide, so that module-scoped fixtures run under it too."""
+    """The tests exercise the densr guess on small molecules and Hartree-Fock, where the
+    package gives PySCF's own guess for speed (hook.MIN_NAO, hook.COVER_HF; tested on their
+    own). Session-wide, so that module-scoped fixtures run under it too."""
     from pyscf_densr import hook
-    old, hook.MIN_NAO = hook.MIN_NAO, 0
+    old = hook.MIN_NAO, hook.COVER_HF
+    hook.MIN_NAO, hook.COVER_HF = 0, True
     yield
-    hook.MIN_NAO = old
+    hook.MIN_NAO, hook.COVER_HF = old

@@ -128,6 +128,20 @@ def test_small_molecules_get_pyscf_guess(monkeypatch):
     assert not np.allclose(dm, scf.RHF(big).init_guess_by_minao(), atol=1e-3)
 
 
+@pytest.mark.parametrize('cls', [scf.RHF, scf.UHF, scf.GHF])
+def test_hartree_fock_gets_pyscf_guess(monkeypatch, cls):
+    """Hartree-Fock (no XC): PySCF's own guess with a note, NotApplicable when strict;
+    Kohn-Sham on the same molecule gets the densr guess."""
+    from pyscf_densr import hook
+    monkeypatch.setattr(hook, 'COVER_HF', False)
+    mol = gto.M(atom=WATER, basis='def2-svp', verbose=0)
+    with pytest.raises(hook.NotApplicable, match='Hartree-Fock'):
+        pyscf_densr.init_guess(cls(mol), fallback='error')
+    assert np.allclose(pyscf_densr.init_guess(cls(mol)), cls(mol).get_init_guess())
+    dm = pyscf_densr.init_guess(dft.RKS(mol, xc='pbe'), fallback='error')
+    assert not np.allclose(dm, dft.RKS(mol, xc='pbe').init_guess_by_minao(), atol=1e-3)
+
+
 def test_bare_ghost_atom_with_its_own_basis():
     """A bare 'ghost' carrying H functions (PySCF's own test_ghost_atm_meta_lowdin): an
     even-tempered fitting set made from its basis, and minao's energy."""

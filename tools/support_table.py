@@ -84,11 +84,12 @@ def main(argv=None):
     ap.add_argument('--threads', type=int, default=1)
     ap.add_argument('--model', default=None, help='densr model (default: the shipped one)')
     ap.add_argument('--all-sizes', action='store_true',
-                    help='the densr guess however small the molecule (hook.MIN_NAO = 0)')
+                    help='the densr guess however small the molecule, and for '
+                         'Hartree-Fock (hook.MIN_NAO = 0, hook.COVER_HF = True)')
     a = ap.parse_args(argv)
     if a.all_sizes:
         from pyscf_densr import hook
-        hook.MIN_NAO = 0
+        hook.MIN_NAO, hook.COVER_HF = 0, True
     lib.num_threads(a.threads)
     run(CASES[0][-1], gto.M(atom=WATER, basis='def2-svp', verbose=0), 'densr', a.model)
     print('| class | molecule (def2-SVP unless noted) | cycles minao / densr | '
