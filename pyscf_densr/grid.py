@@ -201,6 +201,12 @@ BLOCK_PRIMS = 256     # primitive terms per block of the blocked quadratures
 BLOCK_MEMORY = 200    # MB of blocks, where the caller gives no budget
 
 
+def free_memory(max_memory):
+    """MB the guess's own arrays may use: what ``max_memory`` (``mf.max_memory``, MB) leaves
+    free in this process (negative when the process is over it)."""
+    return float(max_memory) - lib.current_memory()[0]
+
+
 def _default_memory(max_memory):
     """Working memory (MB) of the blocked quadratures (default :data:`BLOCK_MEMORY`)."""
     if max_memory is None:

@@ -43,7 +43,7 @@ there is one (for what a user cannot set in code), else the model's setting.
                        convergence in 50 cycles where minao needs 17); True: densr anyway
 
 Memory follows ``mf.max_memory`` (MB), as PySCF's own buffers do: the guess's arrays may use
-what it leaves free (:func:`guess_memory`). A box whose network pass would not fit there
+what it leaves free (:func:`grid.free_memory`). A box whose network pass would not fit there
 (about ``NET_BYTES_PER_VOXEL`` per coarse voxel on the CPU), or larger than
 ``MAX_BOX_VOXELS`` (2e7 coarse voxels, about 108 Bohr a side: wrong units, mostly), is a
 :class:`DensrError` raised before anything is allocated; on a GPU the network runs in tiles
@@ -186,12 +186,6 @@ def _unseen_mask(mol, fine, elements, out=None):
     return out, atoms
 
 
-def guess_memory(max_memory):
-    """MB the guess's own arrays may use: what ``max_memory`` (``mf.max_memory``, MB)
-    leaves free in this process."""
-    return float(max_memory) - lib.current_memory()[0]
-
-
 def _is_oom(e):
     if isinstance(e, MemoryError):
         return True
@@ -228,7 +222,7 @@ def predict_delta_rho(mol, dm_sad, model=None, device=None, log=None, symmetry=N
                 'x'.join(map(str, box.shape)), box.size, box.spacing, ext[0], ext[1], ext[2],
                 box.size * cfg['upsample'] ** 3, cfg['upsample'], int(limit)))
     dev = next(net.parameters()).device
-    free = guess_memory(mol.max_memory if max_memory is None else max_memory)
+    free = grid_mod.free_memory(mol.max_memory if max_memory is None else max_memory)
     need = box.size * (NET_BYTES_PER_VOXEL if dev.type == 'cpu' else 48) * 1e-6
     # the CPU pass fits in host memory (checked here); a GPU's memory is its own: tiles there
     # (the network's receptive field makes tiles overlap widely, so they cost extra passes)

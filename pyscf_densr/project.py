@@ -16,7 +16,6 @@ aufbau occupation.
 
 import time
 import numpy as np
-from pyscf import lib
 from pyscf.lib import logger
 
 from pyscf_densr import grid as grid_mod
@@ -69,7 +68,7 @@ def density_matrix_from_delta_rho(mf, delta_rho, grid, dm_sad=None, auxbasis=DEF
     if charge is None:
         charge = mol.nelectron - nsad
     # blocks of the fit's quadratures: a quarter of what mf.max_memory leaves, at most 200 MB
-    block = max(1.0, min(grid_mod.BLOCK_MEMORY, (mf.max_memory - lib.current_memory()[0]) / 4))
+    block = max(1.0, min(grid_mod.BLOCK_MEMORY, grid_mod.free_memory(mf.max_memory) / 4))
     c = fit_delta_rho(auxmol, delta_rho, grid, charge=charge, max_memory=block)
     t1 = time.perf_counter()
     log.info('densr: delta-rho fitted with %d auxiliary functions in %.2f s', auxmol.nao, t1 - t0)

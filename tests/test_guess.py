@@ -125,7 +125,7 @@ def test_direct_three_centre_route_is_announced(ethanol, monkeypatch):
     ref = pyscf_densr.init_guess(dft.RKS(ethanol, xc='pbe'), fock_builds=2)
     mf = dft.RKS(ethanol, xc='pbe')
     mf.max_memory = 1
-    monkeypatch.setattr(hook, 'guess_memory', lambda max_memory: 4000.0)   # the network's
+    monkeypatch.setattr(grid, 'free_memory', lambda max_memory: 4000.0)   # network through
     mf.stdout, mf.verbose = io.StringIO(), 3
     dm = pyscf_densr.init_guess(mf, fock_builds=2)
     assert 'do not fit' in mf.stdout.getvalue()
