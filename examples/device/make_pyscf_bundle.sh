@@ -1,7 +1,7 @@
 #!/bin/bash
 # Build gpu/pyscf_trim.tar.xz (about 10 MB): the installed PySCF without what grid-cache
 # building does not touch, for a GPU machine that has torch but no PySCF and
-# no package registry, and takes at most 64 MiB of files per call. Dropped: post-HF and PBC
+# no package registry, where a small upload matters. Dropped: post-HF and PBC
 # Python packages, their C libraries, large basis files other than def2-* and ano, and
 # libxc.so (18 MB compressed): libxc_itrf.so is replaced by stubs (xcstub.c) so that
 # pyscf.dft imports, since grids need numint's AO evaluation but no functional. Nothing that

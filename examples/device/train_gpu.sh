@@ -1,5 +1,5 @@
 #!/bin/bash
-# One call of a GPU machine without network access (docs/training.md, "Scaling up"):
+# Training on a GPU machine without network access (docs/training.md, "Scaling up"):
 #   bash examples/device/train_gpu.sh MINUTES CONFIG [CONFIG ...]
 # Unpacks the trimmed PySCF bundle (gpu/pyscf_trim.tar.xz, made by make_pyscf_bundle.sh; the
 # machine has torch but no PySCF and no registry), builds the grid cache of data/ if missing
