@@ -7,8 +7,8 @@ wheel). The test files run twice with pytest, each in its own process: once as t
 (``minao``, the baseline) and once with ``pyscf.scf.hf.SCF.init_guess = 'densr'``, which is
 what a group gets that puts ``scf_hf_SCF_init_guess = 'densr'`` in its PySCF config file
 and imports :mod:`pyscf_densr`, with the densr guess made for every molecule however small
-(``hook.MIN_NAO = 0``, ``hook.COVER_HF = True``), so that it meets every SCF in the tests. Every test that fails
-only with densr is listed, sorted:
+and for Hartree-Fock (``hook.MIN_NAO = 0``, ``hook.COVER_HF = True``), so that it meets every
+SCF in the tests. Every test that fails only with densr is listed, sorted:
 
 tolerance   an assertion on a value that depends on where the SCF starts (an energy after a
             fixed number of cycles, a quantity converged only loosely, a count of

@@ -201,7 +201,8 @@ def compute_molecule(index, molecule, options=None):
     index: its position in the source (the group name); molecule: a SMILES string or a dict
     with ``numbers`` and ``coords`` in Bohr (see :func:`make_geometry`); options: see
     ``DEFAULT_OPTIONS``. Returns a plain dict: ``ok``, the geometry, ``e_tot`` (Hartree),
-    ``cycles`` (of the SCF from ``options['guess']``), the occupied orbitals (:func:`_occupied`) and ``wall`` (seconds), or
+    ``cycles`` (of the SCF from ``options['guess']``), the occupied orbitals
+    (:func:`_occupied`) and ``wall`` (seconds), or
     ``ok=False`` with a ``reason``. Never raises.
     """
     t0 = time.time()

@@ -207,6 +207,12 @@ def free_memory(max_memory):
     return float(max_memory) - lib.current_memory()[0]
 
 
+def block_memory(max_memory):
+    """MB of the guess's blocked grid work: a quarter of what ``max_memory`` leaves free, at
+    most :data:`BLOCK_MEMORY`."""
+    return max(1.0, min(BLOCK_MEMORY, free_memory(max_memory) / 4))
+
+
 def _default_memory(max_memory):
     """Working memory (MB) of the blocked quadratures (default :data:`BLOCK_MEMORY`)."""
     if max_memory is None:

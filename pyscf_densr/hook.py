@@ -69,6 +69,9 @@ MAX_BOX_VOXELS = 2e7  # coarse voxels: larger boxes are an error (wrong units, m
 # peak host memory of one CPU network pass per coarse voxel (densr-cpu: 550-650 B measured on
 # boxes of 64k and 343k voxels, input and float32 output included)
 NET_BYTES_PER_VOXEL = 700
+# host memory per coarse voxel when the network runs on a GPU: rho_SAD (float64, 8 B) and the
+# float32 output on the 8 times finer grid (32 B), rounded up
+HOST_BYTES_PER_VOXEL = 48
 # Below this many basis functions a whole minao SCF takes about as long as the guess's fixed
 # cost (network pass, grids, Fock builds: 0.3-0.5 s on one core), so no guess can pay for
 # itself: such molecules get PySCF's own guess (measured in docs/benchmarks.md, small end)
@@ -222,8 +225,10 @@ def predict_delta_rho(mol, dm_sad, model=None, device=None, log=None, symmetry=N
                 'x'.join(map(str, box.shape)), box.size, box.spacing, ext[0], ext[1], ext[2],
                 box.size * cfg['upsample'] ** 3, cfg['upsample'], int(limit)))
     dev = next(net.parameters()).device
-    free = grid_mod.free_memory(mol.max_memory if max_memory is None else max_memory)
-    need = box.size * (NET_BYTES_PER_VOXEL if dev.type == 'cpu' else 48) * 1e-6
+    if max_memory is None:
+        max_memory = mol.max_memory
+    free = grid_mod.free_memory(max_memory)
+    need = box.size * (NET_BYTES_PER_VOXEL if dev.type == 'cpu' else HOST_BYTES_PER_VOXEL) * 1e-6
     # the CPU pass fits in host memory (checked here); a GPU's memory is its own: tiles there
     # (the network's receptive field makes tiles overlap widely, so they cost extra passes)
     tile = box.size if dev.type == 'cpu' else model_mod.MAX_TILE_VOXELS
@@ -231,9 +236,10 @@ def predict_delta_rho(mol, dm_sad, model=None, device=None, log=None, symmetry=N
         raise DensrError(
             'densr guess: the network pass on the %s box (%d voxels) needs about %.0f MB, '
             'and mf.max_memory (%.0f MB) leaves %.0f MB free in this process; raise '
-            'mf.max_memory' % ('x'.join(map(str, box.shape)), box.size, need,
-                               mol.max_memory if max_memory is None else max_memory, free))
-    rho_sad = grid_mod.eval_density(mol, dm_sad, box, max_memory=max(1.0, min(200, free / 4)))
+            'mf.max_memory' % ('x'.join(map(str, box.shape)), box.size, need, max_memory,
+                               free))
+    rho_sad = grid_mod.eval_density(mol, dm_sad, box,
+                                    max_memory=grid_mod.block_memory(max_memory))
     t1 = time.perf_counter()
     log.info('densr: SAD density on %s grid (%d voxels, %.2f Bohr) in %.2f s',
              'x'.join(map(str, box.shape)), box.size, box.spacing, t1 - t0)

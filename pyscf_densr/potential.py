@@ -8,10 +8,10 @@ P_SAD, or rebuilt once from the first diagonalisation (``add_exchange``).
 """
 
 import numpy as np
-from pyscf import lib
 from pyscf.lib import logger
 from pyscf.dft import numint
 
+from pyscf_densr import grid as grid_mod
 from pyscf_densr.coulomb import _cart2sph_sparse, coulomb_of_aux
 from pyscf_densr.fit import grid_density
 
@@ -46,7 +46,7 @@ def xc_potential(mf, dm_sad, grids=None, delta_grid=None):
     ao_deriv = 0 if xctype == 'LDA' else 1
     vmat = np.zeros((nset, nao, nao))
     excsum = 0.0
-    max_memory = max(500, mf.max_memory - lib.current_memory()[0])
+    max_memory = max(500, grid_mod.free_memory(mf.max_memory))
     for ao, mask, weight, coords in ni.block_loop(mol, grids, nao, ao_deriv,
                                                    max_memory=max_memory * .5):
         if orbitals is None:

@@ -67,9 +67,8 @@ def density_matrix_from_delta_rho(mf, delta_rho, grid, dm_sad=None, auxbasis=DEF
     nsad = float(np.einsum('ij,ji->', dm_tot, s1e))
     if charge is None:
         charge = mol.nelectron - nsad
-    # blocks of the fit's quadratures: a quarter of what mf.max_memory leaves, at most 200 MB
-    block = max(1.0, min(grid_mod.BLOCK_MEMORY, grid_mod.free_memory(mf.max_memory) / 4))
-    c = fit_delta_rho(auxmol, delta_rho, grid, charge=charge, max_memory=block)
+    c = fit_delta_rho(auxmol, delta_rho, grid, charge=charge,
+                      max_memory=grid_mod.block_memory(mf.max_memory))
     t1 = time.perf_counter()
     log.info('densr: delta-rho fitted with %d auxiliary functions in %.2f s', auxmol.nao, t1 - t0)
     # the XC density: rho[P_SAD] scaled by 1 + q / N_SAD, q the electrons the fit adds to the
