@@ -12,7 +12,6 @@ import numpy as np
 from pyscf import lib
 from pyscf.lib import logger
 
-from pyscf_densr.coulomb import coulomb_engine
 from pyscf_densr.errors import SCFOwnError
 from pyscf_densr.potential import add_exchange, xc_potential
 
@@ -67,28 +66,28 @@ def density_matrix_from_veff(mf, veff, dm_sad, h1e=None, s1e=None, x=None, sym=N
     return lib.tag_array(dm, mo_coeff=mo_coeff, mo_occ=mo_occ, mo_energy=mo_energy)
 
 
-def anderson_step(mf, v1, dm1, dm_sad, auxmol, c, grids=None, dm_x=None, h1e=None, s1e=None,
-                  x=None, aux=None, log=None, builds=2, v_x=None, sym=None):
+def anderson_step(mf, v1, dm1, dm_sad, pred, aux, grids=None, dm_x=None, h1e=None, s1e=None,
+                  x=None, log=None, builds=2, v_x=None, sym=None):
     """More Fock builds (``builds`` in all, counting the first), and the Anderson combination
     of the Fock matrices.
 
-    ``v1`` is the local (Coulomb + XC) potential of the guess density
-    rho_pred = rho[dm_sad] + sum_k c_k chi_k and ``dm1`` the aufbau matrix of h + v1 (minus
-    the exact exchange of ``dm_x``, when the method has some). One Roothaan step from an
-    approximate density overshoots: the error of rho[dm1] is the error of rho_pred amplified
-    and of the other sign, for the long-wavelength part that J carries (docs/method.md,
-    step 7). Here v2 is the potential of rho[dm1] (density-fitted J, XC on ``grids``) and
-    dm2 the aufbau matrix of h + v2; the returned matrix is the aufbau matrix of
-    h + (1 - beta) v1 + beta v2, beta minimising the Coulomb norm of the linearised residual
-    (1 - beta) r1 + beta r2, r1 = rho[dm1] - rho_pred, r2 = rho[dm2] - rho[dm1]: Anderson
-    mixing with two points, the history PySCF's DIIS lacks at its first step. beta is kept
-    in [0, 1]. Each further build k takes the potential of the density of build k-1's
-    combined matrix, and the combination uses the whole history
+    ``v1`` is the local (Coulomb + XC) potential of the guess density rho_pred and ``dm1``
+    the aufbau matrix of h + v1 (minus the exact exchange of ``dm_x``, when the method has
+    some); ``pred`` = (d, v) is rho_pred in the terms of the Coulomb engine ``aux``
+    (:func:`coulomb.coulomb_engine`: fit coefficients and projection (k|rho_pred)). One
+    Roothaan step from an approximate density overshoots: the error of rho[dm1] is the error
+    of rho_pred amplified and of the other sign, for the long-wavelength part that J carries
+    (docs/method.md, step 7). Here v2 is the potential of rho[dm1] (density-fitted J, XC on
+    ``grids``) and dm2 the aufbau matrix of h + v2; the returned matrix is the aufbau matrix
+    of h + (1 - beta) v1 + beta v2, beta minimising the Coulomb norm of the linearised
+    residual (1 - beta) r1 + beta r2, r1 = rho[dm1] - rho_pred, r2 = rho[dm2] - rho[dm1]:
+    Anderson mixing with two points, the history PySCF's DIIS lacks at its first step.
+    beta is kept in [0, 1]. Each further build k takes the potential of the density of
+    build k-1's combined matrix, and the combination uses the whole history
     (:func:`_anderson_coefficients`). Each build costs one DF-J and XC build, two
     diagonalisations and two density fits. Exact exchange stays that of ``dm_x``
     (``v_x``: its term, ``add_exchange(mf, 0, dm_x)``, where the caller has it). Returns
-    (dm, coefficients of v1, v2, ...); ``dm1`` and None where the 3-centre driver is
-    unavailable.
+    (dm, coefficients of v1, v2, ...).
     """
     mol = mf.mol
     log = log or logger.new_logger(mf)
@@ -96,11 +95,6 @@ def anderson_step(mf, v1, dm1, dm_sad, auxmol, c, grids=None, dm_x=None, h1e=Non
         h1e = mf.get_hcore(mol)
     if s1e is None:
         s1e = mf.get_ovlp(mol)
-    aux = aux or coulomb_engine(mf, auxmol, log)
-    if aux is None:
-        log.info('densr: no further Fock builds (PySCF\'s 3-centre J driver is unavailable)')
-        return dm1, None
-    cj = aux.coeffs(auxmol, c)
 
     def total(dm):
         dm = np.asarray(dm)
@@ -115,11 +109,10 @@ def anderson_step(mf, v1, dm1, dm_sad, auxmol, c, grids=None, dm_x=None, h1e=Non
             v = v + v_x
         return density_matrix_from_veff(mf, v, dm_sad, h1e, s1e, x, sym)
 
-    d_sad, j_sad = aux.fit(total(dm_sad))
     d1, j1 = aux.fit(total(dm1))
     # history of input potentials and the residuals of their output densities, with the
     # residuals' metric images (k|l) r, so that norms need no second metric
-    vs, rs, mrs = [np.asarray(v1)], [d1 - d_sad - cj], [j1 - j_sad - aux.metric_times(cj)]
+    vs, rs, mrs = [np.asarray(v1)], [d1 - pred[0]], [j1 - pred[1]]
     dm, d_in, j_in = dm1, d1, j1
     coeffs = np.ones(1)
     for k in range(2, builds + 1):

@@ -1,8 +1,10 @@
 """The Coulomb side of the guess: its density fits and J builds, on PySCF's own DF objects.
 
-Every Fock build of the guess needs J of a density given as a density matrix plus an
-auxiliary expansion (the network's delta-rho fitted on the grid), and the fit of each new
-density matrix for the Anderson residuals. :func:`coulomb_engine` chooses where those come
+Every Fock build of the guess needs J of a density given as a density matrix plus the
+network's delta-rho (its projection (k|delta-rho), :func:`fit.coulomb_projection`), and the
+fit of each new density matrix for the Anderson residuals. Both engines fit every density
+the way PySCF's DF-J does, d = (k|l)^-1 (l|rho): ``fit(dm)`` from a density matrix,
+``fit_projection(v)`` from a projection v = (k|rho). :func:`coulomb_engine` chooses where those come
 from, in this order:
 
 1. A density-fitted SCF (``mf.density_fit()``): PySCF's own DF tensor of ``mf.with_df``
@@ -10,7 +12,8 @@ from, in this order:
    and kept on ``mf.with_df``, so the SCF uses the same tensor and builds nothing again
    (for a pure functional this also spares the SCF its screened direct DF-J passes).
    Where PySCF would not build that tensor (a pure functional whose tensor does not fit in
-   memory) the guess makes screened direct passes, as the SCF's own DF-J does.
+   memory) the guess makes screened direct passes in the SCF's fitting basis, as the
+   SCF's own DF-J does.
 2. A conventional SCF: the guess's own fit (:class:`AuxCoulomb`): the 3-centre integrals in
    memory where they fit in half of what ``mf.max_memory`` leaves free, else screened
    direct passes with PySCF's 3-centre J driver (the two passes of ``df.df_jk.get_j``).
@@ -19,6 +22,8 @@ from, in this order:
 import numpy as np
 import scipy.linalg
 from pyscf import gto, df, lib
+
+from pyscf_densr.errors import DensrError
 
 
 def _cart2sph_sparse(auxmol):
@@ -32,21 +37,6 @@ def _cart2sph_sparse(auxmol):
             c2s_l[l] = sp.csr_matrix(gto.cart2sph(l, normalized='sp'))
         blocks.extend([c2s_l[l]] * auxmol.bas_nctr(ib))
     return sp.block_diag(blocks, format='csr')
-
-
-def coulomb_of_aux(mol, auxmol, c, max_memory=2000, direct_scf_tol=1e-13):
-    """J_{mu nu} = sum_k (mu nu|k) c_k (Hartree).
-
-    Uses PySCF's screened 3-centre J driver (the second pass of its direct DF-J,
-    ``df.df_jk.get_j``): Schwarz bounds of the AO pairs times the largest coefficient of each
-    auxiliary shell skip negligible triples, which for hundreds of atoms is most of them.
-    Falls back to plain integrals in blocks of auxiliary shells (:func:`_coulomb_of_aux_blocks`)
-    where that private driver is unavailable.
-    """
-    try:
-        return _coulomb_of_aux_direct(mol, auxmol, c, direct_scf_tol)
-    except (ImportError, AttributeError, TypeError, OSError):
-        return _coulomb_of_aux_blocks(mol, auxmol, c, max_memory)
 
 
 def _vj_opt(mol, auxmol, direct_scf_tol=1e-13, j2c=None):
@@ -89,10 +79,6 @@ def _vj_pass2(mol, auxmol, opt, c):
         vj = jk.get_jk(opt.fakemol, c.reshape(1, 1, -1), ['ijkl,lk->ij'], 'int3c2e',
                        aosym='s2ij', hermi=1, shls_slice=_vj_slice(mol, auxmol), vhfopt=opt)
     return np.asarray(vj).reshape(mol.nao, mol.nao)
-
-
-def _coulomb_of_aux_direct(mol, auxmol, c, direct_scf_tol=1e-13):
-    return _vj_pass2(mol, auxmol, _vj_opt(mol, auxmol, direct_scf_tol), c)
 
 
 class AuxCoulomb:
@@ -184,31 +170,16 @@ class AuxCoulomb:
     def route(self):
         return 'guess 3c in memory' if self.incore else 'guess 3c direct'
 
-    def coeffs(self, auxmol, c):
-        """The density sum_k c_k chi_k of (spherical) ``auxmol`` in this object's terms."""
-        return _coeffs_in(self.auxmol, auxmol, c)
-
-
-def _coulomb_of_aux_blocks(mol, auxmol, c, max_memory=2000):
-    """J_{mu nu} = sum_k (mu nu|k) c_k (Hartree), unscreened, in blocks of auxiliary shells."""
-    nao = mol.nao
-    out = np.zeros((nao, nao))
-    ao_loc = auxmol.ao_loc_nr()
-    blk = max(1, int(max_memory * 1e6 / 8 / (nao * (nao + 1) // 2)))
-    pmol = mol + auxmol
-    b0 = 0
-    while b0 < auxmol.nbas:
-        b1 = b0
-        while b1 < auxmol.nbas and ao_loc[b1 + 1] - ao_loc[b0] <= blk:
-            b1 += 1
-        b1 = max(b1, b0 + 1)
-        ints = pmol.intor('int3c2e', aosym='s2ij',
-                          shls_slice=(0, mol.nbas, 0, mol.nbas,
-                                      mol.nbas + b0, mol.nbas + b1))
-        out_tril = ints.dot(c[ao_loc[b0]:ao_loc[b1]])
-        out += lib.unpack_tril(out_tril)
-        b0 = b1
-    return out
+    def fit_projection(self, v, n=None, charge=None):
+        """(coefficients, (k|fit)) of the density whose projection (k|rho) is ``v``; with
+        the functions' charges ``n`` (:func:`fit.charges`), the fit that holds ``charge``
+        electrons, closest to it in the Coulomb norm (a Lagrange constraint)."""
+        d = self.solve(v)
+        if n is not None:
+            dn = self.solve(n)
+            lam = (n.dot(d) - charge) / n.dot(dn)
+            d, v = d - lam * dn, v - lam * n
+        return d, v
 
 
 def _coulomb_auxmol(mol, auxmol):
@@ -223,18 +194,16 @@ def _coulomb_auxmol(mol, auxmol):
     return jmol
 
 
-def _coeffs_in(jmol, auxmol, c):
-    """Coefficients ``c`` of ``auxmol``'s functions as those of ``jmol``'s (the same density)."""
-    return np.asarray(c) if jmol is auxmol else _cart2sph_sparse(auxmol).dot(c)
-
-
 def _aux_coulomb(mol, auxmol, max_memory=None):
     """An :class:`AuxCoulomb` for ``mol`` on ``auxmol`` as the 3-centre passes need it
-    (:func:`_coulomb_auxmol`), or None where PySCF's 3-centre driver is unavailable."""
+    (:func:`_coulomb_auxmol`); a :class:`DensrError` where the integrals do not fit in
+    memory and PySCF's private 3-centre driver is unavailable."""
     try:
         return AuxCoulomb(mol, _coulomb_auxmol(mol, auxmol), max_memory=max_memory)
-    except (ImportError, AttributeError, TypeError, OSError):
-        return None
+    except (ImportError, AttributeError, TypeError, OSError) as e:
+        raise DensrError('densr guess: its 3-centre integrals do not fit in mf.max_memory '
+                         'and PySCF\'s screened 3-centre J driver is unavailable (%s: %s)'
+                         % (type(e).__name__, e)) from e
 
 
 
@@ -267,21 +236,21 @@ class CderiCoulomb:
             raise ValueError('the DF tensor has %d rows, its metric decomposes into %d' % (
                 with_df.get_naoaux(), self.naux))
         self._last = None
-        self._cross = {}
 
     def _x(self, v):
         if self.cd:
             return scipy.linalg.solve_triangular(self.low, v, lower=True)
         return self.low.dot(v)
 
-    def coeffs(self, auxmol, c):
-        """e of the density sum_k c_k chi_k of (spherical) ``auxmol``: X (k|chi) c, the
-        Coulomb projection onto this fitting basis (exact where the bases are the same)."""
-        jmol = _coulomb_auxmol(self.mol, auxmol)
-        key = id(auxmol)
-        if key not in self._cross:
-            self._cross[key] = gto.intor_cross('int2c2e', self.auxmol, jmol)
-        return self._x(self._cross[key].dot(_coeffs_in(jmol, auxmol, c)))
+    def fit_projection(self, v, n=None, charge=None):
+        """(e, e) of the density whose projection (k|rho) is ``v``: e = X v; with the
+        functions' charges ``n``, the e closest to it that holds ``charge`` electrons
+        (n.d = (X n).e)."""
+        e = self._x(np.asarray(v, dtype=np.float64))
+        if n is not None:
+            xn = self._x(np.asarray(n, dtype=np.float64))
+            e = e - (xn.dot(e) - charge) / xn.dot(xn) * xn
+        return e, e
 
     def project(self, dm):
         dm = np.asarray(dm, dtype=np.float64).reshape(self.mol.nao, self.mol.nao)
@@ -327,9 +296,8 @@ def _scf_needs_k(mf):
 
 
 def coulomb_engine(mf, auxmol, log=None):
-    """The Coulomb side of the guess for SCF object ``mf`` (see the module docstring), or
-    None where PySCF's 3-centre driver is unavailable. ``auxmol``: the basis of the grid fit.
-    """
+    """The Coulomb side of the guess for SCF object ``mf`` (see the module docstring).
+    ``auxmol``: the auxiliary basis where the SCF has no DF tensor to lend."""
     mol = mf.mol
     with_df = getattr(mf, 'with_df', None)
     if isinstance(with_df, df.DF) and with_df.mol is mol:
@@ -339,10 +307,12 @@ def coulomb_engine(mf, auxmol, log=None):
             nbytes = mol.nao * (mol.nao + 1) // 2 * aux.nao * 8
             # PySCF's own rule for a tensor in memory (df.DF.build)
             build = nbytes * 1e-6 < .9 * (with_df.max_memory - lib.current_memory()[0])
-            if not build and log is not None:
-                log.info('densr: the DF tensor (%.1f GB) does not fit in memory; the '
-                         'guess makes screened 3-centre passes, as the SCF\'s DF-J does',
-                         nbytes * 1e-9)
+            if not build:
+                if log is not None:
+                    log.info('densr: the DF tensor (%.1f GB) does not fit in memory; the '
+                             'guess makes screened 3-centre passes in the SCF\'s fitting '
+                             'basis, as the SCF\'s DF-J does', nbytes * 1e-9)
+                return _aux_coulomb(mol, aux, mf.max_memory)
         if build:
             try:
                 return CderiCoulomb(with_df)

@@ -1,18 +1,16 @@
 """Step 2 of the projection: the effective potential of the guess density.
 
-rho_guess = rho[P_SAD] + sum_k c_k chi_k. Coulomb from the density fit of P_SAD plus the
-fitted delta-rho (:mod:`coulomb`); XC evaluated on coarse molecular grids
+rho_guess = rho[P_SAD] + delta-rho. Coulomb from the density fit of P_SAD plus that of
+delta-rho (:mod:`coulomb`); XC evaluated on coarse molecular grids
 (``guess_grids``) with rho_guess (value and gradient) in place of a density matrix's.
 Exact exchange (HF, hybrids, range-separated) needs a density matrix: it is taken from
 P_SAD, or rebuilt once from the first diagonalisation (``add_exchange``).
 """
 
 import numpy as np
-from pyscf.lib import logger
 from pyscf.dft import numint
 
 from pyscf_densr import grid as grid_mod
-from pyscf_densr.coulomb import _cart2sph_sparse, coulomb_of_aux
 from pyscf_densr.fit import grid_density
 
 
@@ -145,31 +143,15 @@ def exchange_potential(mf, dm):
     return vk
 
 
-def local_potential(mf, dm_sad, auxmol, c, delta_grid, aux, grids=None):
+def local_potential(mf, dm_sad, d_pred, delta_grid, aux, grids=None):
     """Coulomb + XC potential (Hartree) of the guess density; same shape as ``dm_sad``.
 
-    Coulomb: rho[P_SAD] density-fitted plus the fitted delta-rho ``c`` (coefficients of
-    ``auxmol``), on the guess's Coulomb engine ``aux`` (:func:`coulomb.coulomb_engine`); where
-    PySCF's 3-centre driver is unavailable (``aux`` None), the SCF object's own ``get_j`` of
-    P_SAD. XC: :func:`xc_potential` of rho[P_SAD] and ``delta_grid``.
+    Coulomb: ``aux.coulomb(d_pred)``, ``d_pred`` the guess density in the terms of the
+    Coulomb engine ``aux`` (:func:`coulomb.coulomb_engine`): the fit of P_SAD plus the
+    network's delta-rho. XC: :func:`xc_potential` of rho[P_SAD] and ``delta_grid``.
     """
-    mol = mf.mol
-    dm_sad = np.asarray(dm_sad)
-    spin = dm_sad.ndim == 3
-    dm_tot = dm_sad.sum(axis=0) if spin else dm_sad
-    if aux is not None:
-        v = aux.coulomb(aux.fit(dm_tot)[0] + aux.coeffs(auxmol, c))
-    else:
-        logger.info(mf, 'densr: PySCF\'s 3-centre J driver is unavailable; exact J of the '
-                    'SAD density instead (same guess, slower)')
-        jmol = auxmol
-        if mol.cart:
-            jmol = auxmol.copy()
-            jmol.cart = True
-            jmol.build(False, False)
-        cj = c if jmol is auxmol else _cart2sph_sparse(auxmol).dot(c)
-        v = mf.get_j(mol, dm_tot) + coulomb_of_aux(mol, jmol, cj)
-    if spin:
+    v = aux.coulomb(d_pred)
+    if np.asarray(dm_sad).ndim == 3:
         v = np.array((v, v))
     if hasattr(mf, 'xc'):
         v = v + xc_potential(mf, dm_sad, grids, delta_grid)[1]

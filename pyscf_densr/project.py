@@ -3,8 +3,8 @@
 :func:`density_matrix_from_delta_rho` runs the three steps, each in its own module (all
 PySCF-native):
 
-1. :mod:`fit`: delta-rho (e/Bohr^3 on a uniform grid) fitted by auxiliary Gaussians, the
-   electron count conserved exactly.
+1. :mod:`fit`: delta-rho (e/Bohr^3 on a uniform grid) projected onto the auxiliary basis
+   of the Coulomb builds through its potential (an FFT Poisson solve), and fitted there.
 2. :mod:`potential`: Coulomb + XC (+ exact exchange) potential of rho_SAD + the fit.
 3. :mod:`builds`: Fock build and aufbau occupation with the SCF object's own machinery,
    further builds combined by Anderson mixing, optional damping towards P_SAD.
@@ -23,7 +23,7 @@ from pyscf_densr import symmetry
 from pyscf_densr.builds import (MAX_FOCK_BUILDS, anderson_step, density_matrix_from_veff,
                                 mix_with_sad, orthogonalizer)
 from pyscf_densr.coulomb import coulomb_engine
-from pyscf_densr.fit import DEFAULT_AUXBASIS, fit_delta_rho, make_auxmol
+from pyscf_densr.fit import DEFAULT_AUXBASIS, charges, coulomb_projection, make_auxmol
 from pyscf_densr.potential import (_exchange_coeffs, add_exchange, guess_grids,
                                    local_potential)
 
@@ -37,6 +37,8 @@ def density_matrix_from_delta_rho(mf, delta_rho, grid, dm_sad=None, auxbasis=DEF
         mf: a PySCF SCF object (RHF/UHF/ROHF/RKS/UKS/ROKS, density-fitted or not).
         delta_rho: rho_converged - rho_SAD predicted on ``grid`` (e/Bohr^3).
         dm_sad: the SAD density matrix (``mf.init_guess_by_minao()`` if None).
+        auxbasis: the auxiliary basis of the guess's Coulomb builds where the SCF has no
+            DF tensor to lend (a density-fitted SCF lends its own, :mod:`coulomb`).
         exchange: 'sad' builds exact exchange from P_SAD; 'iterate' rebuilds it once from
             the first diagonalisation (one more K build); 'auto' iterates when the method
             has exact exchange.
@@ -63,31 +65,35 @@ def density_matrix_from_delta_rho(mf, delta_rho, grid, dm_sad=None, auxbasis=DEF
     s1e = mf.get_ovlp(mol)
     h1e = mf.get_hcore(mol)
     t0 = time.perf_counter()
-    auxmol = make_auxmol(mol, auxbasis or DEFAULT_AUXBASIS)
-    nsad = float(np.einsum('ij,ji->', dm_tot, s1e))
-    if charge is None:
-        charge = mol.nelectron - nsad
-    c = fit_delta_rho(auxmol, delta_rho, grid, charge=charge,
-                      max_memory=grid_mod.block_memory(mf.max_memory))
-    t1 = time.perf_counter()
-    log.info('densr: delta-rho fitted with %d auxiliary functions in %.2f s', auxmol.nao, t1 - t0)
-    # the XC density: rho[P_SAD] scaled by 1 + q / N_SAD, q the electrons the fit adds to the
-    # field's own integral (an ion's charge, mostly), so that it holds the fitted electrons
-    q = charge - float(np.sum(delta_rho, dtype=np.float64)) * grid.dv
-    delta_grid = (delta_rho, grid, 1 + q / nsad if nsad > 1e-8 else 1.0)
-    aux = coulomb_engine(mf, auxmol, log)
-    if aux is not None:
-        log.info('densr: Coulomb builds of the guess on %s (%s, %d functions)', aux.route,
-                 aux.auxmol.basis if isinstance(aux.auxmol.basis, str) else 'fitting basis',
-                 aux.auxmol.nao)
+    aux = coulomb_engine(mf, make_auxmol(mol, auxbasis or DEFAULT_AUXBASIS), log)
+    log.info('densr: Coulomb builds of the guess on %s (%s, %d functions)', aux.route,
+             aux.auxmol.basis if isinstance(aux.auxmol.basis, str) else 'fitting basis',
+             aux.auxmol.nao)
     if getattr(aux, 'incore', True) is False and fock_builds > 1:
         log.note('densr: the 3-centre integrals (%.1f GB) do not fit in half of what '
                  'mf.max_memory leaves free, so each of the %d further Fock builds makes two '
                  'screened integral passes; mf.densr_fock_builds = 1 makes one build, '
                  'density fitting (mf.density_fit()) or a larger mf.max_memory keeps the '
                  'integrals in memory', aux.int3c_bytes * 1e-9, fock_builds - 1)
+    nsad = float(np.einsum('ij,ji->', dm_tot, s1e))
+    if charge is None:
+        charge = mol.nelectron - nsad
+    # the fit of delta-rho holds ``charge`` electrons exactly, whatever the grid field
+    # integrates to (its own error, or an ion's charge it does not carry)
+    d_sad, j_sad = aux.fit(dm_tot)
+    d_delta, j_delta = aux.fit_projection(coulomb_projection(
+        aux.auxmol, delta_rho, grid, max_memory=grid_mod.block_memory(mf.max_memory)),
+        charges(aux.auxmol), charge)
+    pred = (d_sad + d_delta, j_sad + j_delta)
+    # the XC density: rho[P_SAD] scaled by 1 + q / N_SAD, q the electrons the fit adds to the
+    # field's own integral, so that it holds the fitted electrons
+    q = charge - float(np.sum(delta_rho, dtype=np.float64)) * grid.dv
+    sad_scale = 1 + q / nsad if nsad > 1e-8 else 1.0
+    t1 = time.perf_counter()
+    log.info('densr: density fit of P_SAD and delta-rho (%d auxiliary functions) in %.2f s',
+             aux.auxmol.nao, t1 - t0)
     grids = guess_grids(mf, grids_level)
-    v_local = local_potential(mf, dm_sad, auxmol, c, delta_grid, aux, grids)
+    v_local = local_potential(mf, dm_sad, pred[0], (delta_rho, grid, sad_scale), aux, grids)
     x = orthogonalizer(mf, s1e)
     sym = symmetry.Symmetrizer(mol)
     if sym.order > 1:
@@ -113,7 +119,7 @@ def density_matrix_from_delta_rho(mf, delta_rho, grid, dm_sad=None, auxbasis=DEF
                  time.perf_counter() - t2)
     if fock_builds > 1:
         t3 = time.perf_counter()
-        dm = anderson_step(mf, v_local, dm, dm_sad, auxmol, c, grids, dm_x, h1e, s1e, x, aux,
+        dm = anderson_step(mf, v_local, dm, dm_sad, pred, aux, grids, dm_x, h1e, s1e, x,
                            log, fock_builds, v_x, sym)[0]
         log.info('densr: %d more Fock builds in %.2f s', fock_builds - 1,
                  time.perf_counter() - t3)

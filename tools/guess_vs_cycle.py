@@ -1,11 +1,13 @@
 """Guess time against one SCF cycle of the same SCF, for one molecule, in one process.
 
     python tools/guess_vs_cycle.py FILE.xyz [--charge Q] [--level pbe/sto-3g+df] [--threads 1]
+                                   [--log]
 
 Times ``pyscf_densr.init_guess(mf)`` (the network already loaded), then one Fock build of
 the same SCF object at the guess (``mf.get_veff``: J and XC on the SCF's own grids, after
 its grids and, with density fitting, the DF tensor the guess left are in place) and one
-diagonalisation: what one SCF cycle costs. Prints both and the peak memory. For molecules
+diagonalisation: what one SCF cycle costs. Prints the guess's time and peak memory as soon
+as it is made, then both times. For molecules
 whose full SCF is too long to benchmark on a small machine.
 """
 import argparse
@@ -24,6 +26,7 @@ def main(argv=None):
     ap.add_argument('--charge', type=int, default=0)
     ap.add_argument('--level', default='pbe/sto-3g+df')
     ap.add_argument('--threads', type=int, default=1)
+    ap.add_argument('--log', action='store_true', help="the guess's own log (each stage's time)")
     a = ap.parse_args(argv)
     lib.num_threads(a.threads)
     level = bench.parse_level(a.level)
@@ -31,9 +34,16 @@ def main(argv=None):
     mol = bench.build_mol(m, level['basis'])
     mf = bench.make_scf(mol, level)
     pyscf_densr.load_model()
+    if a.log:
+        mf.verbose = 4
     t0 = time.perf_counter()
     dm = pyscf_densr.init_guess(mf)
     t1 = time.perf_counter()
+    mf.verbose = 0
+    print('%s, %s: %d atoms, %d basis functions, %d thread(s)' % (
+        m['name'], a.level, mol.natm, mol.nao, lib.num_threads()))
+    print('densr guess %.1f s; peak memory %.0f MB' % (
+        t1 - t0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024), flush=True)
     if getattr(mf, 'grids', None) is not None:
         mf.grids.build()
     t2 = time.perf_counter()
@@ -41,8 +51,6 @@ def main(argv=None):
     fock = mf.get_fock(dm=dm, vhf=veff)
     mf.eig(fock, mf.get_ovlp())
     t3 = time.perf_counter()
-    print('%s, %s: %d atoms, %d basis functions, %d thread(s)' % (
-        m['name'], a.level, mol.natm, mol.nao, lib.num_threads()))
     print('densr guess %.1f s; SCF grids %.1f s; one SCF cycle (Fock build + '
           'diagonalisation) %.1f s; guess / cycle %.2f; peak memory %.0f MB' % (
               t1 - t0, t2 - t1, t3 - t2, (t1 - t0) / (t3 - t2),
