@@ -494,6 +494,15 @@ def test_scf_df_tensor_serves_the_guess(ethanol):
     own = coulomb.AuxCoulomb(ethanol, auxmol)
     d, w = own.fit(dm)
     assert np.allclose(own.fit_projection(w)[0], d, atol=1e-10)
+    # constrained to a charge: exactly that many electrons, and only as far as it needs
+    n = fit.charges(auxmol)
+    assert abs(n.dot(d) - ethanol.nelectron) < 0.05
+    d1, w1 = own.fit_projection(w, n, ethanol.nelectron - 0.5)
+    assert abs(n.dot(d1) - (ethanol.nelectron - 0.5)) < 1e-9
+    assert np.allclose(own.metric_times(d1), w1, atol=1e-8)
+    e1 = aux.fit_projection(v, fit.charges(aux.auxmol), ethanol.nelectron - 0.5)[0]
+    xn = aux._x(fit.charges(aux.auxmol))
+    assert abs(xn.dot(e1) - (ethanol.nelectron - 0.5)) < 1e-9
 
 
 @pytest.mark.parametrize('xc', ['pbe', 'b3lyp'])
