@@ -12,8 +12,9 @@ from, in this order:
    and kept on ``mf.with_df``, so the SCF uses the same tensor and builds nothing again
    (for a pure functional this also spares the SCF its screened direct DF-J passes).
    Where PySCF would not build that tensor (a pure functional whose tensor does not fit in
-   memory) the guess makes screened direct passes in the SCF's fitting basis, as the
-   SCF's own DF-J does.
+   memory) the guess makes the screened direct passes of PySCF's direct DF-J on that DF
+   object's own state (``with_df._vjopt``: screening and the metric's Cholesky factor),
+   which it makes where the SCF has not yet and leaves for the SCF.
 2. A conventional SCF: the guess's own fit (:class:`AuxCoulomb`): the 3-centre integrals in
    memory where they fit in half of what ``mf.max_memory`` leaves free, else screened
    direct passes with PySCF's 3-centre J driver (the two passes of ``df.df_jk.get_j``).
@@ -94,7 +95,7 @@ class AuxCoulomb:
     3-centre driver is unavailable.
     """
 
-    def __init__(self, mol, auxmol, direct_scf_tol=1e-13, max_memory=None):
+    def __init__(self, mol, auxmol, direct_scf_tol=1e-13, max_memory=None, vjopt=None):
         self.mol, self.auxmol = mol, auxmol
         # (mu nu|k) held in memory where it fits in half of what PySCF may still use (as
         # PySCF's in-core DF does): one 3-centre pass' cost once, then every projection and
@@ -105,6 +106,11 @@ class AuxCoulomb:
         self.incore = self.int3c_bytes * 1e-6 < 0.5 * (max_memory - lib.current_memory()[0])
         self._int3c = None
         self._last = None
+        if vjopt is not None:   # PySCF's own direct DF-J state, shared with the SCF
+            self.incore, self.opt = False, vjopt
+            cd = vjopt.j2c_type == 'cd'
+            self.cho, self.metric = (vjopt.j2c, None) if cd else (None, vjopt.j2c)
+            return
         j2c = auxmol.intor('int2c2e', hermi=1)
         # the screened driver only where the passes are direct (before j2c is overwritten)
         self.opt = None if self.incore else _vj_opt(mol, auxmol, direct_scf_tol, j2c=j2c)
@@ -140,6 +146,24 @@ class AuxCoulomb:
         if self.cho is not None:
             return scipy.linalg.cho_solve(self.cho, v)
         return scipy.linalg.lstsq(self.metric, v, cond=1e-12)[0]
+
+    @classmethod
+    def of_scf(cls, with_df, direct_scf_tol=1e-13):
+        """The engine of the direct DF-J of ``with_df`` (a ``df.DF`` without its tensor):
+        PySCF's own state of that route (``with_df._vjopt``: the screening and the Cholesky
+        factor of the metric, made here as ``df.df_jk.get_j`` makes it where the SCF has not
+        yet), so that the SCF's DF-J takes it from the guess and neither makes it twice."""
+        if with_df._vjopt is None:
+            mol = with_df.mol
+            auxmol = df.addons.make_auxmol(mol, with_df.auxbasis)
+            j2c = auxmol.intor('int2c2e', hermi=1)
+            opt = _vj_opt(mol, auxmol, direct_scf_tol, j2c=j2c)
+            try:
+                opt.j2c, opt.j2c_type = scipy.linalg.cho_factor(j2c, lower=True), 'cd'
+            except scipy.linalg.LinAlgError:
+                opt.j2c, opt.j2c_type = j2c, 'regular'
+            with_df.auxmol, with_df._vjopt = auxmol, opt
+        return cls(with_df.mol, with_df.auxmol, vjopt=with_df._vjopt)
 
     def metric_times(self, d):
         """(k|l) d, from the Cholesky factor (the metric itself was overwritten)."""
@@ -312,7 +336,11 @@ def coulomb_engine(mf, auxmol, log=None):
                     log.info('densr: the DF tensor (%.1f GB) does not fit in memory; the '
                              'guess makes screened 3-centre passes in the SCF\'s fitting '
                              'basis, as the SCF\'s DF-J does', nbytes * 1e-9)
-                return _aux_coulomb(mol, aux, mf.max_memory)
+                try:
+                    return AuxCoulomb.of_scf(with_df, getattr(mf, 'direct_scf_tol', 1e-13))
+                except (ImportError, AttributeError, TypeError, OSError) as e:
+                    raise DensrError('densr guess: PySCF\'s screened 3-centre J driver is '
+                                     'unavailable (%s: %s)' % (type(e).__name__, e)) from e
         if build:
             try:
                 return CderiCoulomb(with_df)

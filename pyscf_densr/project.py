@@ -72,9 +72,10 @@ def density_matrix_from_delta_rho(mf, delta_rho, grid, dm_sad=None, auxbasis=DEF
     if getattr(aux, 'incore', True) is False and fock_builds > 1:
         log.note('densr: the 3-centre integrals (%.1f GB) do not fit in half of what '
                  'mf.max_memory leaves free, so each of the %d further Fock builds makes two '
-                 'screened integral passes; mf.densr_fock_builds = 1 makes one build, '
-                 'density fitting (mf.density_fit()) or a larger mf.max_memory keeps the '
-                 'integrals in memory', aux.int3c_bytes * 1e-9, fock_builds - 1)
+                 'screened integral passes; mf.densr_fock_builds = 1 makes one build, %sa '
+                 'larger mf.max_memory keeps the integrals in memory',
+                 aux.int3c_bytes * 1e-9, fock_builds - 1,
+                 '' if getattr(mf, 'with_df', None) else 'density fitting (mf.density_fit()) or ')
     nsad = float(np.einsum('ij,ji->', dm_tot, s1e))
     if charge is None:
         charge = mol.nelectron - nsad

@@ -527,6 +527,35 @@ def test_density_fitted_scf_reuses_the_guess_tensor(ethanol, xc, monkeypatch):
     assert mf.cycles < ref.cycles
 
 
+def test_direct_df_j_state_is_shared_with_the_scf(ethanol, monkeypatch):
+    """A pure functional whose DF tensor does not fit: the guess makes PySCF's direct DF-J
+    state (screening, the metric's Cholesky factor) once and the SCF takes it; the guess is
+    the one the tensor route gives, the SCF lands in minao's state."""
+    from pyscf.df import df_jk
+    ref = pyscf_densr.init_guess(dft.RKS(ethanol, xc='pbe').density_fit())
+    mf = dft.RKS(ethanol, xc='pbe').density_fit()
+    mf.with_df.max_memory = 1                     # PySCF would not build the tensor
+    aux = coulomb.coulomb_engine(mf, fit.make_auxmol(ethanol))
+    assert isinstance(aux, coulomb.AuxCoulomb) and not aux.incore
+    assert aux.opt is mf.with_df._vjopt and mf.with_df._cderi is None
+    mf.with_df._vjopt = None                      # the guess makes it again below
+    dm = pyscf_densr.init_guess(mf, fallback='error')
+    assert abs(np.asarray(dm) - np.asarray(ref)).max() < 1e-6
+    opt = mf.with_df._vjopt
+    assert opt is not None and opt.j2c_type == 'cd'
+    inits = []
+    get_j = df_jk.get_j
+
+    def counted(dfobj, *a, **k):
+        inits.append(dfobj._vjopt is None)
+        return get_j(dfobj, *a, **k)
+    monkeypatch.setattr(df_jk, 'get_j', counted)
+    mf.kernel(dm0=dm)
+    assert inits and not any(inits) and mf.with_df._vjopt is opt
+    minao = _run(dft.RKS(ethanol, xc='pbe').density_fit(), 'minao')
+    assert abs(mf.e_tot - minao.e_tot) < 1e-6 and mf.cycles < minao.cycles
+
+
 def _heldout(shared_dir, index):
     import h5py
     with h5py.File(os.path.join(shared_dir, 'data', 'qm9_pbe_def2svp_000450.h5'), 'r') as f:
