@@ -329,6 +329,67 @@ def project_on_cartesian_gtos(mol, field, grid, max_memory=None, cell_average=Fa
     return out * grid.dv
 
 
+def gram_of_cartesian_gtos(mol, grid, transform=None, max_memory=None):
+    """Discrete Gram matrix ``sum_r chi_k(r) chi_l(r) dV`` over ``grid`` (Cartesian AOs of ``mol``).
+
+    The least-squares fit to values on the grid uses this, not the analytic overlap: the
+    quadrature error of tight functions then cancels between the two sides of the fit.
+
+    With ``transform`` (a dense or scipy.sparse (nao_cart, m) matrix, e.g. the
+    Cartesian-to-spherical map) the result is ``transform.T @ G @ transform``, accumulated
+    block by block without the Cartesian matrix. The Gram of two primitive terms is a product
+    of three 1D sums, zero when their supports do not meet; it is computed for pairs of blocks
+    of neighbouring terms whose bounding boxes overlap, so the working memory beyond the
+    (m, m) result stays below ``max_memory`` MB.
+    """
+    import scipy.sparse as sp
+    fx, fy, fz, coef, owner = cartesian_gto_factors(mol, grid.axes())
+    nprim, nao = len(coef), mol.nao_cart()
+    m_map = sp.csr_matrix((coef, (np.arange(nprim), owner)), shape=(nprim, nao))
+    if transform is not None:
+        m_map = sp.csr_matrix(m_map.dot(sp.csr_matrix(transform)))
+    nout = m_map.shape[1]
+    gram = np.zeros((nout, nout))
+    budget = _default_memory(max_memory) * 1e6 / 8
+    sup = [_support(f) for f in (fx, fy, fz)]
+    blocks = _prim_blocks(sup)
+    boxes = np.array([_bbox(sup, b) for b in blocks]).reshape(-1, 3, 2)
+    for ib, blk in enumerate(blocks):
+        box = boxes[ib]
+        later = boxes[ib:]
+        meet = np.all((later[:, :, 0] < box[:, 1]) & (later[:, :, 1] > box[:, 0]), axis=1)
+        cols = [blocks[ib + j] for j in np.nonzero(meet)[0]]
+        # cols[0] is blk itself: its pairs are counted once, the others twice (G and G.T)
+        ncol_max = max(len(blk), int(budget // (4 * len(blk))))
+        m_a = m_map[blk]
+        rows = np.unique(m_a.indices)
+        m_a = m_a[:, rows].T.tocsr()                       # (len(rows), nb)
+        (x0, x1), (y0, y1), (z0, z1) = box
+        fa = (fx[blk, x0:x1], fy[blk, y0:y1], fz[blk, z0:z1])
+        j = 0
+        while j < len(cols):
+            grp = [cols[j]]
+            n = len(cols[j])
+            j += 1
+            while j < len(cols) and n + len(cols[j]) <= ncol_max:
+                grp.append(cols[j])
+                n += len(cols[j])
+                j += 1
+            q = np.concatenate(grp)
+            g = lib.dot(fa[0], fx[q, x0:x1].T)
+            g *= lib.dot(fa[1], fy[q, y0:y1].T)
+            g *= lib.dot(fa[2], fz[q, z0:z1].T)
+            if grp[0] is blk:
+                g[:, :len(blk)] *= .5
+            m_q = m_map[q]
+            cq = np.unique(m_q.indices)
+            c = m_a.dot(sp.csr_matrix(m_q[:, cq]).T.dot(g.T).T)   # (len(rows), len(cq))
+            gram[np.ix_(rows, cq)] += c
+            gram[np.ix_(cq, rows)] += c.T
+    gram *= grid.dv
+    return gram
+
+
 # The self term of the discrete Coulomb kernel, in units of h^2: the integral of 1/|r| over
 # the voxel itself (2.3800772 h^2) plus pi/6 h^2, the leading correction for a field given
 # by point values rather than voxel averages (sum_j (rho(r) - rho_j) over the voxels around

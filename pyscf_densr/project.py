@@ -4,7 +4,8 @@
 PySCF-native):
 
 1. :mod:`fit`: delta-rho (e/Bohr^3 on a uniform grid) projected onto the auxiliary basis
-   of the Coulomb builds through its potential (an FFT Poisson solve), and fitted there.
+   of the Coulomb builds (through a least-squares fit of the grid values, or for large
+   systems its potential by an FFT Poisson solve), and fitted there.
 2. :mod:`potential`: Coulomb + XC (+ exact exchange) potential of rho_SAD + the fit.
 3. :mod:`builds`: Fock build and aufbau occupation with the SCF object's own machinery,
    further builds combined by Anderson mixing, optional damping towards P_SAD.
@@ -65,7 +66,8 @@ def density_matrix_from_delta_rho(mf, delta_rho, grid, dm_sad=None, auxbasis=DEF
     s1e = mf.get_ovlp(mol)
     h1e = mf.get_hcore(mol)
     t0 = time.perf_counter()
-    aux = coulomb_engine(mf, make_auxmol(mol, auxbasis or DEFAULT_AUXBASIS), log)
+    fitmol = make_auxmol(mol, auxbasis or DEFAULT_AUXBASIS)
+    aux = coulomb_engine(mf, fitmol, log)
     log.info('densr: Coulomb builds of the guess on %s (%s, %d functions)', aux.route,
              aux.auxmol.basis if isinstance(aux.auxmol.basis, str) else 'fitting basis',
              aux.auxmol.nao)
@@ -82,17 +84,17 @@ def density_matrix_from_delta_rho(mf, delta_rho, grid, dm_sad=None, auxbasis=DEF
     # the fit of delta-rho holds ``charge`` electrons exactly, whatever the grid field
     # integrates to (its own error, or an ion's charge it does not carry)
     d_sad, j_sad = aux.fit(dm_tot)
-    d_delta, j_delta = aux.fit_projection(coulomb_projection(
-        aux.auxmol, delta_rho, grid, max_memory=grid_mod.block_memory(mf.max_memory)),
-        charges(aux.auxmol), charge)
+    b, route = coulomb_projection(aux.auxmol, delta_rho, grid, charge, fitmol,
+                                  grid_mod.free_memory(mf.max_memory))
+    d_delta, j_delta = aux.fit_projection(b, charges(aux.auxmol), charge)
     pred = (d_sad + d_delta, j_sad + j_delta)
     # the XC density: rho[P_SAD] scaled by 1 + q / N_SAD, q the electrons the fit adds to the
     # field's own integral, so that it holds the fitted electrons
     q = charge - float(np.sum(delta_rho, dtype=np.float64)) * grid.dv
     sad_scale = 1 + q / nsad if nsad > 1e-8 else 1.0
     t1 = time.perf_counter()
-    log.info('densr: density fit of P_SAD and delta-rho (%d auxiliary functions) in %.2f s',
-             aux.auxmol.nao, t1 - t0)
+    log.info('densr: density fit of P_SAD and delta-rho (%s, %d auxiliary functions) in '
+             '%.2f s', route, aux.auxmol.nao, t1 - t0)
     grids = guess_grids(mf, grids_level)
     v_local = local_potential(mf, dm_sad, pred[0], (delta_rho, grid, sad_scale), aux, grids)
     x = orthogonalizer(mf, s1e)

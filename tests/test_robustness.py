@@ -88,10 +88,15 @@ def test_blocked_quadratures_equal_dense_with_tiny_memory():
     assert np.allclose(b, chi.T.dot(field.astype(np.float32).ravel()) * g.dv, atol=1e-10)
     assert np.allclose(grid.project_on_cartesian_gtos(cart, field, g, max_memory=0.5), ref_b,
                        atol=1e-10)
+    ref_g = chi.T.dot(chi) * g.dv
+    assert np.allclose(grid.gram_of_cartesian_gtos(cart, g, max_memory=0.5), ref_g, atol=1e-9)
+    c2s = coulomb._cart2sph_sparse(aux)
+    sph = grid.gram_of_cartesian_gtos(cart, g, transform=c2s, max_memory=0.5)
+    assert np.allclose(sph, c2s.T.dot(c2s.T.dot(ref_g).T), atol=1e-9)
+    assert np.allclose(sph, sph.T, atol=0)
     avg = grid.project_on_cartesian_gtos(cart, field, g, cell_average=True)
     assert np.allclose(grid.project_on_cartesian_gtos(cart, field, g, max_memory=0.5,
                                                       cell_average=True), avg, atol=1e-10)
-    c2s = coulomb._cart2sph_sparse(aux)
     assert np.allclose(c2s.toarray(), aux.cart2sph_coeff())
 
 
@@ -120,6 +125,45 @@ def _waters(n, seed=0, spacing=3.1):
                     [i, j, l])
                 atoms += [('O', x[0]), ('H', x[1]), ('H', x[2])]
     return atoms
+
+
+def test_gram_memory_is_bounded():
+    """The Gram of 16 waters' aux basis: beyond its (naux, naux) result, the working
+    memory follows ``max_memory``, not (nprim, nprim) as a dense build would."""
+    mol = gto.M(atom=_waters(16), basis='sto-3g', verbose=0)
+    aux = fit.make_auxmol(mol)
+    cart = cartesian(aux)
+    g = grid.make_box(mol.atom_coords(), 0.4, 5.669).refine(2)
+    nprim = len(grid.cartesian_gto_factors(cart, [a[:2] for a in g.axes()])[3])
+    c2s = coulomb._cart2sph_sparse(aux)
+    tracemalloc.start()
+    try:
+        gram = grid.gram_of_cartesian_gtos(cart, g, transform=c2s, max_memory=10)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    dense = 3 * nprim ** 2 * 8          # what the unblocked build held at once
+    assert peak < gram.nbytes + 80e6 < dense, (peak / 1e6, gram.nbytes / 1e6, dense / 1e6)
+
+
+def test_cholesky_solver_agrees_with_eigh():
+    mol = gto.M(atom=WATER, basis='def2-svp', verbose=0)
+    aux = fit.make_auxmol(mol)
+    g = grid.make_box(mol.atom_coords(), 0.2, 5.0)
+    rng = np.random.default_rng(1)
+    field = aux.eval_gto('GTOval_sph', g.coords()).dot(rng.normal(size=aux.nao) * 1e-2)
+    field = field.reshape(g.shape)
+    c1 = fit.fit_delta_rho(aux, field, g, charge=0.1, solver='eigh')
+    c2 = fit.fit_delta_rho(aux, field, g, charge=0.1, solver='cholesky')
+    n = fit.charges(aux)
+    assert abs(n.dot(c2) - 0.1) < 1e-10
+    chi = aux.eval_gto('GTOval_sph', g.coords())
+    r1 = np.abs(chi.dot(c1) - field.ravel()).sum()
+    r2 = np.abs(chi.dot(c2) - field.ravel()).sum()
+    assert r2 < 1.05 * r1 + 1e-6 * np.abs(field).sum()
+
+
+@pytest.mark.slow
 
 
 def test_hartree_potential_memory_is_bounded():
