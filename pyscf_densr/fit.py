@@ -5,9 +5,9 @@ engine (:mod:`coulomb`), which turns it into its fit coefficients, as PySCF's DF
 density matrix: up to :data:`GRID_FIT_MAX` functions from a least-squares fit of the grid
 values by Gaussians (``fit_delta_rho``; right-hand side and Gram matrix by the separability
 of Gaussians, :mod:`grid`), above from the potential of delta-rho (an FFT Poisson solve)
-and a separable quadrature, which grow as the grid. ``grid_density`` interpolates the grid field itself at arbitrary
-points (the molecular grids of the XC). ``make_auxmol`` is the auxiliary basis of a guess
-that has no density-fitted SCF to borrow one from.
+and a separable quadrature, which grow as the grid. ``grid_density`` interpolates the grid
+field itself at arbitrary points (the molecular grids of the XC). ``make_auxmol`` is the
+auxiliary basis of a guess that has no density-fitted SCF to borrow one from.
 """
 
 import numpy as np
@@ -165,8 +165,8 @@ def grid_fit_affordable(fitmol, max_memory):
 
 
 def coulomb_projection(auxmol, delta_rho, grid, charge=0.0, fitmol=None, max_memory=None):
-    """(k|delta-rho) for every function chi_k of ``auxmol`` (Hartree): the right-hand side
-    of the robust (Coulomb-metric) density fit, the one PySCF's DF-J makes of a density matrix.
+    """(k|delta-rho) for every function chi_k of ``auxmol``: the right-hand side of the
+    robust (Coulomb-metric) density fit, the one PySCF's DF-J makes of a density matrix.
 
     Two routes, chosen by :func:`grid_fit_affordable`:
 
@@ -184,7 +184,7 @@ def coulomb_projection(auxmol, delta_rho, grid, charge=0.0, fitmol=None, max_mem
 
     ``auxmol`` may be spherical or Cartesian; ``max_memory`` (MB) is what the caller may
     use (the grid fit's matrices, the quadrature's blocks: a quarter, at most 200 MB).
-    Returns (v, route).
+    Returns (b, route): the projections and 'grid fit' or 'Poisson'.
     """
     budget = grid_mod.BLOCK_MEMORY if max_memory is None else max_memory
     blocks = max(1.0, min(grid_mod.BLOCK_MEMORY, budget / 4))
