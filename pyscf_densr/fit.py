@@ -182,13 +182,16 @@ def coulomb_projection(auxmol, delta_rho, grid, charge=0.0, fitmol=None, max_mem
       count as voxel averages: on held-out QM9 molecules the exact delta-rho needs 0.6
       cycles more this way (the shipped network's delta-rho the same cycles).
 
-    ``auxmol`` may be spherical or Cartesian; ``max_memory`` (MB) is what the caller may
-    use (the grid fit's matrices, the quadrature's blocks: a quarter, at most 200 MB).
+    ``auxmol`` may be spherical or Cartesian; ``max_memory`` is ``mf.max_memory`` (MB):
+    what it leaves free decides whether the grid fit's matrices fit, and the quadrature's
+    blocks follow :func:`grid.block_memory`.
     Returns (b, route): the projections and 'grid fit' or 'Poisson'.
     """
-    budget = grid_mod.BLOCK_MEMORY if max_memory is None else max_memory
-    blocks = max(1.0, min(grid_mod.BLOCK_MEMORY, budget / 4))
-    if fitmol is not None and grid_fit_affordable(fitmol, budget):
+    if max_memory is None:
+        free, blocks = np.inf, grid_mod.BLOCK_MEMORY
+    else:
+        free, blocks = grid_mod.free_memory(max_memory), grid_mod.block_memory(max_memory)
+    if fitmol is not None and grid_fit_affordable(fitmol, free):
         c = fit_delta_rho(fitmol, delta_rho, grid, charge=charge, max_memory=blocks)
         jmol = fitmol
         if auxmol.cart and not fitmol.cart:

@@ -19,7 +19,6 @@ import time
 import numpy as np
 from pyscf.lib import logger
 
-from pyscf_densr import grid as grid_mod
 from pyscf_densr import symmetry
 from pyscf_densr.builds import (MAX_FOCK_BUILDS, anderson_step, density_matrix_from_veff,
                                 mix_with_sad, orthogonalizer)
@@ -84,8 +83,7 @@ def density_matrix_from_delta_rho(mf, delta_rho, grid, dm_sad=None, auxbasis=DEF
     # the fit of delta-rho holds ``charge`` electrons exactly, whatever the grid field
     # integrates to (its own error, or an ion's charge it does not carry)
     d_sad, j_sad = aux.fit(dm_tot)
-    b, route = coulomb_projection(aux.auxmol, delta_rho, grid, charge, fitmol,
-                                  grid_mod.free_memory(mf.max_memory))
+    b, route = coulomb_projection(aux.auxmol, delta_rho, grid, charge, fitmol, mf.max_memory)
     d_delta, j_delta = aux.fit_projection(b, charges(aux.auxmol), charge)
     pred = (d_sad + d_delta, j_sad + j_delta)
     # the XC density: rho[P_SAD] scaled by 1 + q / N_SAD, q the electrons the fit adds to the
