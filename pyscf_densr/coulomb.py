@@ -4,8 +4,8 @@ Every Fock build of the guess needs J of a density given as a density matrix plu
 network's delta-rho (its projection (k|delta-rho), :func:`fit.coulomb_projection`), and the
 fit of each new density matrix for the Anderson residuals. Both engines fit every density
 the way PySCF's DF-J does, d = (k|l)^-1 (l|rho): ``fit(dm)`` from a density matrix,
-``fit_projection(v)`` from a projection v = (k|rho). :func:`coulomb_engine` chooses where those come
-from, in this order:
+``fit_projection(v)`` from a projection v = (k|rho). :func:`coulomb_engine` chooses where
+those come from, in this order:
 
 1. A density-fitted SCF (``mf.density_fit()``): PySCF's own DF tensor of ``mf.with_df``
    (:class:`CderiCoulomb`), built by PySCF once, in memory or on disk as PySCF decides,
@@ -82,6 +82,16 @@ def _vj_pass2(mol, auxmol, opt, c):
     return np.asarray(vj).reshape(mol.nao, mol.nao)
 
 
+def _factor_metric(auxmol, j2c):
+    """('cd', Cholesky factor) of the metric ``j2c`` of ``auxmol``, made in place (for
+    20 000 auxiliary functions the metric alone is 3 GB), or ('regular', the metric) where
+    it is not numerically positive definite: PySCF's two kinds (``df.df_jk.get_j``)."""
+    try:
+        return 'cd', scipy.linalg.cho_factor(j2c, lower=True, overwrite_a=True)
+    except scipy.linalg.LinAlgError:
+        return 'regular', auxmol.intor('int2c2e', hermi=1)
+
+
 class AuxCoulomb:
     """The Coulomb side of one guess in an auxiliary basis: PySCF's screened 3-centre passes
     and one Cholesky factor of the metric (k|l), shared by every fit and J build.
@@ -114,12 +124,8 @@ class AuxCoulomb:
         j2c = auxmol.intor('int2c2e', hermi=1)
         # the screened driver only where the passes are direct (before j2c is overwritten)
         self.opt = None if self.incore else _vj_opt(mol, auxmol, direct_scf_tol, j2c=j2c)
-        try:   # in place: for 20 000 auxiliary functions the metric alone is 3 GB
-            self.cho = scipy.linalg.cho_factor(j2c, lower=True, overwrite_a=True)
-            self.metric = None
-        except scipy.linalg.LinAlgError:   # not positive definite: least squares instead
-            self.cho = None
-            self.metric = auxmol.intor('int2c2e', hermi=1)
+        kind, factor = _factor_metric(auxmol, j2c)
+        self.cho, self.metric = (factor, None) if kind == 'cd' else (None, factor)
 
     def _ints(self):
         if self._int3c is None:
@@ -148,20 +154,19 @@ class AuxCoulomb:
         return scipy.linalg.lstsq(self.metric, v, cond=1e-12)[0]
 
     @classmethod
-    def of_scf(cls, with_df, direct_scf_tol=1e-13):
+    def of_scf(cls, with_df, auxmol=None, direct_scf_tol=1e-13):
         """The engine of the direct DF-J of ``with_df`` (a ``df.DF`` without its tensor):
         PySCF's own state of that route (``with_df._vjopt``: the screening and the Cholesky
         factor of the metric, made here as ``df.df_jk.get_j`` makes it where the SCF has not
-        yet), so that the SCF's DF-J takes it from the guess and neither makes it twice."""
+        yet), so that the SCF's DF-J takes it from the guess and neither makes it twice.
+        ``auxmol``: ``with_df``'s fitting basis where the caller has made it."""
         if with_df._vjopt is None:
             mol = with_df.mol
-            auxmol = df.addons.make_auxmol(mol, with_df.auxbasis)
+            if auxmol is None:
+                auxmol = df.addons.make_auxmol(mol, with_df.auxbasis)
             j2c = auxmol.intor('int2c2e', hermi=1)
             opt = _vj_opt(mol, auxmol, direct_scf_tol, j2c=j2c)
-            try:
-                opt.j2c, opt.j2c_type = scipy.linalg.cho_factor(j2c, lower=True), 'cd'
-            except scipy.linalg.LinAlgError:
-                opt.j2c, opt.j2c_type = j2c, 'regular'
+            opt.j2c_type, opt.j2c = _factor_metric(auxmol, j2c)
             with_df.auxmol, with_df._vjopt = auxmol, opt
         return cls(with_df.mol, with_df.auxmol, vjopt=with_df._vjopt)
 
@@ -337,7 +342,8 @@ def coulomb_engine(mf, auxmol, log=None):
                              'guess makes screened 3-centre passes in the SCF\'s fitting '
                              'basis, as the SCF\'s DF-J does', nbytes * 1e-9)
                 try:
-                    return AuxCoulomb.of_scf(with_df, getattr(mf, 'direct_scf_tol', 1e-13))
+                    return AuxCoulomb.of_scf(with_df, aux,
+                                             getattr(mf, 'direct_scf_tol', 1e-13))
                 except (ImportError, AttributeError, TypeError, OSError) as e:
                     raise DensrError('densr guess: PySCF\'s screened 3-centre J driver is '
                                      'unavailable (%s: %s)' % (type(e).__name__, e)) from e

@@ -7,8 +7,8 @@ Times ``pyscf_densr.init_guess(mf)`` (the network already loaded), then one Fock
 the same SCF object at the guess (``mf.get_veff``: J and XC on the SCF's own grids, after
 its grids and, with density fitting, the DF tensor the guess left are in place) and one
 diagonalisation: what one SCF cycle costs. Prints the guess's time and peak memory as soon
-as it is made, then both times. For molecules
-whose full SCF is too long to benchmark on a small machine.
+as it is made, then both times. For molecules whose full SCF is too long to benchmark on a
+small machine.
 """
 import argparse
 import resource
