@@ -1,14 +1,16 @@
 """Guess time against one SCF cycle of the same SCF, for one molecule, in one process.
 
     python tools/guess_vs_cycle.py FILE.xyz [--charge Q] [--level pbe/sto-3g+df] [--threads 1]
-                                   [--log]
+                                   [--log] [--guess minao]
 
 Times ``pyscf_densr.init_guess(mf)`` (the network already loaded), then one Fock build of
 the same SCF object at the guess (``mf.get_veff``: J and XC on the SCF's own grids, after
 its grids and, with density fitting, the DF tensor the guess left are in place) and one
 diagonalisation: what one SCF cycle costs. Prints the guess's time and peak memory as soon
 as it is made, then both times. For molecules whose full SCF is too long to benchmark on a
-small machine.
+small machine. ``--guess minao`` times PySCF's minao guess instead (the SCF's one-time
+direct DF-J set-up, which the densr guess makes and leaves to the SCF, is then made before
+the cycle is timed), to measure the cycle alone.
 """
 import argparse
 import resource
@@ -17,7 +19,7 @@ import time
 from pyscf import lib
 
 import pyscf_densr
-from pyscf_densr import bench
+from pyscf_densr import bench, coulomb
 
 
 def main(argv=None):
@@ -27,23 +29,32 @@ def main(argv=None):
     ap.add_argument('--level', default='pbe/sto-3g+df')
     ap.add_argument('--threads', type=int, default=1)
     ap.add_argument('--log', action='store_true', help="the guess's own log (each stage's time)")
+    ap.add_argument('--guess', default='densr', choices=('densr', 'minao'))
     a = ap.parse_args(argv)
     lib.num_threads(a.threads)
     level = bench.parse_level(a.level)
     m = bench.molecules_from_xyz([a.xyz], charge=a.charge)[0]
     mol = bench.build_mol(m, level['basis'])
     mf = bench.make_scf(mol, level)
-    pyscf_densr.load_model()
+    if a.guess == 'densr':
+        pyscf_densr.load_model()
     if a.log:
         mf.verbose = 4
     t0 = time.perf_counter()
-    dm = pyscf_densr.init_guess(mf)
+    if a.guess == 'densr':
+        dm = pyscf_densr.init_guess(mf)
+    else:
+        dm = mf.get_init_guess(key='minao')
     t1 = time.perf_counter()
     mf.verbose = 0
     print('%s, %s: %d atoms, %d basis functions, %d thread(s)' % (
         m['name'], a.level, mol.natm, mol.nao, lib.num_threads()))
-    print('densr guess %.1f s; peak memory %.0f MB' % (
-        t1 - t0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024), flush=True)
+    print('%s guess %.1f s; peak memory %.0f MB' % (
+        a.guess, t1 - t0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024), flush=True)
+    with_df = getattr(mf, 'with_df', None)
+    if (a.guess != 'densr' and with_df is not None and with_df._cderi is None
+            and not coulomb._scf_needs_k(mf)):
+        coulomb.coulomb_engine(mf, None)   # the direct DF-J state (or tensor) the SCF uses
     if getattr(mf, 'grids', None) is not None:
         mf.grids.build()
     t2 = time.perf_counter()
@@ -51,9 +62,9 @@ def main(argv=None):
     fock = mf.get_fock(dm=dm, vhf=veff)
     mf.eig(fock, mf.get_ovlp())
     t3 = time.perf_counter()
-    print('densr guess %.1f s; SCF grids %.1f s; one SCF cycle (Fock build + '
+    print('%s guess %.1f s; SCF grids %.1f s; one SCF cycle (Fock build + '
           'diagonalisation) %.1f s; guess / cycle %.2f; peak memory %.0f MB' % (
-              t1 - t0, t2 - t1, t3 - t2, (t1 - t0) / (t3 - t2),
+              a.guess, t1 - t0, t2 - t1, t3 - t2, (t1 - t0) / (t3 - t2),
               resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
 
 
