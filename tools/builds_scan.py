@@ -1,0 +1,80 @@
+"""SCF cycles against the number of Fock builds inside the densr guess, one molecule at a time.
+
+    python tools/builds_scan.py --heldout ../shared/data --range 410 420 [--level pbe/def2-svp]
+    python tools/builds_scan.py --smiles-file docs/bench/size_scan_drugs.smi --level pbe/def2-svp+df
+
+For each molecule: minao's SCF (the reference energy and cycles), then the densr guess with
+``mf.densr_fock_builds`` = 1, 2, ... (``--builds``) and its SCF. One CSV row per run
+(``--csv``, resumable). How the Fock-build policy of a route is chosen: the cycles each
+further build saves against what it costs on that route (docs/method.md, step 7).
+"""
+import argparse
+import csv
+import os
+import time
+
+from pyscf import lib
+
+import pyscf_densr
+from pyscf_densr import bench
+
+FIELDS = ('molecule', 'level', 'natm', 'nao', 'guess', 'builds', 'cycles', 'converged',
+          'e_tot', 'de', 'guess_time', 'scf_time')
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    ap.add_argument('--heldout', metavar='DIR')
+    ap.add_argument('--range', nargs=2, type=int, default=(410, 420))
+    ap.add_argument('--smiles-file')
+    ap.add_argument('--level', default='pbe/def2-svp')
+    ap.add_argument('--builds', nargs='+', type=int, default=(1, 2, 3, 4))
+    ap.add_argument('--threads', type=int, default=1)
+    ap.add_argument('--csv', default='builds_scan.csv')
+    a = ap.parse_args(argv)
+    lib.num_threads(a.threads)
+    if a.heldout:
+        mols = bench.molecules_from_heldout(a.heldout, *a.range)
+    else:
+        lines = [ln.split() for ln in open(a.smiles_file) if ln.strip() and ln[0] != '#']
+        mols = bench.molecules_from_smiles([ln[0] for ln in lines],
+                                           names=[ln[1] if len(ln) > 1 else None for ln in lines])
+    level = bench.parse_level(a.level)
+    done = {}
+    if os.path.exists(a.csv):
+        done = {(r['molecule'], r['guess'], r['builds']): r for r in csv.DictReader(open(a.csv))}
+    out = open(a.csv, 'a', newline='')
+    w = csv.DictWriter(out, FIELDS)
+    if not done:
+        w.writeheader()
+    pyscf_densr.load_model()
+    for m in mols:
+        mol = bench.build_mol(m, level['basis'])
+        ref = done.get((m['name'], 'minao', '0'))
+        e_ref = float(ref['e_tot']) if ref else None
+        for guess, k in [('minao', 0)] + [('densr', k) for k in a.builds]:
+            if (m['name'], guess, str(k)) in done:
+                continue
+            mf = bench.make_scf(mol, level)
+            t0 = time.perf_counter()
+            if guess == 'minao':
+                dm0 = mf.get_init_guess(key='minao')
+            else:
+                mf.densr_fock_builds = k
+                dm0 = pyscf_densr.init_guess(mf, fallback='error')
+            t1 = time.perf_counter()
+            mf.kernel(dm0)
+            t2 = time.perf_counter()
+            if guess == 'minao':
+                e_ref = mf.e_tot
+            row = dict(molecule=m['name'], level=a.level, natm=mol.natm, nao=mol.nao,
+                       guess=guess, builds=k, cycles=mf.cycles, converged=mf.converged,
+                       e_tot='%.10f' % mf.e_tot, de='%.2e' % (mf.e_tot - e_ref), guess_time='%.1f' % (t1 - t0),
+                       scf_time='%.1f' % (t2 - t1))
+            w.writerow(row)
+            out.flush()
+            print(' '.join('%s=%s' % kv for kv in row.items()), flush=True)
+
+
+if __name__ == '__main__':
+    main()
