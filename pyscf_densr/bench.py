@@ -35,9 +35,11 @@ Columns of a row (:data:`COLUMNS`; energies in Hartree, times in seconds, NMAE i
                              build, DFT grids) counts in the guess time; total_time is the
                              fair comparison. Loading the network (torch import, weights)
                              happens once per process before any timing.
-``guess_builds fock_builds`` Fock builds made inside the guess (densr, oracle, control: the
-                             model's ``guess_fock_builds``, plus one exchange build for
-                             methods with exact exchange; PySCF's guesses: 0), and the total
+``guess_builds fock_builds`` Fock builds made inside the guess (densr, oracle, control: as
+                             the guess reports them, the model's ``guess_fock_builds`` or
+                             fewer where its J builds make integral passes, plus one exchange
+                             build for methods with exact exchange; PySCF's guesses and a
+                             densr guess that handed over to minao: 0), and the total
                              with the SCF's cycles: the count a guess cannot hide builds from
 ``cycle_time``               scf_time / cycles: one SCF cycle of this run, seconds
 ``peak_mem_mb``              the process's peak resident memory during guess and SCF (MB;
@@ -389,6 +391,7 @@ def make_guess(mf, guess, ref=None, model=None, device=None, exchange=None):
         dt = time.perf_counter() - t0
         if 'delta_rho' in made:
             info['delta'], info['grid'] = made['delta_rho'], made['grid']
+        info['guess_builds'] = made.get('fock_builds', 0)
         return dm, dt, info
     if guess in ('oracle', 'control'):
         from pyscf_densr import project
@@ -404,10 +407,13 @@ def make_guess(mf, guess, ref=None, model=None, device=None, exchange=None):
         # and earns the finer guess grids (level 1)
         mix = 1.0 if guess == 'oracle' else hook.guess_mix(model)
         level = 1 if guess == 'oracle' else hook.guess_grids_level(model)
+        made = {}
         dm = project.density_matrix_from_delta_rho(
             mf, delta, fine, dm_sad=dm_sad, auxbasis=model.config.get('auxbasis'),
-            exchange=exchange or 'auto', mix=mix,
-            grids_level=level, fock_builds=hook.guess_fock_builds(model))
+            exchange=exchange or 'auto', mix=mix, grids_level=level,
+            fock_builds=hook.guess_fock_builds(model),
+            price_builds=True, details=made)
+        info['guess_builds'] = made['fock_builds']
         dt = time.perf_counter() - t0
         info['delta'], info['grid'] = delta, fine
         return dm, dt, info
@@ -430,17 +436,6 @@ def _jk_route(mf):
     if with_df is not None:
         return 'df-tensor' if getattr(with_df, '_cderi', None) is not None else 'df-direct'
     return 'incore' if getattr(mf, '_eri', None) is not None else 'direct'
-
-
-def guess_builds(mf, guess, model=None):
-    """Fock builds made inside ``guess`` (see the module docstring)."""
-    if guess not in GRID_GUESSES:
-        return 0
-    from pyscf_densr import potential
-    if model is None or isinstance(model, (str, os.PathLike)):
-        model = hook.load_model(model)
-    omega, alpha, hyb = potential._exchange_coeffs(mf)
-    return hook.guess_fock_builds(model) + int(abs(hyb) > 1e-14 or abs(alpha) > 1e-14)
 
 
 def _reset_peak_memory():
@@ -515,7 +510,7 @@ def bench_molecule(molecule, level, guesses=DEFAULT_GUESSES, model=None, device=
         row['converged'] = bool(mf.converged)
         row['cycles'] = int(mf.cycles)
         row['e_tot'] = float(mf.e_tot)
-        row['guess_builds'] = guess_builds(mf, guess, model)
+        row['guess_builds'] = info.get('guess_builds', 0)
         row['fock_builds'] = row['cycles'] + row['guess_builds']
         row['cycle_time'] = row['scf_time'] / max(row['cycles'], 1)
         return mf, row, dm0, info

@@ -8,6 +8,8 @@ aufbau matrix of the Anderson (DIIS) combination of all the Fock matrices, which
 of the first step's overshoot. ``mix_with_sad``: an optional damping towards P_SAD.
 """
 
+import time
+
 import numpy as np
 from pyscf import lib
 from pyscf.lib import logger
@@ -17,6 +19,10 @@ from pyscf_densr.potential import add_exchange, xc_potential
 
 # upper bound of the guess's Fock builds (anderson_step); each costs one DF-J and XC build
 MAX_FOCK_BUILDS = 6
+# SCF cycles saved by the guess's 2nd, 3rd, 4th... Fock build (PBE/def2-SVP+DF, drug-like
+# molecules of 40-60 atoms; docs/method.md, step 7): on the SCF's direct DF-J route a further
+# build is made only where it costs less than this many estimated SCF cycles
+BUILD_GAINS = (2.0, 0.5, 0.5, 0.3, 0.3)
 
 
 def orthogonalizer(mf, s1e):
@@ -66,8 +72,21 @@ def density_matrix_from_veff(mf, veff, dm_sad, h1e=None, s1e=None, x=None, sym=N
     return lib.tag_array(dm, mo_coeff=mo_coeff, mo_occ=mo_occ, mo_energy=mo_energy)
 
 
+def scf_grid_ratio(mf, grids):
+    """Points of the SCF's grids (``mf.grids``) over those of the guess's ``grids``, from
+    PySCF's atomic grids (no partitioning: cheap at any size); 1 where they are the same."""
+    from pyscf.dft import gen_grid
+    if grids is None or grids is getattr(mf, 'grids', None):
+        return 1.0
+
+    def points(g):
+        atom = gen_grid.gen_atomic_grids(g.mol, g.atom_grid, g.radi_method, g.level, g.prune)
+        return sum(len(atom[g.mol.atom_symbol(i)][1]) for i in range(g.mol.natm))
+    return points(mf.grids) / max(points(grids), 1)
+
+
 def anderson_step(mf, v1, dm1, dm_sad, pred, aux, grids=None, dm_x=None, h1e=None, s1e=None,
-                  x=None, log=None, builds=2, v_x=None, sym=None):
+                  x=None, log=None, builds=2, v_x=None, sym=None, cycle_priced=False):
     """More Fock builds (``builds`` in all, counting the first), and the Anderson combination
     of the Fock matrices.
 
@@ -86,8 +105,16 @@ def anderson_step(mf, v1, dm1, dm_sad, pred, aux, grids=None, dm_x=None, h1e=Non
     build k-1's combined matrix, and the combination uses the whole history
     (:func:`_anderson_coefficients`). Each build costs one DF-J and XC build, two
     diagonalisations and two density fits. Exact exchange stays that of ``dm_x``
-    (``v_x``: its term, ``add_exchange(mf, 0, dm_x)``, where the caller has it). Returns
-    (dm, coefficients of v1, v2, ...).
+    (``v_x``: its term, ``add_exchange(mf, 0, dm_x)``, where the caller has it).
+
+    ``cycle_priced``: where ``aux`` makes the SCF's own direct DF-J passes, a build costs
+    three passes and a coarse XC build, an SCF cycle two passes and XC on ``mf.grids``; each
+    build's time is measured and a further build made only while it costs less than the
+    cycles it is expected to save (:data:`BUILD_GAINS`) times the estimated SCF cycle (two of
+    the build's passes, its XC scaled by :func:`scf_grid_ratio`, one diagonalisation). The
+    second build is always made: it saves more (two cycles) than a build can cost (at most
+    about one and a half cycles, where the passes are all of both).
+    Returns (dm, coefficients of v1, v2, ...), the builds made in ``coeffs.size``.
     """
     mol = mf.mol
     log = log or logger.new_logger(mf)
@@ -115,13 +142,23 @@ def anderson_step(mf, v1, dm1, dm_sad, pred, aux, grids=None, dm_x=None, h1e=Non
     vs, rs, mrs = [np.asarray(v1)], [d1 - pred[0]], [j1 - pred[1]]
     dm, d_in, j_in = dm1, d1, j1
     coeffs = np.ones(1)
-    for k in range(2, builds + 1):
+    ratio = scf_grid_ratio(mf, grids) if cycle_priced else None
+    k = 1
+    while k < builds:
+        k += 1
+        t0 = time.perf_counter()
         v = aux.coulomb(d_in)
+        t_j = time.perf_counter() - t0
         if np.asarray(dm).ndim == 3:
             v = np.array((v, v))
+        t_xc = time.perf_counter()
         if hasattr(mf, 'xc'):
             v = v + xc_potential(mf, dm, grids)[1]
-        j_out = aux.project(total(fock_dm(v)))
+        t_d = time.perf_counter()
+        t_xc = t_d - t_xc
+        dm_out = fock_dm(v)
+        t_d = time.perf_counter() - t_d
+        j_out = aux.project(total(dm_out))
         vs.append(v)
         mrs.append(j_out - j_in)
         rs.append(aux.solve(mrs[-1]))
@@ -133,6 +170,18 @@ def anderson_step(mf, v1, dm1, dm_sad, pred, aux, grids=None, dm_x=None, h1e=Non
             dm = dm1
         else:
             dm = fock_dm(sum(a * v for a, v in zip(coeffs, vs)))
+        if k < builds and cycle_priced:
+            # a build: this one's two passes, XC and two diagonalisations, and the third
+            # pass, the fit of its input, which the next build would make first
+            t_build = time.perf_counter() - t0 + t_j
+            t_cycle = 2 * t_j + ratio * t_xc + t_d
+            log.debug('densr: Fock build %d costs %.3g s; an SCF cycle about %.3g s', k,
+                      t_build, t_cycle)
+            if t_build >= BUILD_GAINS[k - 1] * t_cycle:
+                log.info('densr: no Fock build %d: a build costs %.3g s, %.2f estimated SCF '
+                         'cycles (%.3g s each), more than the %.2g cycles it saves', k + 1,
+                         t_build, t_build / t_cycle, t_cycle, BUILD_GAINS[k - 1])
+                break
         if k < builds:
             d_in, j_in = aux.fit(total(dm))
     return dm, coeffs

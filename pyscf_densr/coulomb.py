@@ -116,6 +116,8 @@ class AuxCoulomb:
         self.incore = self.int3c_bytes * 1e-6 < 0.5 * (max_memory - lib.current_memory()[0])
         self._int3c = None
         self._last = None
+        # the SCF's own direct DF-J: its cycles make the same passes as the guess's builds
+        self.scf_direct = vjopt is not None
         if vjopt is not None:   # PySCF's own direct DF-J state, shared with the SCF
             self.incore, self.opt = False, vjopt
             cd = vjopt.j2c_type == 'cd'
@@ -197,6 +199,8 @@ class AuxCoulomb:
 
     @property
     def route(self):
+        if self.scf_direct:
+            return "the SCF's direct DF-J"
         return 'guess 3c in memory' if self.incore else 'guess 3c direct'
 
     def fit_projection(self, v, n=None, charge=None):

@@ -30,7 +30,10 @@ there is one (for what a user cannot set in code), else the model's setting.
                        raise. Invalid option values raise ``ValueError`` either way.
 ``densr_fock_builds``  1 to 6 Fock builds in the guess (more than one: Anderson mixing of
                        the builds, :func:`builds.anderson_step`); default the model's
-                       ``guess_fock_builds``
+                       ``guess_fock_builds``, of which a third or later build is made,
+                       where the guess's Coulomb builds are the SCF's own direct DF-J
+                       passes, only while it costs less than the SCF cycles it saves
+                       (:func:`builds.anderson_step`); set, exactly that many
 ``densr_symmetry``     1, 2, 8 or 48 network passes averaged over symmetry operations of the
                        box (:func:`model.predict`); default the model's ``symmetry``
 ``densr_mix``          the returned guess is P_SAD + mix (P_Fock - P_SAD), mix in (0, 1];
@@ -528,7 +531,8 @@ def _densr_guess(mf, mol, opts, log, details):
         dm_sad_tot = dm_sad_tot.sum(axis=0)
     net = load_model(opts['model'], opts['device'])
     settings = dict(mix=guess_mix(net, opts['mix']), grids_level=guess_grids_level(net),
-                    fock_builds=guess_fock_builds(net, opts['fock_builds']))
+                    fock_builds=guess_fock_builds(net, opts['fock_builds']),
+                    price_builds=opts['fock_builds'] is None)
     nsym = guess_symmetry(net, opts['symmetry'])
     try:
         delta, fine = predict_delta_rho(mol, dm_sad_tot, net, opts['device'], log, nsym,
@@ -539,7 +543,8 @@ def _densr_guess(mf, mol, opts, log, details):
         t0 = time.perf_counter()
         dm = project.density_matrix_from_delta_rho(
             mf, delta, fine, dm_sad=dm_sad, auxbasis=net.config.get('auxbasis'),
-            exchange=opts['exchange'], log=log, charge=expected, **settings)
+            exchange=opts['exchange'], log=log, charge=expected, details=details,
+            **settings)
         log.info('densr: projection to a density matrix in %.2f s', time.perf_counter() - t0)
     except MemoryError as e:
         raise DensrError('densr guess ran out of memory (%s); the guess\'s blocks follow '

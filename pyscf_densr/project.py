@@ -30,7 +30,8 @@ from pyscf_densr.potential import (_exchange_coeffs, add_exchange, guess_grids,
 
 def density_matrix_from_delta_rho(mf, delta_rho, grid, dm_sad=None, auxbasis=DEFAULT_AUXBASIS,
                                   exchange='auto', grids_level=1, log=None, charge=None,
-                                  mix=1.0, fock_builds=1):
+                                  mix=1.0, fock_builds=1, price_builds=False,
+                                  details=None):
     """The whole projection: delta-rho on ``grid`` -> guess density matrix for ``mf``.
 
     Args:
@@ -50,6 +51,12 @@ def density_matrix_from_delta_rho(mf, delta_rho, grid, dm_sad=None, auxbasis=DEF
         fock_builds: 1, or up to MAX_FOCK_BUILDS: more Fock builds, each at the density of
             the last combined matrix, and their Anderson combination (:func:`anderson_step`),
             before damping.
+        price_builds: ``fock_builds`` is the most; where the guess's Coulomb builds are the
+            SCF's own direct DF-J passes (a pure functional whose DF tensor does not fit in
+            memory), a third or later build is made only while it costs less than the SCF
+            cycles it saves (:func:`anderson_step`, ``cycle_priced``).
+        details: a dict that receives ``fock_builds``, the Fock builds made (the exchange
+            rebuild counted).
     Returns:
         dm with ``mo_coeff``/``mo_occ`` attached.
     """
@@ -70,13 +77,15 @@ def density_matrix_from_delta_rho(mf, delta_rho, grid, dm_sad=None, auxbasis=DEF
     log.info('densr: Coulomb builds of the guess on %s (%s, %d functions)', aux.route,
              aux.auxmol.basis if isinstance(aux.auxmol.basis, str) else 'fitting basis',
              aux.auxmol.nao)
-    if getattr(aux, 'incore', True) is False and fock_builds > 1:
+    priced = price_builds and getattr(aux, 'scf_direct', False)
+    if getattr(aux, 'incore', True) is False and fock_builds > 1 and not priced:
         log.note('densr: the 3-centre integrals (%.1f GB) do not fit in half of what '
-                 'mf.max_memory leaves free, so each of the %d further Fock builds makes two '
-                 'screened integral passes; mf.densr_fock_builds = 1 makes one build, %sa '
-                 'larger mf.max_memory keeps the integrals in memory',
+                 'mf.max_memory leaves free, so each of the %d further Fock builds makes three '
+                 'screened integral passes%s; mf.densr_fock_builds = 1 makes one build%s',
                  aux.int3c_bytes * 1e-9, fock_builds - 1,
-                 '' if getattr(mf, 'with_df', None) else 'density fitting (mf.density_fit()) or ')
+                 " (an SCF cycle's DF-J two)" if aux.scf_direct else '',
+                 '' if aux.scf_direct else ', density fitting (mf.density_fit()) or a larger '
+                 'mf.max_memory keeps the integrals in memory')
     nsad = float(np.einsum('ij,ji->', dm_tot, s1e))
     if charge is None:
         charge = mol.nelectron - nsad
@@ -118,12 +127,15 @@ def density_matrix_from_delta_rho(mf, delta_rho, grid, dm_sad=None, auxbasis=DEF
         dm = density_matrix_from_veff(mf, v_local + v_x, dm_sad, h1e, s1e, x, sym)
         log.info('densr: exchange rebuilt from the first diagonalisation in %.2f s',
                  time.perf_counter() - t2)
+    made = 1
     if fock_builds > 1:
         t3 = time.perf_counter()
-        dm = anderson_step(mf, v_local, dm, dm_sad, pred, aux, grids, dm_x, h1e, s1e, x,
-                           log, fock_builds, v_x, sym)[0]
-        log.info('densr: %d more Fock builds in %.2f s', fock_builds - 1,
-                 time.perf_counter() - t3)
+        dm, coeffs = anderson_step(mf, v_local, dm, dm_sad, pred, aux, grids, dm_x, h1e, s1e,
+                                   x, log, fock_builds, v_x, sym, priced)
+        made = coeffs.size
+        log.info('densr: %d more Fock builds in %.2f s', made - 1, time.perf_counter() - t3)
+    if details is not None:
+        details['fock_builds'] = made + (exchange == 'iterate')
     damped = mix_with_sad(mf, dm, dm_sad, mix, s1e, x)
     if damped is not dm:
         log.info('densr: guess = P_SAD + %.2f (P_Fock - P_SAD)', mix)

@@ -8,7 +8,7 @@ import pytest
 from pyscf import gto, scf, dft, df
 
 import pyscf_densr
-from pyscf_densr import builds, coulomb, fit, grid, project, hook, model as model_mod
+from pyscf_densr import builds, coulomb, fit, grid, potential, project, hook, model as model_mod
 from conftest import WATER, random_rotation
 
 
@@ -119,16 +119,18 @@ def test_aux_coulomb_matches_pyscf_density_fitting(ethanol):
 
 
 def test_direct_three_centre_route_is_announced(ethanol, monkeypatch):
-    """Where the 3-centre integrals do not fit, the guess says so (the further builds cost
-    two integral passes each there) and gives the in-memory route's matrix."""
+    """Where the 3-centre integrals do not fit, the guess says so (each further build costs
+    three integral passes there) and gives the in-memory route's matrix, builds included."""
     import io
     ref = pyscf_densr.init_guess(dft.RKS(ethanol, xc='pbe'), fock_builds=2)
     mf = dft.RKS(ethanol, xc='pbe')
     mf.max_memory = 1
     monkeypatch.setattr(grid, 'free_memory', lambda max_memory: 4000.0)   # network through
     mf.stdout, mf.verbose = io.StringIO(), 3
-    dm = pyscf_densr.init_guess(mf, fock_builds=2)
-    assert 'do not fit' in mf.stdout.getvalue()
+    made = {}
+    dm = pyscf_densr.init_guess(mf, fock_builds=2, details=made)
+    assert 'three screened integral passes' in mf.stdout.getvalue()
+    assert made['fock_builds'] == 2
     assert abs(np.asarray(dm) - np.asarray(ref)).max() < 1e-6
 
 
@@ -536,9 +538,10 @@ def test_direct_df_j_state_is_shared_with_the_scf(ethanol, monkeypatch):
     mf = dft.RKS(ethanol, xc='pbe').density_fit()
     mf.with_df.max_memory = 1                     # PySCF would not build the tensor
     aux = coulomb.coulomb_engine(mf, fit.make_auxmol(ethanol))
-    assert isinstance(aux, coulomb.AuxCoulomb) and not aux.incore
+    assert isinstance(aux, coulomb.AuxCoulomb) and not aux.incore and aux.scf_direct
     assert aux.opt is mf.with_df._vjopt and mf.with_df._cderi is None
     mf.with_df._vjopt = None                      # the guess makes it again below
+    mf.densr_fock_builds = hook.guess_fock_builds(hook.load_model())   # all of the tensor route's
     dm = pyscf_densr.init_guess(mf, fallback='error')
     assert abs(np.asarray(dm) - np.asarray(ref)).max() < 1e-6
     opt = mf.with_df._vjopt
@@ -554,6 +557,37 @@ def test_direct_df_j_state_is_shared_with_the_scf(ethanol, monkeypatch):
     assert inits and not any(inits) and mf.with_df._vjopt is opt
     minao = _run(dft.RKS(ethanol, xc='pbe').density_fit(), 'minao')
     assert abs(mf.e_tot - minao.e_tot) < 1e-6 and mf.cycles < minao.cycles
+
+
+def test_builds_priced_on_the_direct_df_j_route(ethanol, monkeypatch):
+    """On the SCF's direct DF-J route a third or later build is made only while it costs
+    less than the SCF cycles it saves (builds.BUILD_GAINS times the estimated cycle): with no
+    gain expected the guess stops after two builds and says why, with a large one it makes
+    the model's builds; either is the tensor route's matrix for the same builds. An explicit
+    mf.densr_fock_builds is obeyed."""
+    import io
+    model = hook.load_model()
+    assert hook.guess_fock_builds(model) > 2
+
+    def guess(gains, n_builds=None):
+        monkeypatch.setattr(builds, 'BUILD_GAINS', gains)
+        mf = dft.RKS(ethanol, xc='pbe').density_fit()
+        mf.with_df.max_memory = 1
+        mf.densr_fock_builds = n_builds
+        mf.stdout, mf.verbose = io.StringIO(), 4
+        made = {}
+        dm = pyscf_densr.init_guess(mf, fallback='error', details=made)
+        return dm, made['fock_builds'], mf.stdout.getvalue()
+    dm, n, log = guess((2.0, 0, 0, 0, 0))
+    assert n == 2 and 'no Fock build 3' in log
+    ref = pyscf_densr.init_guess(dft.RKS(ethanol, xc='pbe').density_fit(), fock_builds=2)
+    assert abs(np.asarray(dm) - np.asarray(ref)).max() < 1e-6
+    dm, n, log = guess((1e9,) * 5)
+    assert n == hook.guess_fock_builds(model) and 'no Fock build' not in log
+    dm, n, log = guess((2.0, 0, 0, 0, 0), n_builds=3)
+    assert n == 3 and 'no Fock build' not in log
+    assert builds.scf_grid_ratio(dft.RKS(ethanol, xc='pbe'), potential.guess_grids(
+        dft.RKS(ethanol, xc='pbe'), 0)) > 5
 
 
 @pytest.mark.parametrize('density_fit', [False, True])
