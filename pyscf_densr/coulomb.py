@@ -20,6 +20,8 @@ those come from, in this order:
    direct passes with PySCF's 3-centre J driver (the two passes of ``df.df_jk.get_j``).
 """
 
+import time
+
 import numpy as np
 import scipy.linalg
 from pyscf import gto, df, lib
@@ -346,14 +348,27 @@ def coulomb_engine(mf, auxmol, log=None):
                              'guess makes screened 3-centre passes in the SCF\'s fitting '
                              'basis, as the SCF\'s DF-J does', nbytes * 1e-9)
                 try:
-                    return AuxCoulomb.of_scf(with_df, aux,
-                                             getattr(mf, 'direct_scf_tol', 1e-13))
+                    made = with_df._vjopt is None
+                    t0 = time.perf_counter()
+                    engine = AuxCoulomb.of_scf(with_df, aux,
+                                               getattr(mf, 'direct_scf_tol', 1e-13))
+                    if made and log is not None:
+                        log.info('densr: PySCF\'s direct DF-J state (screening, Cholesky '
+                                 'factor of the metric) made for the guess and the SCF in '
+                                 '%.2f s', time.perf_counter() - t0)
+                    return engine
                 except (ImportError, AttributeError, TypeError, OSError) as e:
                     raise DensrError('densr guess: PySCF\'s screened 3-centre J driver is '
                                      'unavailable (%s: %s)' % (type(e).__name__, e)) from e
         if build:
             try:
-                return CderiCoulomb(with_df)
+                made = with_df._cderi is None
+                t0 = time.perf_counter()
+                engine = CderiCoulomb(with_df)
+                if made and log is not None:
+                    log.info('densr: the DF tensor built for the guess and the SCF in %.2f s',
+                             time.perf_counter() - t0)
+                return engine
             except (ValueError, scipy.linalg.LinAlgError) as e:
                 if log is not None:
                     log.info('densr: the SCF\'s DF tensor cannot serve the guess (%s); the '

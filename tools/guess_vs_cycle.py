@@ -41,16 +41,17 @@ def main(argv=None):
     if a.log:
         mf.verbose = 4
     t0 = time.perf_counter()
+    made = {}
     if a.guess == 'densr':
-        dm = pyscf_densr.init_guess(mf)
+        dm = pyscf_densr.init_guess(mf, details=made)
     else:
         dm = mf.get_init_guess(key='minao')
     t1 = time.perf_counter()
     mf.verbose = 0
     print('%s, %s: %d atoms, %d basis functions, %d thread(s)' % (
         m['name'], a.level, mol.natm, mol.nao, lib.num_threads()))
-    print('%s guess %.1f s; peak memory %.0f MB' % (
-        a.guess, t1 - t0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024), flush=True)
+    print('%s guess %.1f s (%d Fock builds); peak memory %.0f MB' % (
+        a.guess, t1 - t0, made.get('fock_builds', 0), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024), flush=True)
     with_df = getattr(mf, 'with_df', None)
     if (a.guess != 'densr' and with_df is not None and with_df._cderi is None
             and not coulomb._scf_needs_k(mf)):
