@@ -37,7 +37,8 @@ Columns of a row (:data:`COLUMNS`; energies in Hartree, times in seconds, NMAE i
                              happens once per process before any timing.
 ``guess_builds fock_builds`` Fock builds made inside the guess (densr, oracle, control: as
                              the guess reports them, the model's ``guess_fock_builds`` or
-                             fewer where its J builds make integral passes, plus one exchange
+                             fewer where it prices them on the SCF's direct DF-J route
+                             (``docs/method.md``, step 7), plus one exchange
                              build for methods with exact exchange; PySCF's guesses and a
                              densr guess that handed over to minao: 0), and the total
                              with the SCF's cycles: the count a guess cannot hide builds from

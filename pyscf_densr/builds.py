@@ -104,8 +104,9 @@ def anderson_step(mf, v1, dm1, dm_sad, pred, aux, grids=None, dm_x=None, h1e=Non
     Anderson mixing with two points, the history PySCF's DIIS lacks at its first step.
     beta is kept in [0, 1]. Each further build k takes the potential of the density of
     build k-1's combined matrix, and the combination uses the whole history
-    (:func:`_anderson_coefficients`). Each build costs one DF-J and XC build, two
-    diagonalisations and two density fits. Exact exchange stays that of ``dm_x``
+    (:func:`_anderson_coefficients`). Each build costs an XC build, two
+    diagonalisations and three 3-centre contractions (the fit of its input, its J, the fit
+    of its output). Exact exchange stays that of ``dm_x``
     (``v_x``: its term, ``add_exchange(mf, 0, dm_x)``, where the caller has it).
 
     ``cycle_priced``: where ``aux`` makes the SCF's own direct DF-J passes, a build costs
