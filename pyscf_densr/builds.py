@@ -20,10 +20,10 @@ from pyscf_densr.potential import add_exchange, xc_potential
 # upper bound of the guess's Fock builds (anderson_step); each costs one DF-J and XC build
 MAX_FOCK_BUILDS = 6
 # SCF cycles saved by the guess's 2nd, 3rd, 4th... Fock build (PBE/def2-SVP: drug-like
-# molecules of 40-44 atoms with DF, validation QM9 molecules 410-419; docs/method.md, step 7):
+# molecules of 40-50 atoms with DF, validation QM9 molecules 410-419; docs/method.md, step 7):
 # on the SCF's direct DF-J route a further build is made only where it costs less than this
 # many estimated SCF cycles
-BUILD_GAINS = (2.0, 0.5, 0.3, 0.2, 0.2)
+BUILD_GAINS = (1.7, 0.5, 0.4, 0.2, 0.2)
 
 
 def orthogonalizer(mf, s1e):
@@ -114,7 +114,7 @@ def anderson_step(mf, v1, dm1, dm_sad, pred, aux, grids=None, dm_x=None, h1e=Non
     build's time is measured and a further build made only while it costs less than the
     cycles it is expected to save (:data:`BUILD_GAINS`) times the estimated SCF cycle (two of
     the build's passes, its XC scaled by :func:`scf_grid_ratio`, one diagonalisation). The
-    second build is always made: it saves more (two cycles) than a build can cost (at most
+    second build is always made: it saves more (1.7 cycles) than a build can cost (at most
     about one and a half cycles, where the passes are all of both).
     Returns (dm, coefficients of v1, v2, ...), the builds made in ``coeffs.size``.
     """
