@@ -42,7 +42,8 @@ def main(argv=None):
     level = bench.parse_level(a.level)
     done = {}
     if os.path.exists(a.csv):
-        done = {(r['molecule'], r['guess'], r['builds']): r for r in csv.DictReader(open(a.csv))}
+        with open(a.csv, newline='') as f:
+            done = {(r['molecule'], r['guess'], r['builds']): r for r in csv.DictReader(f)}
     out = open(a.csv, 'a', newline='')
     w = csv.DictWriter(out, FIELDS)
     if not done:
@@ -69,8 +70,8 @@ def main(argv=None):
                 e_ref = mf.e_tot
             row = dict(molecule=m['name'], level=a.level, natm=mol.natm, nao=mol.nao,
                        guess=guess, builds=k, cycles=mf.cycles, converged=mf.converged,
-                       e_tot='%.10f' % mf.e_tot, de='%.2e' % (mf.e_tot - e_ref), guess_time='%.1f' % (t1 - t0),
-                       scf_time='%.1f' % (t2 - t1))
+                       e_tot='%.10f' % mf.e_tot, de='%.2e' % (mf.e_tot - e_ref),
+                       guess_time='%.1f' % (t1 - t0), scf_time='%.1f' % (t2 - t1))
             w.writerow(row)
             out.flush()
             print(' '.join('%s=%s' % kv for kv in row.items()), flush=True)

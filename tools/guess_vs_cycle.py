@@ -51,7 +51,8 @@ def main(argv=None):
     print('%s, %s: %d atoms, %d basis functions, %d thread(s)' % (
         m['name'], a.level, mol.natm, mol.nao, lib.num_threads()))
     print('%s guess %.1f s (%d Fock builds); peak memory %.0f MB' % (
-        a.guess, t1 - t0, made.get('fock_builds', 0), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024), flush=True)
+        a.guess, t1 - t0, made.get('fock_builds', 0),
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024), flush=True)
     with_df = getattr(mf, 'with_df', None)
     if (a.guess != 'densr' and with_df is not None and with_df._cderi is None
             and not coulomb._scf_needs_k(mf)):
@@ -63,9 +64,10 @@ def main(argv=None):
     fock = mf.get_fock(dm=dm, vhf=veff)
     mf.eig(fock, mf.get_ovlp())
     t3 = time.perf_counter()
+    ratio = ('; guess / cycle %.2f' % ((t1 - t0) / (t3 - t2))) if a.guess == 'densr' else ''
     print('%s guess %.1f s; SCF grids %.1f s; one SCF cycle (Fock build + '
-          'diagonalisation) %.1f s; guess / cycle %.2f; peak memory %.0f MB' % (
-              a.guess, t1 - t0, t2 - t1, t3 - t2, (t1 - t0) / (t3 - t2),
+          'diagonalisation) %.1f s%s; peak memory %.0f MB' % (
+              a.guess, t1 - t0, t2 - t1, t3 - t2, ratio,
               resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
 
 
