@@ -403,17 +403,16 @@ def make_guess(mf, guess, ref=None, model=None, device=None, exchange=None):
             delta = np.zeros(fine.shape)
         t0 = time.perf_counter()
         dm_sad = mf.init_guess_by_minao(mol)
-        # control is the densr pipeline with the network off, damping and grid level
-        # included; the oracle stands for a perfect network, which needs no damping (mix 1)
-        # and earns the finer guess grids (level 1)
+        # control is the densr pipeline with the network off, damping, grid level and
+        # corrected builds included; the oracle stands for a perfect network, which needs
+        # no damping (mix 1)
         mix = 1.0 if guess == 'oracle' else hook.guess_mix(model)
-        level = 1 if guess == 'oracle' else hook.guess_grids_level(model)
         made = {}
         dm = project.density_matrix_from_delta_rho(
             mf, delta, fine, dm_sad=dm_sad, auxbasis=model.config.get('auxbasis'),
-            exchange=exchange or 'auto', mix=mix, grids_level=level,
-            fock_builds=hook.guess_fock_builds(model),
-            price_builds=True, details=made)
+            exchange=exchange or 'auto', mix=mix, grids_level=hook.guess_grids_level(model),
+            fock_builds=hook.guess_fock_builds(model), price_builds=True,
+            refine_builds=hook.guess_refine_builds(), details=made)
         info['guess_builds'] = made['fock_builds']
         dt = time.perf_counter() - t0
         info['delta'], info['grid'] = delta, fine

@@ -24,6 +24,14 @@ MAX_FOCK_BUILDS = 6
 # on the SCF's direct DF-J route a further build is made only where it costs less than this
 # many estimated SCF cycles
 BUILD_GAINS = (1.7, 0.5, 0.4, 0.2, 0.2)
+# the guess's builds corrected to the SCF's grids (:func:`refine`): at most this many, until
+# the Coulomb norm of a build's residual is below REFINE_TOL
+REFINE_BUILDS = 12
+REFINE_TOL = 1e-4
+# grid level of the correction (the SCF's own grids where they are not finer)
+REFINE_GRIDS_LEVEL = 1
+# Fock builds combined by the Anderson step (the newest; PySCF's DIIS keeps 8 too)
+HISTORY = 8
 
 
 def orthogonalizer(mf, s1e):
@@ -87,7 +95,8 @@ def scf_grid_ratio(mf, grids):
 
 
 def anderson_step(mf, v1, dm1, dm_sad, pred, aux, grids=None, dm_x=None, h1e=None, s1e=None,
-                  x=None, log=None, builds=2, v_x=None, sym=None, cycle_priced=False):
+                  x=None, log=None, builds=2, v_x=None, sym=None, cycle_priced=False,
+                  xc_shift=None, tol=0.0):
     """More Fock builds (``builds`` in all, counting the first), and the Anderson combination
     of the Fock matrices.
 
@@ -116,7 +125,11 @@ def anderson_step(mf, v1, dm1, dm_sad, pred, aux, grids=None, dm_x=None, h1e=Non
     the build's passes, its XC scaled by :func:`scf_grid_ratio`, one diagonalisation). The
     second build is always made: it saves more (1.7 cycles) than a build can cost (at most
     about one and a half cycles, where the passes are all of both).
-    Returns (dm, coefficients of v1, v2, ...), the builds made in ``coeffs.size``.
+
+    ``xc_shift`` is added to every build's XC potential (:func:`refine`); the builds stop
+    once the Coulomb norm of a build's residual is below ``tol``; the combination uses at
+    most the :data:`HISTORY` newest builds.
+    Returns (dm, the coefficients of the newest builds, the number of builds made).
     """
     mol = mf.mol
     log = log or logger.new_logger(mf)
@@ -141,7 +154,8 @@ def anderson_step(mf, v1, dm1, dm_sad, pred, aux, grids=None, dm_x=None, h1e=Non
     d1, j1 = aux.fit(total(dm1))
     # history of input potentials and the residuals of their output densities, with the
     # residuals' metric images (k|l) r, so that norms need no second metric
-    vs, rs, mrs = [np.asarray(v1)], [d1 - pred[0]], [j1 - pred[1]]
+    v1 = np.asarray(v1)
+    vs, rs, mrs = [v1], [d1 - pred[0]], [j1 - pred[1]]
     dm, d_in, j_in = dm1, d1, j1
     coeffs = np.ones(1)
     ratio = scf_grid_ratio(mf, grids) if cycle_priced else None
@@ -156,6 +170,8 @@ def anderson_step(mf, v1, dm1, dm_sad, pred, aux, grids=None, dm_x=None, h1e=Non
         t_xc = time.perf_counter()
         if hasattr(mf, 'xc'):
             v = v + xc_potential(mf, dm, grids)[1]
+            if xc_shift is not None:
+                v = v + xc_shift
         t_d = time.perf_counter()
         t_xc = t_d - t_xc
         dm_out = fock_dm(v)
@@ -164,14 +180,19 @@ def anderson_step(mf, v1, dm1, dm_sad, pred, aux, grids=None, dm_x=None, h1e=Non
         vs.append(v)
         mrs.append(j_out - j_in)
         rs.append(aux.solve(mrs[-1]))
+        del vs[:-HISTORY], rs[:-HISTORY], mrs[:-HISTORY]
         coeffs = _anderson_coefficients(rs, mrs)
-        log.info('densr: Fock build %d; Coulomb norm of its residual %.3g; Anderson '
-                 'coefficients %s', k, np.sqrt(max(float(rs[-1].dot(mrs[-1])), 0)),
+        norm = np.sqrt(max(float(rs[-1].dot(mrs[-1])), 0))
+        log.info('densr: %sFock build %d; Coulomb norm of its residual %.3g; Anderson '
+                 'coefficients %s', '' if xc_shift is None else 'corrected ', k, norm,
                  np.array2string(coeffs, precision=3))
-        if not coeffs[1:].any():   # beta clamped to 0: the first build's matrix itself
-            dm = dm1
+        if not coeffs[1:].any() and vs[0] is v1:
+            dm = dm1   # beta clamped to 0: the first build's matrix itself
         else:
             dm = fock_dm(sum(a * v for a, v in zip(coeffs, vs)))
+        if norm < tol:
+            log.info('densr: Fock builds converged (residual %.3g below %.3g)', norm, tol)
+            break
         if k < builds and cycle_priced:
             # a build: this one's two passes, XC and two diagonalisations, and the third
             # pass, the fit of its input, which the next build would make first
@@ -186,7 +207,51 @@ def anderson_step(mf, v1, dm1, dm_sad, pred, aux, grids=None, dm_x=None, h1e=Non
                 break
         if k < builds:
             d_in, j_in = aux.fit(total(dm))
-    return dm, coeffs
+    return dm, coeffs, k
+
+
+def refine(mf, dm, dm_sad, aux, grids, fine_grids, builds, dm_x=None, h1e=None, s1e=None,
+           x=None, log=None, v_x=None, sym=None, tol=None):
+    """Fock builds on the coarse guess ``grids`` corrected to the XC of ``fine_grids``.
+
+    The guess's builds converge the Kohn-Sham problem whose XC lives on its coarse grids,
+    whose solution is not the SCF's (PBE/def2-SVP, propranolol: an SCF on level-3 grids
+    needs 9 cycles from the converged level-0 solution, 5 from level 1). Here the XC
+    potential of ``dm`` is made on both grids once, and their difference ``shift`` is
+    added to the coarse XC of every further build (a two-grid defect correction): the
+    builds then converge towards the fine grids' solution at the coarse grids' price. The
+    first build is the fine potential of ``dm`` itself; up to ``builds`` in all, stopped
+    once a residual's Coulomb norm is below ``tol`` (default :data:`REFINE_TOL`;
+    :func:`anderson_step`).
+    Returns (dm, builds made).
+    """
+    mol = mf.mol
+    log = log or logger.new_logger(mf)
+    tol = REFINE_TOL if tol is None else tol
+    if h1e is None:
+        h1e = mf.get_hcore(mol)
+    if s1e is None:
+        s1e = mf.get_ovlp(mol)
+    dm_tot = np.asarray(dm)
+    dm_tot = dm_tot.sum(axis=0) if dm_tot.ndim == 3 else dm_tot
+    t0 = time.perf_counter()
+    v_fine = xc_potential(mf, dm, fine_grids)[1]
+    shift = v_fine - xc_potential(mf, dm, grids)[1]
+    t1 = time.perf_counter()
+    d, j = aux.fit(dm_tot)
+    v = aux.coulomb(d)
+    if np.asarray(dm).ndim == 3:
+        v = np.array((v, v))
+    v = v + v_fine
+    dm1 = density_matrix_from_veff(mf, v if v_x is None else v + v_x, dm_sad, h1e, s1e, x, sym)
+    log.info('densr: XC of the guess on finer grids (%d points, the guess\'s %d) in '
+             '%.2f s; largest correction %.3g Eh', fine_grids.weights.size,
+             grids.weights.size, t1 - t0, float(abs(shift).max()))
+    if builds < 2:
+        return dm1, 1
+    dm, _, made = anderson_step(mf, v, dm1, dm_sad, (d, j), aux, grids, dm_x, h1e, s1e, x,
+                                log, builds, v_x, sym, xc_shift=shift, tol=tol)
+    return dm, made
 
 
 def _anderson_coefficients(rs, mrs):

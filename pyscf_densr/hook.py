@@ -34,6 +34,11 @@ there is one (for what a user cannot set in code), else the model's setting.
                        where the guess's Coulomb builds are the SCF's own direct DF-J
                        passes, only while it costs less than the SCF cycles it saves
                        (:func:`builds.anderson_step`); set, exactly that many
+``densr_refine_builds`` at most this many further Fock builds whose coarse XC is corrected
+                       to the XC of the SCF's own grids (:func:`builds.refine`), stopped
+                       when converged; default ``builds.REFINE_BUILDS``; 0: none. Made where
+                       the guess's grids are coarser than the SCF's and its Coulomb builds
+                       cheap (3-centre integrals or the DF tensor in memory)
 ``densr_symmetry``     1, 2, 8 or 48 network passes averaged over symmetry operations of the
                        box (:func:`model.predict`); default the model's ``symmetry``
 ``densr_mix``          the returned guess is P_SAD + mix (P_Fock - P_SAD), mix in (0, 1];
@@ -366,6 +371,21 @@ def guess_fock_builds(net, builds=None):
     return builds
 
 
+def guess_refine_builds(builds=None):
+    """Most Fock builds corrected to the SCF's grids (:func:`builds.refine`): ``builds``,
+    else :data:`builds.REFINE_BUILDS`; 0 makes none."""
+    from pyscf_densr.builds import REFINE_BUILDS
+    if builds is None:
+        return REFINE_BUILDS
+    try:
+        ok = int(builds) == float(builds) and int(builds) >= 0
+    except (TypeError, ValueError):
+        ok = False
+    if not ok or isinstance(builds, bool):
+        raise OptionError('densr_refine_builds must be an integer >= 0, not %r' % (builds,))
+    return int(builds)
+
+
 def guess_symmetry(net, symmetry=None):
     """Symmetry operations of the box the network's prediction is averaged over (1, 2, 8 or
     48; :func:`model.predict`): ``symmetry``, else the model's ``symmetry`` (default 1)."""
@@ -394,6 +414,7 @@ OPTIONS = {
     'densr_device': ('PYSCF_DENSR_DEVICE', None),
     'densr_fallback': ('PYSCF_DENSR_FALLBACK', 'minao'),
     'densr_fock_builds': (None, None),
+    'densr_refine_builds': (None, None),
     'densr_symmetry': (None, None),
     'densr_mix': (None, None),
     'densr_exchange': (None, 'auto'),
@@ -432,7 +453,8 @@ def pyscf_guess(mf, mol=None):
 
 
 def init_guess(mf, mol=None, model=None, device=None, exchange=None, fallback=None, mix=None,
-               fock_builds=None, symmetry=None, metals=None, details=None):
+               fock_builds=None, symmetry=None, metals=None, refine_builds=None,
+               details=None):
     """The densr initial guess density matrix for SCF object ``mf``.
 
     Args:
@@ -440,7 +462,8 @@ def init_guess(mf, mol=None, model=None, device=None, exchange=None, fallback=No
             not). Others (4-component DHF/DKS, no atoms or electrons, periodic cells) get
             PySCF's own guess under the fallback policy.
         mol: the molecule (default ``mf.mol``).
-        model, device, exchange, fallback, mix, fock_builds, symmetry, metals: the options
+        model, device, exchange, fallback, mix, fock_builds, symmetry, metals,
+            refine_builds: the options
             of the module docstring; each overrides the SCF attribute ``densr_<name>``
             (:func:`options`). ``model`` may also be a loaded network.
         details: a dict to receive what the guess made on the way: ``delta_rho`` (the
@@ -455,7 +478,8 @@ def init_guess(mf, mol=None, model=None, device=None, exchange=None, fallback=No
     mol = mol or mf.mol
     log = logger.new_logger(mf)
     opts = options(mf, model=model, device=device, exchange=exchange, fallback=fallback,
-                   mix=mix, fock_builds=fock_builds, symmetry=symmetry, metals=metals)
+                   mix=mix, fock_builds=fock_builds, symmetry=symmetry, metals=metals,
+                   refine_builds=refine_builds)
     fallback = opts['fallback']
     details = {} if details is None else details
     details['fallback'] = None
@@ -532,7 +556,8 @@ def _densr_guess(mf, mol, opts, log, details):
     net = load_model(opts['model'], opts['device'])
     settings = dict(mix=guess_mix(net, opts['mix']), grids_level=guess_grids_level(net),
                     fock_builds=guess_fock_builds(net, opts['fock_builds']),
-                    price_builds=opts['fock_builds'] is None)
+                    price_builds=opts['fock_builds'] is None,
+                    refine_builds=guess_refine_builds(opts['refine_builds']))
     nsym = guess_symmetry(net, opts['symmetry'])
     try:
         delta, fine = predict_delta_rho(mol, dm_sad_tot, net, opts['device'], log, nsym,

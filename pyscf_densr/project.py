@@ -21,6 +21,7 @@ from pyscf.lib import logger
 
 from pyscf_densr import symmetry
 from pyscf_densr.builds import (MAX_FOCK_BUILDS, anderson_step, density_matrix_from_veff,
+                                REFINE_GRIDS_LEVEL, refine,
                                 mix_with_sad, orthogonalizer)
 from pyscf_densr.coulomb import coulomb_engine
 from pyscf_densr.fit import DEFAULT_AUXBASIS, charges, coulomb_projection, make_auxmol
@@ -31,7 +32,7 @@ from pyscf_densr.potential import (_exchange_coeffs, add_exchange, guess_grids,
 def density_matrix_from_delta_rho(mf, delta_rho, grid, dm_sad=None, auxbasis=DEFAULT_AUXBASIS,
                                   exchange='auto', grids_level=1, log=None, charge=None,
                                   mix=1.0, fock_builds=1, price_builds=False,
-                                  details=None):
+                                  refine_builds=0, details=None):
     """The whole projection: delta-rho on ``grid`` -> guess density matrix for ``mf``.
 
     Args:
@@ -55,6 +56,10 @@ def density_matrix_from_delta_rho(mf, delta_rho, grid, dm_sad=None, auxbasis=DEF
             SCF's own direct DF-J passes (a pure functional whose DF tensor does not fit in
             memory), a third or later build is made only while it costs less than the SCF
             cycles it saves (:func:`anderson_step`, ``cycle_priced``).
+        refine_builds: at most this many further builds corrected to the XC of finer grids
+            (level ``REFINE_GRIDS_LEVEL``, or the SCF's own where those are not finer;
+            :func:`builds.refine`), where the guess's grids are coarser than the SCF's and
+            its Coulomb builds cheap (the 3-centre integrals in memory); 0: none.
         details: a dict that receives ``fock_builds``, the Fock builds made (the exchange
             rebuild counted).
     Returns:
@@ -130,10 +135,29 @@ def density_matrix_from_delta_rho(mf, delta_rho, grid, dm_sad=None, auxbasis=DEF
     made = 1
     if fock_builds > 1:
         t3 = time.perf_counter()
-        dm, coeffs = anderson_step(mf, v_local, dm, dm_sad, pred, aux, grids, dm_x, h1e, s1e,
-                                   x, log, fock_builds, v_x, sym, priced)
-        made = coeffs.size
+        dm, coeffs, made = anderson_step(mf, v_local, dm, dm_sad, pred, aux, grids, dm_x, h1e,
+                                         s1e, x, log, fock_builds, v_x, sym, priced)
         log.info('densr: %d more Fock builds in %.2f s', made - 1, time.perf_counter() - t3)
+    if (refine_builds and grids is not None and grids.level < mf.grids.level
+            and getattr(aux, 'incore', True)):   # not where a build makes integral passes
+        t3 = time.perf_counter()
+        level = REFINE_GRIDS_LEVEL if grids.level < REFINE_GRIDS_LEVEL else mf.grids.level
+        if level >= mf.grids.level and mf.grids.coords is None:
+            # the SCF's own grids, made as its first cycle would make them
+            if hasattr(mf, 'initialize_grids'):
+                mf.initialize_grids(mol, dm)
+            else:
+                mf.grids.build(with_non0tab=True)
+        fine = guess_grids(mf, level)
+        if exchange == 'iterate':   # the exchange of the builds' result, for the SCF's fixed point
+            dm_x = np.asarray(dm)
+            v_x = add_exchange(mf, zero, dm_x)
+            made += 1
+        dm, more = refine(mf, dm, dm_sad, aux, grids, fine, refine_builds, dm_x, h1e, s1e,
+                          x, log, v_x, sym)
+        made += more
+        log.info('densr: %d Fock builds corrected to finer grids in %.2f s', more,
+                 time.perf_counter() - t3)
     if details is not None:
         details['fock_builds'] = made + (exchange == 'iterate')
     damped = mix_with_sad(mf, dm, dm_sad, mix, s1e, x)

@@ -63,6 +63,39 @@ def test_second_fock_build_corrects_the_overshoot(ethanol):
                                               fock_builds=builds.MAX_FOCK_BUILDS + 1)
 
 
+@pytest.mark.parametrize('spin', [0, 2])
+def test_builds_corrected_to_finer_grids(ethanol, spin):
+    """The builds corrected to finer grids (builds.refine): logged, stopped when converged,
+    a guess whose energy on the SCF's grids is nearer the converged one than without them,
+    no more cycles, the same state (RKS, and UKS of the triplet)."""
+    import io
+    mol = ethanol if not spin else gto.M(atom=ethanol.atom, basis='def2-svp', spin=2,
+                                         verbose=0)
+    make = (lambda: dft.RKS(mol, xc='pbe')) if not spin else (lambda: dft.UKS(mol, xc='pbe'))
+    ref = _run(make(), 'minao')
+    res = {}
+    for n in (0, hook.guess_refine_builds()):
+        mf = make()
+        mf.stdout, mf.verbose = io.StringIO(), 4
+        made = {}
+        dm = pyscf_densr.init_guess(mf, refine_builds=n, fallback='error', details=made)
+        log = mf.stdout.getvalue()
+        assert ('corrected Fock build' in log) == (n > 0)
+        mf.verbose = 0
+        e_guess = mf.energy_tot(dm)
+        mf.kernel(dm0=dm)
+        assert mf.converged and abs(mf.e_tot - ref.e_tot) < 1e-6
+        res[n] = (abs(e_guess - ref.e_tot), mf.cycles, made['fock_builds'], log)
+    (e0, c0, b0, _), (e1, c1, b1, log) = res[0], res[hook.guess_refine_builds()]
+    assert e1 < 0.5 * e0 and c1 <= c0 and c1 < ref.cycles
+    assert b0 < b1 <= b0 + hook.guess_refine_builds()
+    assert 'Fock builds converged' in log or b1 == b0 + hook.guess_refine_builds()
+    mf = make()
+    mf.densr_refine_builds = -1
+    with pytest.raises(ValueError, match='densr_refine_builds'):
+        pyscf_densr.init_guess(mf)
+
+
 def test_anderson_coefficients_minimise_the_residual():
     """The mixing coefficients sum to 1 and minimise the metric norm of the combined
     residual (checked against a dense scan); a residual history that is linear in the
@@ -534,7 +567,8 @@ def test_direct_df_j_state_is_shared_with_the_scf(ethanol, monkeypatch):
     state (screening, the metric's Cholesky factor) once and the SCF takes it; the guess is
     the one the tensor route gives, the SCF lands in minao's state."""
     from pyscf.df import df_jk
-    ref = pyscf_densr.init_guess(dft.RKS(ethanol, xc='pbe').density_fit())
+    # the tensor route's guess without the corrected builds, which the direct route skips
+    ref = pyscf_densr.init_guess(dft.RKS(ethanol, xc='pbe').density_fit(), refine_builds=0)
     mf = dft.RKS(ethanol, xc='pbe').density_fit()
     mf.with_df.max_memory = 1                     # PySCF would not build the tensor
     aux = coulomb.coulomb_engine(mf, fit.make_auxmol(ethanol))
@@ -579,8 +613,9 @@ def test_builds_priced_on_the_direct_df_j_route(ethanol, monkeypatch):
         dm = pyscf_densr.init_guess(mf, fallback='error', details=made)
         return dm, made['fock_builds'], mf.stdout.getvalue()
     dm, n, log = guess((2.0, 0, 0, 0, 0))
-    assert n == 2 and 'no Fock build 3' in log
-    ref = pyscf_densr.init_guess(dft.RKS(ethanol, xc='pbe').density_fit(), fock_builds=2)
+    assert n == 2 and 'no Fock build 3' in log and 'corrected' not in log
+    ref = pyscf_densr.init_guess(dft.RKS(ethanol, xc='pbe').density_fit(), fock_builds=2,
+                                 refine_builds=0)
     assert abs(np.asarray(dm) - np.asarray(ref)).max() < 1e-6
     dm, n, log = guess((1e9,) * 5)
     assert n == hook.guess_fock_builds(model) and 'no Fock build' not in log
