@@ -30,6 +30,9 @@ REFINE_BUILDS = 12
 REFINE_TOL = 1e-4
 # grid level of the correction (the SCF's own grids where they are not finer)
 REFINE_GRIDS_LEVEL = 1
+# where the guess's builds make the SCF's direct DF-J passes, the corrected builds are made
+# only where a build costs less than this many estimated SCF cycles
+REFINE_PRICE = 0.3
 # Fock builds combined by the Anderson step (the newest; PySCF's DIIS keeps 8 too)
 HISTORY = 8
 
@@ -96,7 +99,7 @@ def scf_grid_ratio(mf, grids):
 
 def anderson_step(mf, v1, dm1, dm_sad, pred, aux, grids=None, dm_x=None, h1e=None, s1e=None,
                   x=None, log=None, builds=2, v_x=None, sym=None, cycle_priced=False,
-                  xc_shift=None, tol=0.0):
+                  xc_shift=None, tol=0.0, costs=None):
     """More Fock builds (``builds`` in all, counting the first), and the Anderson combination
     of the Fock matrices.
 
@@ -126,6 +129,8 @@ def anderson_step(mf, v1, dm1, dm_sad, pred, aux, grids=None, dm_x=None, h1e=Non
     second build is always made: it saves more (1.7 cycles) than a build can cost (at most
     about one and a half cycles, where the passes are all of both).
 
+    ``costs``: a dict that receives the priced build's time and the estimated SCF cycle
+    (``build``, ``cycle``, seconds) where builds are priced.
     ``xc_shift`` is added to every build's XC potential (:func:`refine`); the builds stop
     once the Coulomb norm of a build's residual is below ``tol``; the combination uses at
     most the :data:`HISTORY` newest builds.
@@ -200,6 +205,8 @@ def anderson_step(mf, v1, dm1, dm_sad, pred, aux, grids=None, dm_x=None, h1e=Non
             t_cycle = 2 * t_j + ratio * t_xc + t_d
             log.debug('densr: Fock build %d costs %.3g s; an SCF cycle about %.3g s', k,
                       t_build, t_cycle)
+            if costs is not None:
+                costs.update(build=t_build, cycle=t_cycle)
             if t_build >= BUILD_GAINS[k - 1] * t_cycle:
                 log.info('densr: no Fock build %d: a build costs %.3g s, %.2f estimated SCF '
                          'cycles (%.3g s each), more than the %.2g cycles it saves', k + 1,

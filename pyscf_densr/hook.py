@@ -38,7 +38,9 @@ there is one (for what a user cannot set in code), else the model's setting.
                        to the XC of the SCF's own grids (:func:`builds.refine`), stopped
                        when converged; default ``builds.REFINE_BUILDS``; 0: none. Made where
                        the guess's grids are coarser than the SCF's and its Coulomb builds
-                       cheap (3-centre integrals or the DF tensor in memory)
+                       cheap (3-centre integrals or the DF tensor in memory; on the SCF's
+                       direct DF-J route where a build costs less than
+                       ``builds.REFINE_PRICE`` SCF cycles)
 ``densr_symmetry``     1, 2, 8 or 48 network passes averaged over symmetry operations of the
                        box (:func:`model.predict`); default the model's ``symmetry``
 ``densr_mix``          the returned guess is P_SAD + mix (P_Fock - P_SAD), mix in (0, 1];

@@ -21,7 +21,7 @@ from pyscf.lib import logger
 
 from pyscf_densr import symmetry
 from pyscf_densr.builds import (MAX_FOCK_BUILDS, anderson_step, density_matrix_from_veff,
-                                REFINE_GRIDS_LEVEL, refine,
+                                REFINE_GRIDS_LEVEL, REFINE_PRICE, refine,
                                 mix_with_sad, orthogonalizer)
 from pyscf_densr.coulomb import coulomb_engine
 from pyscf_densr.fit import DEFAULT_AUXBASIS, charges, coulomb_projection, make_auxmol
@@ -133,13 +133,22 @@ def density_matrix_from_delta_rho(mf, delta_rho, grid, dm_sad=None, auxbasis=DEF
         log.info('densr: exchange rebuilt from the first diagonalisation in %.2f s',
                  time.perf_counter() - t2)
     made = 1
+    costs = {}
     if fock_builds > 1:
         t3 = time.perf_counter()
         dm, coeffs, made = anderson_step(mf, v_local, dm, dm_sad, pred, aux, grids, dm_x, h1e,
-                                         s1e, x, log, fock_builds, v_x, sym, priced)
+                                         s1e, x, log, fock_builds, v_x, sym, priced,
+                                         costs=costs)
         log.info('densr: %d more Fock builds in %.2f s', made - 1, time.perf_counter() - t3)
-    if (refine_builds and grids is not None and grids.level < mf.grids.level
-            and getattr(aux, 'incore', True)):   # not where a build makes integral passes
+    # the corrected builds where a build is cheap: 3-centre integrals in memory, or on the
+    # SCF's direct DF-J route where a priced build costs a small part of an SCF cycle
+    cheap = getattr(aux, 'incore', True) or (
+        priced and costs and costs['build'] < REFINE_PRICE * costs['cycle'])
+    if refine_builds and priced and not cheap:
+        log.info('densr: no builds corrected to finer grids: a build costs %s estimated SCF '
+                 'cycles, more than %.2g', '%.2f' % (costs['build'] / costs['cycle'])
+                 if costs else 'an unmeasured part of', REFINE_PRICE)
+    if refine_builds and grids is not None and grids.level < mf.grids.level and cheap:
         t3 = time.perf_counter()
         level = REFINE_GRIDS_LEVEL if grids.level < REFINE_GRIDS_LEVEL else mf.grids.level
         if level >= mf.grids.level and mf.grids.coords is None:

@@ -153,9 +153,10 @@ def test_aux_coulomb_matches_pyscf_density_fitting(ethanol):
 
 def test_direct_three_centre_route_is_announced(ethanol, monkeypatch):
     """Where the 3-centre integrals do not fit, the guess says so (each further build costs
-    three integral passes there) and gives the in-memory route's matrix, builds included."""
+    three integral passes there) and gives the in-memory route's matrix, builds included;
+    it makes no builds corrected to finer grids there (each three passes)."""
     import io
-    ref = pyscf_densr.init_guess(dft.RKS(ethanol, xc='pbe'), fock_builds=2)
+    ref = pyscf_densr.init_guess(dft.RKS(ethanol, xc='pbe'), fock_builds=2, refine_builds=0)
     mf = dft.RKS(ethanol, xc='pbe')
     mf.max_memory = 1
     monkeypatch.setattr(grid, 'free_memory', lambda max_memory: 4000.0)   # network through
@@ -612,13 +613,19 @@ def test_builds_priced_on_the_direct_df_j_route(ethanol, monkeypatch):
         made = {}
         dm = pyscf_densr.init_guess(mf, fallback='error', details=made)
         return dm, made['fock_builds'], mf.stdout.getvalue()
+    monkeypatch.setattr(project, 'REFINE_PRICE', 0.0)   # no corrected builds (below)
     dm, n, log = guess((2.0, 0, 0, 0, 0))
-    assert n == 2 and 'no Fock build 3' in log and 'corrected' not in log
+    assert n == 2 and 'no Fock build 3' in log and 'corrected Fock build' not in log
     ref = pyscf_densr.init_guess(dft.RKS(ethanol, xc='pbe').density_fit(), fock_builds=2,
                                  refine_builds=0)
     assert abs(np.asarray(dm) - np.asarray(ref)).max() < 1e-6
     dm, n, log = guess((1e9,) * 5)
     assert n == hook.guess_fock_builds(model) and 'no Fock build' not in log
+    # the corrected builds follow the price of a build against REFINE_PRICE cycles
+    assert 'no builds corrected' in log
+    monkeypatch.setattr(project, 'REFINE_PRICE', 1e9)
+    dm, n, log = guess((1e9,) * 5)
+    assert n > hook.guess_fock_builds(model) and 'corrected Fock build' in log
     dm, n, log = guess((2.0, 0, 0, 0, 0), n_builds=3)
     assert n == 3 and 'no Fock build' not in log
     assert builds.scf_grid_ratio(dft.RKS(ethanol, xc='pbe'), potential.guess_grids(
