@@ -8,7 +8,8 @@ PySCF-native):
    systems its potential by an FFT Poisson solve), and fitted there.
 2. :mod:`potential`: Coulomb + XC (+ exact exchange) potential of rho_SAD + the fit.
 3. :mod:`builds`: Fock build and aufbau occupation with the SCF object's own machinery,
-   further builds combined by Anderson mixing, optional damping towards P_SAD.
+   further builds combined by Anderson mixing, then builds whose coarse XC is corrected to
+   finer grids (:func:`builds.refine`), optional damping towards P_SAD.
 
 Open shells: delta-rho is a change of the total density, split equally between the spins;
 the spin density comes from the spin-unrestricted (or restricted-open) Fock build and its
@@ -19,10 +20,9 @@ import time
 import numpy as np
 from pyscf.lib import logger
 
-from pyscf_densr import symmetry
+from pyscf_densr import builds, symmetry
 from pyscf_densr.builds import (MAX_FOCK_BUILDS, anderson_step, density_matrix_from_veff,
-                                REFINE_GRIDS_LEVEL, REFINE_PRICE, refine,
-                                mix_with_sad, orthogonalizer)
+                                refine, mix_with_sad, orthogonalizer)
 from pyscf_densr.coulomb import coulomb_engine
 from pyscf_densr.fit import DEFAULT_AUXBASIS, charges, coulomb_projection, make_auxmol
 from pyscf_densr.potential import (_exchange_coeffs, add_exchange, guess_grids,
@@ -57,7 +57,7 @@ def density_matrix_from_delta_rho(mf, delta_rho, grid, dm_sad=None, auxbasis=DEF
             memory), a third or later build is made only while it costs less than the SCF
             cycles it saves (:func:`anderson_step`, ``cycle_priced``).
         refine_builds: at most this many further builds corrected to the XC of finer grids
-            (level ``REFINE_GRIDS_LEVEL``, or the SCF's own where those are not finer;
+            (level ``builds.REFINE_GRIDS_LEVEL``, or the SCF's own where those are not finer;
             :func:`builds.refine`), where the guess's grids are coarser than the SCF's and
             its Coulomb builds cheap (the 3-centre integrals in memory); 0: none.
         details: a dict that receives ``fock_builds``, the Fock builds made (the exchange
@@ -143,14 +143,15 @@ def density_matrix_from_delta_rho(mf, delta_rho, grid, dm_sad=None, auxbasis=DEF
     # the corrected builds where a build is cheap: 3-centre integrals in memory, or on the
     # SCF's direct DF-J route where a priced build costs a small part of an SCF cycle
     cheap = getattr(aux, 'incore', True) or (
-        priced and costs and costs['build'] < REFINE_PRICE * costs['cycle'])
+        priced and costs and costs['build'] < builds.REFINE_PRICE * costs['cycle'])
     if refine_builds and priced and not cheap:
         log.info('densr: no builds corrected to finer grids: a build costs %s estimated SCF '
                  'cycles, more than %.2g', '%.2f' % (costs['build'] / costs['cycle'])
-                 if costs else 'an unmeasured part of', REFINE_PRICE)
+                 if costs else 'an unmeasured part of', builds.REFINE_PRICE)
     if refine_builds and grids is not None and grids.level < mf.grids.level and cheap:
         t3 = time.perf_counter()
-        level = REFINE_GRIDS_LEVEL if grids.level < REFINE_GRIDS_LEVEL else mf.grids.level
+        level = builds.REFINE_GRIDS_LEVEL
+        level = level if grids.level < level else mf.grids.level
         if level >= mf.grids.level and mf.grids.coords is None:
             # the SCF's own grids, made as its first cycle would make them
             if hasattr(mf, 'initialize_grids'):
@@ -158,7 +159,7 @@ def density_matrix_from_delta_rho(mf, delta_rho, grid, dm_sad=None, auxbasis=DEF
             else:
                 mf.grids.build(with_non0tab=True)
         fine = guess_grids(mf, level)
-        if exchange == 'iterate':   # the exchange of the builds' result, for the SCF's fixed point
+        if exchange == 'iterate':   # exchange of the builds' result: the SCF's fixed point
             dm_x = np.asarray(dm)
             v_x = add_exchange(mf, zero, dm_x)
             made += 1

@@ -613,7 +613,7 @@ def test_builds_priced_on_the_direct_df_j_route(ethanol, monkeypatch):
         made = {}
         dm = pyscf_densr.init_guess(mf, fallback='error', details=made)
         return dm, made['fock_builds'], mf.stdout.getvalue()
-    monkeypatch.setattr(project, 'REFINE_PRICE', 0.0)   # no corrected builds (below)
+    monkeypatch.setattr(builds, 'REFINE_PRICE', 0.0)   # no corrected builds (below)
     dm, n, log = guess((2.0, 0, 0, 0, 0))
     assert n == 2 and 'no Fock build 3' in log and 'corrected Fock build' not in log
     ref = pyscf_densr.init_guess(dft.RKS(ethanol, xc='pbe').density_fit(), fock_builds=2,
@@ -623,7 +623,7 @@ def test_builds_priced_on_the_direct_df_j_route(ethanol, monkeypatch):
     assert n == hook.guess_fock_builds(model) and 'no Fock build' not in log
     # the corrected builds follow the price of a build against REFINE_PRICE cycles
     assert 'no builds corrected' in log
-    monkeypatch.setattr(project, 'REFINE_PRICE', 1e9)
+    monkeypatch.setattr(builds, 'REFINE_PRICE', 1e9)
     dm, n, log = guess((1e9,) * 5)
     assert n > hook.guess_fock_builds(model) and 'corrected Fock build' in log
     dm, n, log = guess((2.0, 0, 0, 0, 0), n_builds=3)
