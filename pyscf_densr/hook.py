@@ -35,9 +35,10 @@ there is one (for what a user cannot set in code), else the model's setting.
                        passes, only while it costs less than the SCF cycles it saves
                        (:func:`builds.anderson_step`); set, exactly that many
 ``densr_refine_builds`` at most this many further Fock builds whose coarse XC is corrected
-                       to the XC of the SCF's own grids (:func:`builds.refine`), stopped
-                       when converged; default ``builds.REFINE_BUILDS``; 0: none. Made where
-                       the guess's grids are coarser than the SCF's and its Coulomb builds
+                       to the XC of finer grids (:func:`builds.refine`), stopped when
+                       converged; default ``builds.REFINE_BUILDS``; 0: none. Made where
+                       the guess's grids are coarser than the SCF's, the method has no
+                       exact exchange (unless set) and its Coulomb builds are
                        cheap (3-centre integrals or the DF tensor in memory; on the SCF's
                        direct DF-J route where a build costs less than
                        ``builds.REFINE_PRICE`` SCF cycles)
@@ -559,7 +560,8 @@ def _densr_guess(mf, mol, opts, log, details):
     settings = dict(mix=guess_mix(net, opts['mix']), grids_level=guess_grids_level(net),
                     fock_builds=guess_fock_builds(net, opts['fock_builds']),
                     price_builds=opts['fock_builds'] is None,
-                    refine_builds=guess_refine_builds(opts['refine_builds']))
+                    refine_builds=guess_refine_builds(opts['refine_builds']),
+                    refine_exchange=opts['refine_builds'] is not None)
     nsym = guess_symmetry(net, opts['symmetry'])
     try:
         delta, fine = predict_delta_rho(mol, dm_sad_tot, net, opts['device'], log, nsym,

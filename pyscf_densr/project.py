@@ -32,7 +32,7 @@ from pyscf_densr.potential import (_exchange_coeffs, add_exchange, guess_grids,
 def density_matrix_from_delta_rho(mf, delta_rho, grid, dm_sad=None, auxbasis=DEFAULT_AUXBASIS,
                                   exchange='auto', grids_level=1, log=None, charge=None,
                                   mix=1.0, fock_builds=1, price_builds=False,
-                                  refine_builds=0, details=None):
+                                  refine_builds=0, refine_exchange=False, details=None):
     """The whole projection: delta-rho on ``grid`` -> guess density matrix for ``mf``.
 
     Args:
@@ -60,6 +60,8 @@ def density_matrix_from_delta_rho(mf, delta_rho, grid, dm_sad=None, auxbasis=DEF
             (level ``builds.REFINE_GRIDS_LEVEL``, or the SCF's own where those are not finer;
             :func:`builds.refine`), where the guess's grids are coarser than the SCF's and
             its Coulomb builds cheap (the 3-centre integrals in memory); 0: none.
+        refine_exchange: make them also for methods with exact exchange (hybrids), whose
+            exchange is then rebuilt once more before them.
         details: a dict that receives ``fock_builds``, the Fock builds made (the exchange
             rebuild counted).
     Returns:
@@ -148,6 +150,11 @@ def density_matrix_from_delta_rho(mf, delta_rho, grid, dm_sad=None, auxbasis=DEF
         log.info('densr: no builds corrected to finer grids: a build costs %s estimated SCF '
                  'cycles, more than %.2g', '%.2f' % (costs['build'] / costs['cycle'])
                  if costs else 'an unmeasured part of', builds.REFINE_PRICE)
+    has_x = abs(hyb) > 1e-14 or abs(alpha) > 1e-14
+    if refine_builds and has_x and not refine_exchange:
+        refine_builds = 0
+        log.debug('densr: no builds corrected to finer grids for exact exchange (no gain '
+                  'measured; mf.densr_refine_builds set makes them)')
     if refine_builds and grids is not None and grids.level < mf.grids.level and cheap:
         t3 = time.perf_counter()
         level = builds.REFINE_GRIDS_LEVEL

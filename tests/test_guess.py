@@ -96,6 +96,24 @@ def test_builds_corrected_to_finer_grids(ethanol, spin):
         pyscf_densr.init_guess(mf)
 
 
+def test_corrected_builds_for_exact_exchange_only_when_asked(ethanol):
+    """Hybrids get no corrected builds by default (no gain measured); set, they are made,
+    after one more exchange build, and the SCF lands in minao's state."""
+    import io
+    ref = _run(dft.RKS(ethanol, xc='b3lyp'), 'minao')
+    for n, corrected in ((None, False), (hook.guess_refine_builds(), True)):
+        mf = dft.RKS(ethanol, xc='b3lyp')
+        mf.densr_refine_builds = n
+        mf.stdout, mf.verbose = io.StringIO(), 4
+        made = {}
+        dm = pyscf_densr.init_guess(mf, fallback='error', details=made)
+        assert ('corrected Fock build' in mf.stdout.getvalue()) == corrected
+        assert (made['fock_builds'] > hook.guess_fock_builds(hook.load_model()) + 2) == corrected
+        mf.verbose = 0
+        mf.kernel(dm0=dm)
+        assert mf.converged and abs(mf.e_tot - ref.e_tot) < 1e-6
+
+
 def test_anderson_coefficients_minimise_the_residual():
     """The mixing coefficients sum to 1 and minimise the metric norm of the combined
     residual (checked against a dense scan); a residual history that is linear in the
