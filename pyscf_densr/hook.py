@@ -375,7 +375,7 @@ def guess_fock_builds(net, builds=None):
 
 
 def guess_refine_builds(builds=None):
-    """Most Fock builds corrected to the SCF's grids (:func:`builds.refine`): ``builds``,
+    """Most Fock builds corrected to finer grids (:func:`builds.refine`): ``builds``,
     else :data:`builds.REFINE_BUILDS`; 0 makes none."""
     from pyscf_densr.builds import REFINE_BUILDS
     if builds is None:

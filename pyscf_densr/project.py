@@ -142,20 +142,20 @@ def density_matrix_from_delta_rho(mf, delta_rho, grid, dm_sad=None, auxbasis=DEF
                                          s1e, x, log, fock_builds, v_x, sym, priced,
                                          costs=costs)
         log.info('densr: %d more Fock builds in %.2f s', made - 1, time.perf_counter() - t3)
-    # the corrected builds where a build is cheap: 3-centre integrals in memory, or on the
-    # SCF's direct DF-J route where a priced build costs a small part of an SCF cycle
+    # the corrected builds: where the guess's grids are coarser than the SCF's, not for exact
+    # exchange unless asked (no gain measured), and where a build is cheap: 3-centre
+    # integrals in memory, or on the SCF's direct DF-J route a priced build under
+    # REFINE_PRICE estimated SCF cycles
+    has_x = abs(hyb) > 1e-14 or abs(alpha) > 1e-14
+    wanted = (refine_builds and grids is not None and grids.level < mf.grids.level
+              and (refine_exchange or not has_x))
     cheap = getattr(aux, 'incore', True) or (
         priced and costs and costs['build'] < builds.REFINE_PRICE * costs['cycle'])
-    if refine_builds and priced and not cheap:
+    if wanted and priced and not cheap:
         log.info('densr: no builds corrected to finer grids: a build costs %s estimated SCF '
                  'cycles, more than %.2g', '%.2f' % (costs['build'] / costs['cycle'])
                  if costs else 'an unmeasured part of', builds.REFINE_PRICE)
-    has_x = abs(hyb) > 1e-14 or abs(alpha) > 1e-14
-    if refine_builds and has_x and not refine_exchange:
-        refine_builds = 0
-        log.debug('densr: no builds corrected to finer grids for exact exchange (no gain '
-                  'measured; mf.densr_refine_builds set makes them)')
-    if refine_builds and grids is not None and grids.level < mf.grids.level and cheap:
+    if wanted and cheap:
         t3 = time.perf_counter()
         level = builds.REFINE_GRIDS_LEVEL
         level = level if grids.level < level else mf.grids.level

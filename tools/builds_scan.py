@@ -2,11 +2,13 @@
 
     python tools/builds_scan.py --heldout ../shared/data --range 410 420 [--level pbe/def2-svp]
     python tools/builds_scan.py --smiles-file docs/bench/size_scan_drugs.smi --level pbe/def2-svp+df
+    python tools/builds_scan.py ... --builds 4 --refine 0 12
 
 For each molecule: minao's SCF (the reference energy and cycles), then the densr guess with
-``mf.densr_fock_builds`` = 1, 2, ... (``--builds``) and its SCF. One CSV row per run
+``mf.densr_fock_builds`` = 1, 2, ... (``--builds``) and ``mf.densr_refine_builds`` = each of
+``--refine`` (default 0: the coarse builds alone), and its SCF. One CSV row per run
 (``--csv``, resumable). How the Fock-build policy of a route is chosen: the cycles each
-further build saves against what it costs on that route (docs/method.md, step 7).
+further build saves against what it costs on that route (docs/method.md, steps 7-8).
 """
 import argparse
 import csv
@@ -18,8 +20,8 @@ from pyscf import lib
 import pyscf_densr
 from pyscf_densr import bench
 
-FIELDS = ('molecule', 'level', 'natm', 'nao', 'guess', 'builds', 'cycles', 'converged',
-          'e_tot', 'de', 'guess_time', 'scf_time')
+FIELDS = ('molecule', 'level', 'natm', 'nao', 'guess', 'builds', 'refine', 'cycles',
+          'converged', 'e_tot', 'de', 'guess_time', 'scf_time')
 
 
 def main(argv=None):
@@ -29,6 +31,8 @@ def main(argv=None):
     ap.add_argument('--smiles-file')
     ap.add_argument('--level', default='pbe/def2-svp')
     ap.add_argument('--builds', nargs='+', type=int, default=(1, 2, 3, 4))
+    ap.add_argument('--refine', nargs='+', type=int, default=(0,),
+                    help='densr_refine_builds of each run (0: none)')
     ap.add_argument('--threads', type=int, default=1)
     ap.add_argument('--csv', default='builds_scan.csv')
     a = ap.parse_args(argv)
@@ -43,7 +47,10 @@ def main(argv=None):
     done = {}
     if os.path.exists(a.csv):
         with open(a.csv, newline='') as f:
-            done = {(r['molecule'], r['guess'], r['builds']): r for r in csv.DictReader(f)}
+            rows = csv.DictReader(f)
+            if rows.fieldnames and tuple(rows.fieldnames) != FIELDS:
+                raise SystemExit('%s has other columns than %s' % (a.csv, ', '.join(FIELDS)))
+            done = {(r['molecule'], r['guess'], r['builds'], r['refine']): r for r in rows}
     out = open(a.csv, 'a', newline='')
     w = csv.DictWriter(out, FIELDS)
     if not done:
@@ -51,17 +58,18 @@ def main(argv=None):
     pyscf_densr.load_model()
     for m in mols:
         mol = bench.build_mol(m, level['basis'])
-        ref = done.get((m['name'], 'minao', '0'))
+        ref = done.get((m['name'], 'minao', '0', '0'))
         e_ref = float(ref['e_tot']) if ref else None
-        for guess, k in [('minao', 0)] + [('densr', k) for k in a.builds]:
-            if (m['name'], guess, str(k)) in done:
+        for guess, k, n in [('minao', 0, 0)] + [('densr', k, n) for k in a.builds
+                                                for n in a.refine]:
+            if (m['name'], guess, str(k), str(n)) in done:
                 continue
             mf = bench.make_scf(mol, level)
             t0 = time.perf_counter()
             if guess == 'minao':
                 dm0 = mf.get_init_guess(key='minao')
             else:
-                mf.densr_fock_builds = k
+                mf.densr_fock_builds, mf.densr_refine_builds = k, n
                 dm0 = pyscf_densr.init_guess(mf, fallback='error')
             t1 = time.perf_counter()
             mf.kernel(dm0)
@@ -69,7 +77,8 @@ def main(argv=None):
             if guess == 'minao':
                 e_ref = mf.e_tot
             row = dict(molecule=m['name'], level=a.level, natm=mol.natm, nao=mol.nao,
-                       guess=guess, builds=k, cycles=mf.cycles, converged=mf.converged,
+                       guess=guess, builds=k, refine=n, cycles=mf.cycles,
+                       converged=mf.converged,
                        e_tot='%.10f' % mf.e_tot, de='%.2e' % (mf.e_tot - e_ref),
                        guess_time='%.1f' % (t1 - t0), scf_time='%.1f' % (t2 - t1))
             w.writerow(row)
