@@ -35,6 +35,13 @@ REFINE_GRIDS_LEVEL = 1
 REFINE_PRICE = 0.3
 # Fock builds combined by the Anderson step (the newest; PySCF's DIIS keeps 8 too)
 HISTORY = 8
+# builds that stall: the corrected builds stop where STALL_BUILDS builds have not brought
+# the residual's Coulomb norm below STALL_RATIO of what it was, and are not made at all
+# where the coarse builds ended above STALL_RATIO of their first residual (a molecule whose
+# aufbau occupations swap from build to build; converging ones gain 5-15x over the coarse
+# builds and 10-100x over three corrected ones)
+STALL_RATIO = 0.5
+STALL_BUILDS = 3
 
 
 def orthogonalizer(mf, s1e):
@@ -63,7 +70,9 @@ def density_matrix_from_veff(mf, veff, dm_sad, h1e=None, s1e=None, x=None, sym=N
 
     ``x`` is the orthogonalizer of the overlap (:func:`orthogonalizer`); with it a nearly
     linearly dependent basis is handled exactly as PySCF's SCF kernel handles it. ``sym``: a
-    :class:`symmetry.Symmetrizer`; ``veff`` is averaged over the point group first.
+    :class:`symmetry.Symmetrizer`; ``veff`` is averaged over the point group first. With an
+    implicit solvent ``veff`` holds its reaction potential already
+    (:func:`potential.solvent_potential`, which the projection adds to ``v_x``).
     """
     mol = mf.mol
     if h1e is None:
@@ -74,6 +83,10 @@ def density_matrix_from_veff(mf, veff, dm_sad, h1e=None, s1e=None, x=None, sym=N
         x = orthogonalizer(mf, s1e)
     if sym is not None:
         veff = sym.operator(veff)
+    if getattr(mf, 'with_solvent', None) is not None and getattr(veff, 'v_solvent', None) is None:
+        # PySCF's solvent get_fock would otherwise replace veff by its own Fock build of
+        # dm_sad
+        veff = lib.tag_array(veff, v_solvent=0)
     fock = mf.get_fock(h1e, s1e, veff, dm_sad)
     mo_energy, mo_coeff = _eig(mf, fock, s1e, x)
     try:
@@ -99,7 +112,7 @@ def scf_grid_ratio(mf, grids):
 
 def anderson_step(mf, v1, dm1, dm_sad, pred, aux, grids=None, dm_x=None, h1e=None, s1e=None,
                   x=None, log=None, builds=2, v_x=None, sym=None, cycle_priced=False,
-                  xc_shift=None, tol=0.0, costs=None):
+                  xc_shift=None, tol=0.0, costs=None, norms=None, stall=False):
     """More Fock builds (``builds`` in all, counting the first), and the Anderson combination
     of the Fock matrices.
 
@@ -132,8 +145,10 @@ def anderson_step(mf, v1, dm1, dm_sad, pred, aux, grids=None, dm_x=None, h1e=Non
     ``costs``: a dict that receives the priced build's time and the estimated SCF cycle
     (``build``, ``cycle``, seconds) where builds are priced.
     ``xc_shift`` is added to every build's XC potential (:func:`refine`); the builds stop
-    once the Coulomb norm of a build's residual is below ``tol``; the combination uses at
-    most the :data:`HISTORY` newest builds.
+    once the Coulomb norm of a build's residual is below ``tol``, and with ``stall`` once
+    :data:`STALL_BUILDS` builds have not brought it below :data:`STALL_RATIO` of what it
+    was; the combination uses at most the :data:`HISTORY` newest builds. ``norms``: a list
+    that receives the residual norms of the builds after the first.
     Returns (dm, the coefficients of the newest builds, the number of builds made).
     """
     mol = mf.mol
@@ -164,6 +179,7 @@ def anderson_step(mf, v1, dm1, dm_sad, pred, aux, grids=None, dm_x=None, h1e=Non
     dm, d_in, j_in = dm1, d1, j1
     coeffs = np.ones(1)
     ratio = scf_grid_ratio(mf, grids) if cycle_priced else None
+    seen = []
     k = 1
     while k < builds:
         k += 1
@@ -188,6 +204,9 @@ def anderson_step(mf, v1, dm1, dm_sad, pred, aux, grids=None, dm_x=None, h1e=Non
         del vs[:-HISTORY], rs[:-HISTORY], mrs[:-HISTORY]
         coeffs = _anderson_coefficients(rs, mrs)
         norm = np.sqrt(max(float(rs[-1].dot(mrs[-1])), 0))
+        seen.append(norm)
+        if norms is not None:
+            norms.append(norm)
         log.info('densr: %sFock build %d; Coulomb norm of its residual %.3g; Anderson '
                  'coefficients %s', '' if xc_shift is None else 'corrected ', k, norm,
                  np.array2string(coeffs, precision=3))
@@ -197,6 +216,11 @@ def anderson_step(mf, v1, dm1, dm_sad, pred, aux, grids=None, dm_x=None, h1e=Non
             dm = fock_dm(sum(a * v for a, v in zip(coeffs, vs)))
         if norm < tol:
             log.info('densr: Fock builds converged (residual %.3g below %.3g)', norm, tol)
+            break
+        if (stall and len(seen) > STALL_BUILDS
+                and norm > STALL_RATIO * seen[-STALL_BUILDS - 1]):
+            log.info('densr: Fock builds stall (residual %.3g, %.3g %d builds before); no '
+                     'more', norm, seen[-STALL_BUILDS - 1], STALL_BUILDS)
             break
         if k < builds and cycle_priced:
             # a build: this one's two passes, XC and two diagonalisations, and the third
@@ -228,8 +252,8 @@ def refine(mf, dm, dm_sad, aux, grids, fine_grids, builds, dm_x=None, h1e=None, 
     added to the coarse XC of every further build (a two-grid defect correction): the
     builds then converge towards the fine grids' solution at the coarse grids' price. The
     first build is the fine potential of ``dm`` itself; up to ``builds`` in all, stopped
-    once a residual's Coulomb norm is below ``tol`` (default :data:`REFINE_TOL`;
-    :func:`anderson_step`).
+    once a residual's Coulomb norm is below ``tol`` (default :data:`REFINE_TOL`) or where
+    the builds stall (:func:`anderson_step`).
     Returns (dm, builds made).
     """
     mol = mf.mol
@@ -257,7 +281,7 @@ def refine(mf, dm, dm_sad, aux, grids, fine_grids, builds, dm_x=None, h1e=None, 
     if builds < 2:
         return dm1, 1
     dm, _, made = anderson_step(mf, v, dm1, dm_sad, (d, j), aux, grids, dm_x, h1e, s1e, x,
-                                log, builds, v_x, sym, xc_shift=shift, tol=tol)
+                                log, builds, v_x, sym, xc_shift=shift, tol=tol, stall=True)
     return dm, made
 
 

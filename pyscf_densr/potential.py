@@ -158,6 +158,18 @@ def local_potential(mf, dm_sad, d_pred, delta_grid, aux, grids=None):
     return v
 
 
+def solvent_potential(mf, dm):
+    """The reaction potential (Hartree) of the SCF's implicit solvent (PySCF's solvent
+    mixins: PCM, SMD, ddCOSMO, ddPCM) at ``dm``, as its SCF would add it; None without one.
+    A frozen solvent gives its fixed potential."""
+    solvent = getattr(mf, 'with_solvent', None)
+    if solvent is None:
+        return None
+    if getattr(solvent, 'frozen', False):
+        return solvent.v
+    return solvent.kernel(dm)[1]
+
+
 def add_exchange(mf, v_local, dm):
     """v_local minus the exact-exchange potential of ``dm`` (PySCF's convention)."""
     vk = exchange_potential(mf, dm)

@@ -26,7 +26,7 @@ from pyscf_densr.builds import (MAX_FOCK_BUILDS, anderson_step, density_matrix_f
 from pyscf_densr.coulomb import coulomb_engine
 from pyscf_densr.fit import DEFAULT_AUXBASIS, charges, coulomb_projection, make_auxmol
 from pyscf_densr.potential import (_exchange_coeffs, add_exchange, guess_grids,
-                                   local_potential)
+                                   local_potential, solvent_potential)
 
 
 def density_matrix_from_delta_rho(mf, delta_rho, grid, dm_sad=None, auxbasis=DEFAULT_AUXBASIS,
@@ -111,13 +111,22 @@ def density_matrix_from_delta_rho(mf, delta_rho, grid, dm_sad=None, auxbasis=DEF
              '%.2f s', route, aux.auxmol.nao, t1 - t0)
     grids = guess_grids(mf, grids_level)
     v_local = local_potential(mf, dm_sad, pred[0], (delta_rho, grid, sad_scale), aux, grids)
+    # an implicit solvent: its reaction potential, as fixed as the exchange of dm_x (one
+    # solvent build costs about an SCF cycle's Fock build): made from P_SAD, then from the
+    # exchange's density where that is rebuilt, and from the builds' result before the
+    # corrected builds
+    v_s = solvent_potential(mf, dm_sad)
+    if v_s is not None:
+        log.info('densr: the Fock builds include the reaction potential of %s',
+                 type(mf.with_solvent).__name__)
     x = orthogonalizer(mf, s1e)
     sym = symmetry.Symmetrizer(mol)
     if sym.order > 1:
         log.info('densr: the guess is averaged over the %d operations of the point group',
                  sym.order)
     zero = np.zeros_like(np.asarray(v_local))
-    v_x = add_exchange(mf, zero, dm_sad)
+    v_k = add_exchange(mf, zero, dm_sad)
+    v_x = v_k if v_s is None else v_k + v_s
     dm = density_matrix_from_veff(mf, v_local + v_x, dm_sad, h1e, s1e, x, sym)
     t2 = time.perf_counter()
     log.info('densr: Coulomb + XC of the guess density, Fock build and diagonalisation '
@@ -130,25 +139,31 @@ def density_matrix_from_delta_rho(mf, delta_rho, grid, dm_sad=None, auxbasis=DEF
     dm_x = dm_sad
     if exchange == 'iterate':
         dm_x = np.asarray(dm)
-        v_x = add_exchange(mf, zero, dm_x)
+        v_k = add_exchange(mf, zero, dm_x)
+        v_x = v_k if v_s is None else v_k + solvent_potential(mf, dm_x)
         dm = density_matrix_from_veff(mf, v_local + v_x, dm_sad, h1e, s1e, x, sym)
         log.info('densr: exchange rebuilt from the first diagonalisation in %.2f s',
                  time.perf_counter() - t2)
     made = 1
     costs = {}
+    norms = []
     if fock_builds > 1:
         t3 = time.perf_counter()
         dm, coeffs, made = anderson_step(mf, v_local, dm, dm_sad, pred, aux, grids, dm_x, h1e,
                                          s1e, x, log, fock_builds, v_x, sym, priced,
-                                         costs=costs)
+                                         costs=costs, norms=norms)
         log.info('densr: %d more Fock builds in %.2f s', made - 1, time.perf_counter() - t3)
     # the corrected builds: where the guess's grids are coarser than the SCF's, not for exact
-    # exchange unless asked (no gain measured), and where a build is cheap: 3-centre
-    # integrals in memory, or on the SCF's direct DF-J route a priced build under
-    # REFINE_PRICE estimated SCF cycles
+    # exchange unless asked (no gain measured), where the coarse builds converge, and where
+    # a build is cheap: 3-centre integrals in memory, or on the SCF's direct DF-J route a
+    # priced build under REFINE_PRICE estimated SCF cycles
     has_x = abs(hyb) > 1e-14 or abs(alpha) > 1e-14
     wanted = (refine_builds and grids is not None and grids.level < mf.grids.level
               and (refine_exchange or not has_x))
+    if wanted and len(norms) > 1 and norms[-1] > builds.STALL_RATIO * norms[0]:
+        log.info('densr: no builds corrected to finer grids: the coarse builds do not '
+                 'converge (residual %.3g after %.3g)', norms[-1], norms[0])
+        wanted = False
     cheap = getattr(aux, 'incore', True) or (
         priced and costs and costs['build'] < builds.REFINE_PRICE * costs['cycle'])
     if wanted and priced and not cheap:
@@ -168,8 +183,11 @@ def density_matrix_from_delta_rho(mf, delta_rho, grid, dm_sad=None, auxbasis=DEF
         fine = guess_grids(mf, level)
         if exchange == 'iterate':   # exchange of the builds' result: the SCF's fixed point
             dm_x = np.asarray(dm)
-            v_x = add_exchange(mf, zero, dm_x)
+            v_k = add_exchange(mf, zero, dm_x)
+            v_x = v_k
             made += 1
+        if v_s is not None:
+            v_x = v_k + solvent_potential(mf, dm)
         dm, more = refine(mf, dm, dm_sad, aux, grids, fine, refine_builds, dm_x, h1e, s1e,
                           x, log, v_x, sym)
         made += more

@@ -96,6 +96,43 @@ def test_builds_corrected_to_finer_grids(ethanol, spin):
         pyscf_densr.init_guess(mf)
 
 
+def test_builds_that_stall_are_not_continued(ethanol, monkeypatch):
+    """Builds whose residual does not fall are not paid for: where the coarse builds do not
+    converge no corrected builds are made, and corrected builds that stall stop after
+    STALL_BUILDS more; logged both times, and the SCF lands in minao's state."""
+    import io
+    ref = _run(dft.RKS(ethanol, xc='pbe'), 'minao')
+    coarse = hook.guess_fock_builds(hook.load_model())
+
+    def guess():
+        mf = dft.RKS(ethanol, xc='pbe')
+        mf.stdout, mf.verbose = io.StringIO(), 4
+        made = {}
+        dm = pyscf_densr.init_guess(mf, fallback='error', details=made)
+        mf.verbose = 0
+        mf.kernel(dm0=dm)
+        assert mf.converged and abs(mf.e_tot - ref.e_tot) < 1e-6
+        return made['fock_builds'], mf.stdout.getvalue()
+
+    made, log = guess()   # as shipped: ethanol's builds converge
+    assert made > coarse and 'stall' not in log and 'do not converge' not in log
+    # a demand no build meets: the coarse builds count as not converging
+    monkeypatch.setattr(builds, 'STALL_RATIO', 1e-12)
+    made, log = guess()
+    assert made == coarse and 'coarse builds do not converge' in log
+    assert 'corrected Fock build' not in log
+    # the corrected builds alone held to it (and to no tolerance): they stop after
+    # STALL_BUILDS + 1 of them
+    monkeypatch.setattr(builds, 'REFINE_TOL', 0.0)
+    real = project.anderson_step
+    monkeypatch.setattr(project, 'anderson_step',
+                        lambda *a, **k: real(*a, **dict(k, norms=None)))
+    made, log = guess()
+    assert 'Fock builds stall' in log
+    assert made == coarse + builds.STALL_BUILDS + 2   # the fine-grid build and the history
+    assert made < coarse + hook.guess_refine_builds()
+
+
 def test_corrected_builds_for_exact_exchange_only_when_asked(ethanol):
     """Hybrids get no corrected builds by default (no gain measured); set, they are made,
     after one more exchange build, and the SCF lands in minao's state."""
