@@ -249,23 +249,32 @@ def build_mol(molecule, basis, verbose=0, max_memory=None):
 # --------------------------------------------------------------------------------------------
 # levels and SCF objects
 
+# implicit solvents of a level (``+pcm``: PySCF's IEF-PCM, water)
+SOLVENTS = {'pcm': 'PCM', 'ddcosmo': 'ddCOSMO'}
+
+
 def parse_level(text):
-    """``'method/basis[+df]'`` -> dict(name, method, basis, df).
+    """``'method/basis[+df][+pcm|+ddcosmo]'`` -> dict(name, method, basis, df, solvent).
 
     ``method`` is ``hf`` (RHF, or UHF for open shells), ``rohf``/``uhf``, or an XC functional
     (RKS, or UKS for open shells); ``+df`` asks for density fitting (PySCF's default auxiliary
-    basis). Examples: ``pbe/def2-svp``, ``b3lyp/def2-tzvp+df``, ``hf/cc-pvdz``.
+    basis); ``+pcm`` or ``+ddcosmo`` an implicit solvent (PySCF's defaults: water). Examples:
+    ``pbe/def2-svp``, ``b3lyp/def2-tzvp+df``, ``hf/cc-pvdz``, ``pbe/def2-svp+df+pcm``.
     """
     name = text.strip()
-    body, df = name, False
-    if body.lower().endswith('+df'):
-        body, df = body[:-3], True
-    if body.count('/') != 1:
-        raise ValueError('level %r is not METHOD/BASIS[+df], e.g. pbe/def2-svp' % text)
+    body, tags = name, []
+    while '+' in body and body.rsplit('+', 1)[1].strip().lower() in ('df', *SOLVENTS):
+        body, tag = body.rsplit('+', 1)   # basis names hold '+' too (6-31+G*)
+        tags.append(tag.strip().lower())
+    form = 'level %r is not METHOD/BASIS[+df][+pcm|+ddcosmo], e.g. pbe/def2-svp' % text
+    solvents = [t for t in tags if t in SOLVENTS]
+    if body.count('/') != 1 or len(solvents) > 1 or tags.count('df') > 1:
+        raise ValueError(form)
     method, basis = (s.strip() for s in body.split('/'))
     if not method or not basis:
-        raise ValueError('level %r is not METHOD/BASIS[+df], e.g. pbe/def2-svp' % text)
-    return {'name': name, 'method': method.lower(), 'basis': basis, 'df': df}
+        raise ValueError(form)
+    return {'name': name, 'method': method.lower(), 'basis': basis, 'df': 'df' in tags,
+            'solvent': solvents[0] if solvents else None}
 
 
 SCF_OPTIONS = ('level_shift', 'damp', 'diis_start_cycle')
@@ -300,6 +309,8 @@ def make_scf(mol, level, grids_level=None, conv_tol=None, max_cycle=None, df_aux
             # functional (direct DF-J); this keeps the tensor instead (memory or disk,
             # by max_memory), built in the first cycle and counted in the SCF time
             mol.incore_anyway = True
+    if level.get('solvent'):
+        mf = getattr(mf, SOLVENTS[level['solvent']])()
     if conv_tol is not None:
         mf.conv_tol = float(conv_tol)
     if max_cycle is not None:
@@ -1012,8 +1023,9 @@ def _parser():
                           '(default: 0 or 1 by electron count)')
     run = p.add_argument_group('calculations')
     run.add_argument('--levels', nargs='+', default=['pbe/def2-svp'], metavar='LEVEL',
-                     help='METHOD/BASIS[+df], e.g. pbe/def2-svp b3lyp/def2-tzvp hf/cc-pvdz+df '
-                          '(default pbe/def2-svp)')
+                     help='METHOD/BASIS[+df][+pcm|+ddcosmo], e.g. pbe/def2-svp '
+                          'b3lyp/def2-tzvp hf/cc-pvdz+df pbe/def2-svp+df+pcm (an implicit '
+                          'solvent, water; default pbe/def2-svp)')
     run.add_argument('--guesses', nargs='+', default=list(DEFAULT_GUESSES), metavar='GUESS',
                      help='from: %s (default: %s; minao always runs, it is the reference)'
                           % (' '.join(GUESSES), ' '.join(DEFAULT_GUESSES)))

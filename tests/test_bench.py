@@ -205,16 +205,21 @@ def test_heldout_molecules():
 
 def test_parse_level():
     assert bench.parse_level('pbe/def2-svp') == {
-        'name': 'pbe/def2-svp', 'method': 'pbe', 'basis': 'def2-svp', 'df': False}
+        'name': 'pbe/def2-svp', 'method': 'pbe', 'basis': 'def2-svp', 'df': False,
+        'solvent': None}
     lv = bench.parse_level('B3LYP/6-31+G*+df')
     assert (lv['method'], lv['basis'], lv['df']) == ('b3lyp', '6-31+G*', True)
-    for bad in ('pbe', 'pbe/', '/def2-svp', 'a/b/c'):
+    lv = bench.parse_level('pbe/6-31+G*+df+PCM')
+    assert (lv['basis'], lv['df'], lv['solvent']) == ('6-31+G*', True, 'pcm')
+    for bad in ('pbe', 'pbe/', '/def2-svp', 'a/b/c', 'pbe/sto-3g+pcm+ddcosmo', 'pbe/sto-3g+df+df'):
         with pytest.raises(ValueError):
             bench.parse_level(bad)
     mol = gto.M(atom=WATER, basis='sto-3g', verbose=0)
     assert isinstance(bench.make_scf(mol, bench.parse_level('hf/sto-3g')), scf.hf.RHF)
     mf = bench.make_scf(mol, bench.parse_level('pbe/sto-3g+df'), grids_level=1)
     assert isinstance(mf, dft.rks.RKS) and mf.grids.level == 1 and hasattr(mf, 'with_df')
+    mf = bench.make_scf(mol, bench.parse_level('pbe/sto-3g+df+ddcosmo'))
+    assert type(mf.with_solvent).__name__ == 'ddCOSMO' and hasattr(mf, 'with_df')
     # --df-incore keeps the 3-centre tensor; PySCF's default pure-functional DF-J does not,
     # and both give the same energy
     energies = []
