@@ -580,14 +580,18 @@ def _densr_guess(mf, mol, opts, log, details):
                          'mf.max_memory: lower it to what this machine has' % (
                              str(e) or type(e).__name__)) from e
     log.info('densr: initial guess in %.2f s', time.perf_counter() - t_start)
-    return _break_spin_symmetry(mf, mol, dm, log)
+    return _break_spin_symmetry(mf, mol, dm, log, dm_sad)
 
 
-def _break_spin_symmetry(mf, mol, dm, log):
+def _break_spin_symmetry(mf, mol, dm, log, dm_sad=None):
     """UHF/UKS of a singlet: PySCF's own guesses break the alpha/beta symmetry as
     ``mf.init_guess_breaksym`` says (default 1: beta keeps only the atoms' diagonal blocks),
     so that a broken-symmetry solution (a stretched bond) can be reached; the densr guess
-    does the same, with PySCF's own function. The result is a plain matrix, as theirs."""
+    does the same, with PySCF's own function. With 1, the break is scaled to the size
+    (Frobenius norm of alpha - beta) of PySCF's break of P_SAD, ``dm_sad``: P_SAD is nearly
+    block-diagonal by atom, a bonded density is not, and the full break would throw away
+    the guess's bonds in beta (ethanol, UKS PBE/def2-SVP: 11 cycles against minao's 10,
+    scaled 9, unbroken 4). The result is a plain matrix, as theirs."""
     from pyscf.scf import uhf
     breaksym = getattr(mf, 'init_guess_breaksym', None)
     dm = np.asarray(dm) if not hasattr(dm, 'mo_coeff') else dm
@@ -596,6 +600,14 @@ def _break_spin_symmetry(mf, mol, dm, log):
     dma, dmb = uhf._break_dm_spin_symm(mol, dm, breaksym)
     if dma is dm[0] and dmb is dm[1]:
         return dm
+    if breaksym is True or (isinstance(breaksym, int) and breaksym == 1):
+        if dm_sad is not None and np.ndim(dm_sad) == 3:
+            want = np.linalg.norm(np.asarray(dm_sad[0]) - np.asarray(dm_sad[1]))
+            have = np.linalg.norm(dma - dmb)
+            if have > want:
+                dmb = dma + (want / have) * (dmb - dma)
+                log.debug('densr: alpha/beta break scaled by %.3g to that of P_SAD',
+                          want / have)
     log.debug('densr: alpha/beta symmetry broken as init_guess_breaksym=%s asks', breaksym)
     return np.array((dma, dmb))
 

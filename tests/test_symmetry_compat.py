@@ -175,6 +175,23 @@ def test_uhf_singlet_breaks_spin_symmetry_as_pyscf_does(breaksym):
     assert abs(e[0] - e[1]) < 1e-8
 
 
+
+def test_uks_singlet_break_as_strong_as_pyscf_gives_its_own_guess(ethanol):
+    """UKS of closed-shell ethanol with PySCF's default init_guess_breaksym (1): the densr
+    guess is broken by as much (alpha - beta, Frobenius norm) as PySCF breaks P_SAD, not by
+    the full removal of the bonds' blocks from beta, and keeps fewer cycles than minao."""
+    mf = dft.UKS(ethanol, xc='pbe')
+    sad = mf.init_guess_by_minao()
+    dm = mf.get_init_guess(key='densr')
+    want = np.linalg.norm(sad[0] - sad[1])
+    assert want > 1e-3
+    assert abs(np.linalg.norm(dm[0] - dm[1]) - want) < 1e-8 * max(want, 1)
+    ref = dft.UKS(ethanol, xc='pbe').run()
+    mf.kernel(dm0=dm)
+    assert mf.converged and abs(mf.e_tot - ref.e_tot) < 1e-6
+    assert mf.cycles < ref.cycles, (mf.cycles, ref.cycles)
+
+
 def test_scf_that_cannot_occupy_raises_its_own_error():
     """He triplet in one s function: PySCF's own occupation error, not a DensrError."""
     mol = gto.M(atom='He 0 0 1', basis=[[0, [.6, 1]]], spin=2, verbose=0)
