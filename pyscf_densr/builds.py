@@ -179,7 +179,8 @@ def anderson_step(mf, v1, dm1, dm_sad, pred, aux, grids=None, dm_x=None, h1e=Non
     dm, d_in, j_in = dm1, d1, j1
     coeffs = np.ones(1)
     ratio = scf_grid_ratio(mf, grids) if cycle_priced else None
-    seen = []
+    norms = [] if norms is None else norms
+    first = len(norms)
     k = 1
     while k < builds:
         k += 1
@@ -204,9 +205,7 @@ def anderson_step(mf, v1, dm1, dm_sad, pred, aux, grids=None, dm_x=None, h1e=Non
         del vs[:-HISTORY], rs[:-HISTORY], mrs[:-HISTORY]
         coeffs = _anderson_coefficients(rs, mrs)
         norm = np.sqrt(max(float(rs[-1].dot(mrs[-1])), 0))
-        seen.append(norm)
-        if norms is not None:
-            norms.append(norm)
+        norms.append(norm)
         log.info('densr: %sFock build %d; Coulomb norm of its residual %.3g; Anderson '
                  'coefficients %s', '' if xc_shift is None else 'corrected ', k, norm,
                  np.array2string(coeffs, precision=3))
@@ -217,10 +216,10 @@ def anderson_step(mf, v1, dm1, dm_sad, pred, aux, grids=None, dm_x=None, h1e=Non
         if norm < tol:
             log.info('densr: Fock builds converged (residual %.3g below %.3g)', norm, tol)
             break
-        if (stall and len(seen) > STALL_BUILDS
-                and norm > STALL_RATIO * seen[-STALL_BUILDS - 1]):
+        if (stall and len(norms) - first > STALL_BUILDS
+                and norm > STALL_RATIO * norms[-STALL_BUILDS - 1]):
             log.info('densr: Fock builds stall (residual %.3g, %.3g %d builds before); no '
-                     'more', norm, seen[-STALL_BUILDS - 1], STALL_BUILDS)
+                     'more', norm, norms[-STALL_BUILDS - 1], STALL_BUILDS)
             break
         if k < builds and cycle_priced:
             # a build: this one's two passes, XC and two diagonalisations, and the third
