@@ -600,14 +600,12 @@ def _break_spin_symmetry(mf, mol, dm, log, dm_sad=None):
     dma, dmb = uhf._break_dm_spin_symm(mol, dm, breaksym)
     if dma is dm[0] and dmb is dm[1]:
         return dm
-    if breaksym is True or (isinstance(breaksym, int) and breaksym == 1):
-        if dm_sad is not None and np.ndim(dm_sad) == 3:
-            want = np.linalg.norm(np.asarray(dm_sad[0]) - np.asarray(dm_sad[1]))
-            have = np.linalg.norm(dma - dmb)
-            if have > want:
-                dmb = dma + (want / have) * (dmb - dma)
-                log.debug('densr: alpha/beta break scaled by %.3g to that of P_SAD',
-                          want / have)
+    if breaksym == 1 and dm_sad is not None and np.ndim(dm_sad) == 3:   # 1 or True
+        want = np.linalg.norm(np.asarray(dm_sad[0]) - np.asarray(dm_sad[1]))
+        have = np.linalg.norm(dma - dmb)
+        if have > want:
+            dmb = dma + (want / have) * (dmb - dma)
+            log.debug('densr: alpha/beta break scaled by %.3g to that of P_SAD', want / have)
     log.debug('densr: alpha/beta symmetry broken as init_guess_breaksym=%s asks', breaksym)
     return np.array((dma, dmb))
 
