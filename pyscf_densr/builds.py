@@ -131,16 +131,19 @@ def anderson_step(mf, v1, dm1, dm_sad, pred, aux, grids=None, dm_x=None, h1e=Non
     build k-1's combined matrix, and the combination uses the whole history
     (:func:`_anderson_coefficients`). Each build costs an XC build, two
     diagonalisations and three 3-centre contractions (the fit of its input, its J, the fit
-    of its output). Exact exchange stays that of ``dm_x``
+    of its output). Where ``aux`` makes each contraction a screened 3-centre pass
+    (``aux.incore`` False), the fitted input of a build is instead the same combination of
+    the fitted outputs (equal to first order, as Pulay's density mixing takes it): two
+    passes a build, as in an SCF cycle's DF-J. Exact exchange stays that of ``dm_x``
     (``v_x``: its term, ``add_exchange(mf, 0, dm_x)``, where the caller has it).
 
     ``cycle_priced``: where ``aux`` makes the SCF's own direct DF-J passes, a build costs
-    three passes and a coarse XC build, an SCF cycle two passes and XC on ``mf.grids``; each
+    two passes and a coarse XC build, an SCF cycle two passes and XC on ``mf.grids``; each
     build's time is measured and a further build made only while it costs less than the
-    cycles it is expected to save (:data:`BUILD_GAINS`) times the estimated SCF cycle (two of
-    the build's passes, its XC scaled by :func:`scf_grid_ratio`, one diagonalisation). The
+    cycles it is expected to save (:data:`BUILD_GAINS`) times the estimated SCF cycle (the
+    build's passes, its XC scaled by :func:`scf_grid_ratio`, one diagonalisation). The
     second build is always made: it saves more (1.7 cycles) than a build can cost (at most
-    about one and a half cycles, where the passes are all of both).
+    about one cycle, where the passes are all of both).
 
     ``costs``: a dict that receives the priced build's time and the estimated SCF cycle
     (``build``, ``cycle``, seconds) where builds are priced.
@@ -173,9 +176,12 @@ def anderson_step(mf, v1, dm1, dm_sad, pred, aux, grids=None, dm_x=None, h1e=Non
 
     d1, j1 = aux.fit(total(dm1))
     # history of input potentials and the residuals of their output densities, with the
-    # residuals' metric images (k|l) r, so that norms need no second metric
+    # residuals' metric images (k|l) r, so that norms need no second metric; where the
+    # passes are direct, the fitted outputs too (the next input combines them)
     v1 = np.asarray(v1)
     vs, rs, mrs = [v1], [d1 - pred[0]], [j1 - pred[1]]
+    linear = getattr(aux, 'incore', True) is False
+    outs = [(d1, j1)]
     dm, d_in, j_in = dm1, d1, j1
     coeffs = np.ones(1)
     ratio = scf_grid_ratio(mf, grids) if cycle_priced else None
@@ -202,7 +208,8 @@ def anderson_step(mf, v1, dm1, dm_sad, pred, aux, grids=None, dm_x=None, h1e=Non
         vs.append(v)
         mrs.append(j_out - j_in)
         rs.append(aux.solve(mrs[-1]))
-        del vs[:-HISTORY], rs[:-HISTORY], mrs[:-HISTORY]
+        outs.append((d_in + rs[-1], j_out))
+        del vs[:-HISTORY], rs[:-HISTORY], mrs[:-HISTORY], outs[:-HISTORY]
         coeffs = _anderson_coefficients(rs, mrs)
         norm = np.sqrt(max(float(rs[-1].dot(mrs[-1])), 0))
         norms.append(norm)
@@ -222,9 +229,9 @@ def anderson_step(mf, v1, dm1, dm_sad, pred, aux, grids=None, dm_x=None, h1e=Non
                      'more', norm, norms[-STALL_BUILDS - 1], STALL_BUILDS)
             break
         if k < builds and cycle_priced:
-            # a build: this one's two passes, XC and two diagonalisations, and the third
-            # pass, the fit of its input, which the next build would make first
-            t_build = time.perf_counter() - t0 + t_j
+            # a build: its two passes, XC and two diagonalisations (and, where its input is
+            # fitted, a third pass, which the next build would make first)
+            t_build = time.perf_counter() - t0 + (0 if linear else t_j)
             t_cycle = 2 * t_j + ratio * t_xc + t_d
             log.debug('densr: Fock build %d costs %.3g s; an SCF cycle about %.3g s', k,
                       t_build, t_cycle)
@@ -235,7 +242,10 @@ def anderson_step(mf, v1, dm1, dm_sad, pred, aux, grids=None, dm_x=None, h1e=Non
                          'cycles (%.3g s each), more than the %.2g cycles it saves', k + 1,
                          t_build, t_build / t_cycle, t_cycle, BUILD_GAINS[k - 1])
                 break
-        if k < builds:
+        if k < builds and linear:
+            d_in = sum(a * o[0] for a, o in zip(coeffs, outs))
+            j_in = sum(a * o[1] for a, o in zip(coeffs, outs))
+        elif k < builds:
             d_in, j_in = aux.fit(total(dm))
     return dm, coeffs, k
 

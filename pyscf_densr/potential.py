@@ -8,6 +8,7 @@ P_SAD, or rebuilt once from the first diagonalisation (``add_exchange``).
 """
 
 import numpy as np
+from pyscf import lib
 from pyscf.dft import numint
 
 from pyscf_densr import grid as grid_mod
@@ -23,8 +24,10 @@ def xc_potential(mf, dm_sad, grids=None, delta_grid=None):
     the grid field interpolated onto the molecular grid (:func:`fit.grid_density`, several
     times cheaper than evaluating the fitted auxiliary functions there) with rho[dm_sad]
     scaled by ``sad_scale`` (see :func:`project.density_matrix_from_delta_rho`); None:
-    rho[dm_sad] alone. A ``dm_sad`` tagged with ``mo_coeff``/``mo_occ`` is evaluated from
-    its occupied orbitals. Returns (exc, vxc) in Hartree.
+    rho[dm_sad] alone, by PySCF's own XC (``mf._numint.nr_vxc``, whose screened kernels
+    are 2-3 times faster from 40 atoms than the loop here, which adds the grid field). A
+    ``dm_sad`` tagged with ``mo_coeff``/``mo_occ`` is evaluated from its occupied orbitals.
+    Returns (exc, vxc) in Hartree.
     """
     mol = mf.mol
     ni = mf._numint
@@ -36,6 +39,9 @@ def xc_potential(mf, dm_sad, grids=None, delta_grid=None):
     if xctype not in ('LDA', 'GGA', 'MGGA'):
         raise NotImplementedError('densr guess for XC type %s' % xctype)
     orbitals = _occupied_orbitals(dm_sad)
+    max_memory = max(500, grid_mod.free_memory(mf.max_memory))
+    if delta_grid is None:
+        return _numint_vxc(mf, dm_sad, orbitals, grids, max_memory * .5)
     dm_sad = np.asarray(dm_sad)
     spin = 1 if dm_sad.ndim == 3 else 0
     dms = dm_sad if spin else dm_sad[None]
@@ -44,7 +50,6 @@ def xc_potential(mf, dm_sad, grids=None, delta_grid=None):
     ao_deriv = 0 if xctype == 'LDA' else 1
     vmat = np.zeros((nset, nao, nao))
     excsum = 0.0
-    max_memory = max(500, grid_mod.free_memory(mf.max_memory))
     for ao, mask, weight, coords in ni.block_loop(mol, grids, nao, ao_deriv,
                                                    max_memory=max_memory * .5):
         if orbitals is None:
@@ -88,6 +93,20 @@ def xc_potential(mf, dm_sad, grids=None, delta_grid=None):
                     vmat[s] += numint._tau_dot(mol, ao, ao, wv[4] * .5, mask,
                                                (0, mol.nbas), mol.ao_loc_nr())
     return excsum, (vmat if spin else vmat[0])
+
+
+def _numint_vxc(mf, dm, orbitals, grids, max_memory):
+    """(exc, vxc) of density matrix ``dm`` by PySCF's ``nr_vxc``, from its occupied
+    ``orbitals`` (:func:`_occupied_orbitals`) where it has them."""
+    dm = np.asarray(dm)
+    if orbitals is not None:
+        mo = np.asarray([o[0] for o in orbitals])
+        occ = np.asarray([o[1] for o in orbitals])
+        dm = lib.tag_array(dm, mo_coeff=mo if dm.ndim == 3 else mo[0],
+                           mo_occ=occ if dm.ndim == 3 else occ[0])
+    exc, vxc = mf._numint.nr_vxc(mf.mol, grids, mf.xc, dm, spin=int(dm.ndim == 3), hermi=1,
+                                 max_memory=max_memory)[1:]
+    return exc, np.asarray(vxc)
 
 
 def _occupied_orbitals(dm):

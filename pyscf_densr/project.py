@@ -152,7 +152,9 @@ def density_matrix_from_delta_rho(mf, delta_rho, grid, dm_sad=None, auxbasis=DEF
         dm, coeffs, made = anderson_step(mf, v_local, dm, dm_sad, pred, aux, grids, dm_x, h1e,
                                          s1e, x, log, fock_builds, v_x, sym, priced,
                                          costs=costs, norms=norms)
-        log.info('densr: %d more Fock builds in %.2f s', made - 1, time.perf_counter() - t3)
+        log.info('densr: %d more Fock builds in %.2f s%s', made - 1, time.perf_counter() - t3,
+                 '; a build %.3g s, an SCF cycle about %.3g s' % (costs['build'], costs['cycle'])
+                 if costs else '')
     # the corrected builds: where the guess's grids are coarser than the SCF's, not for exact
     # exchange unless asked (no gain measured), where the coarse builds converge, and where
     # a build is cheap: 3-centre integrals in memory, or on the SCF's direct DF-J route a
