@@ -8,7 +8,6 @@ P_SAD, or rebuilt once from the first diagonalisation (``add_exchange``).
 """
 
 import numpy as np
-from pyscf import lib
 from pyscf.dft import numint
 
 from pyscf_densr import grid as grid_mod
@@ -97,13 +96,9 @@ def xc_potential(mf, dm_sad, grids=None, delta_grid=None):
 
 def _numint_vxc(mf, dm, orbitals, grids, max_memory):
     """(exc, vxc) of density matrix ``dm`` by PySCF's ``nr_vxc``, from its occupied
-    ``orbitals`` (:func:`_occupied_orbitals`) where it has them."""
-    dm = np.asarray(dm)
-    if orbitals is not None:
-        mo = np.asarray([o[0] for o in orbitals])
-        occ = np.asarray([o[1] for o in orbitals])
-        dm = lib.tag_array(dm, mo_coeff=mo if dm.ndim == 3 else mo[0],
-                           mo_occ=occ if dm.ndim == 3 else occ[0])
+    orbitals where it carries them in PySCF's layout (``orbitals``, from
+    :func:`_occupied_orbitals`, not None); other tags (ROHF's) are dropped."""
+    dm = dm if orbitals is not None else np.asarray(dm)
     exc, vxc = mf._numint.nr_vxc(mf.mol, grids, mf.xc, dm, spin=int(dm.ndim == 3), hermi=1,
                                  max_memory=max_memory)[1:]
     return exc, np.asarray(vxc)
