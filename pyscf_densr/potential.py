@@ -39,8 +39,11 @@ def xc_potential(mf, dm_sad, grids=None, delta_grid=None):
         raise NotImplementedError('densr guess for XC type %s' % xctype)
     orbitals = _occupied_orbitals(dm_sad)
     max_memory = max(500, grid_mod.free_memory(mf.max_memory))
-    if delta_grid is None:
-        return _numint_vxc(mf, dm_sad, orbitals, grids, max_memory * .5)
+    if delta_grid is None:   # from the orbitals where the tags are PySCF's layout
+        dm = dm_sad if orbitals is not None else np.asarray(dm_sad)
+        exc, vxc = ni.nr_vxc(mol, grids, xc, dm, spin=int(dm.ndim == 3), hermi=1,
+                             max_memory=max_memory * .5)[1:]
+        return exc, np.asarray(vxc)
     dm_sad = np.asarray(dm_sad)
     spin = 1 if dm_sad.ndim == 3 else 0
     dms = dm_sad if spin else dm_sad[None]
@@ -92,16 +95,6 @@ def xc_potential(mf, dm_sad, grids=None, delta_grid=None):
                     vmat[s] += numint._tau_dot(mol, ao, ao, wv[4] * .5, mask,
                                                (0, mol.nbas), mol.ao_loc_nr())
     return excsum, (vmat if spin else vmat[0])
-
-
-def _numint_vxc(mf, dm, orbitals, grids, max_memory):
-    """(exc, vxc) of density matrix ``dm`` by PySCF's ``nr_vxc``, from its occupied
-    orbitals where it carries them in PySCF's layout (``orbitals``, from
-    :func:`_occupied_orbitals`, not None); other tags (ROHF's) are dropped."""
-    dm = dm if orbitals is not None else np.asarray(dm)
-    exc, vxc = mf._numint.nr_vxc(mf.mol, grids, mf.xc, dm, spin=int(dm.ndim == 3), hermi=1,
-                                 max_memory=max_memory)[1:]
-    return exc, np.asarray(vxc)
 
 
 def _occupied_orbitals(dm):
