@@ -206,6 +206,29 @@ def test_aux_coulomb_matches_pyscf_density_fitting(ethanol):
     assert np.allclose(direct.coulomb(d), aux.coulomb(d), atol=1e-9)
 
 
+def test_held_single_precision_integrals(ethanol, monkeypatch):
+    """Where the 3-centre integrals do not fit in double precision but their screened
+    single-precision copy does, the guess holds that copy: in memory, the same fit and J as
+    the full integrals to single precision, no screened pass made."""
+    from pyscf.scf import jk
+    auxmol = fit.make_auxmol(ethanol)
+    full = coulomb.AuxCoulomb(ethanol, auxmol)
+    monkeypatch.setattr(coulomb.lib, 'current_memory', lambda: (0., 0.))
+    budget = full.int3c_bytes * 1e-6 * 1.5         # half of it is under the full copy
+    monkeypatch.setattr(jk, 'get_jk', None)         # any screened pass would fail
+    held = coulomb.AuxCoulomb(ethanol, auxmol, max_memory=budget)
+    assert held.incore and held._pairs is not None and not held.scf_direct
+    assert held.int3c_bytes <= full.int3c_bytes / 2
+    dm = dft.RKS(ethanol, xc='pbe').init_guess_by_minao()
+    v, v32 = full.project(dm), held.project(dm)
+    assert abs(v32 - v).max() < 1e-6 * abs(v).max()
+    d = full.solve(v)
+    j, j32 = full.coulomb(d), held.coulomb(d)
+    assert abs(j32 - j).max() < 1e-6 * abs(j).max()
+    monkeypatch.setattr(coulomb, 'HELD_MEMORY', 0)
+    assert not coulomb.AuxCoulomb(ethanol, auxmol, max_memory=budget).incore
+
+
 def test_direct_three_centre_route_is_announced(ethanol, monkeypatch):
     """Where the 3-centre integrals do not fit, the guess says so (each further build costs
     three integral passes there) and gives the in-memory route's matrix, builds included;
@@ -650,6 +673,7 @@ def test_direct_df_j_state_is_shared_with_the_scf(ethanol, monkeypatch):
     ref = pyscf_densr.init_guess(dft.RKS(ethanol, xc='pbe').density_fit(), refine_builds=0)
     mf = dft.RKS(ethanol, xc='pbe').density_fit()
     mf.with_df.max_memory = 1                     # PySCF would not build the tensor
+    monkeypatch.setattr(coulomb, 'HELD_MEMORY', 0)   # nor the guess hold its integrals
     aux = coulomb.coulomb_engine(mf, fit.make_auxmol(ethanol))
     assert isinstance(aux, coulomb.AuxCoulomb) and not aux.incore and aux.scf_direct
     assert aux.opt is mf.with_df._vjopt and mf.with_df._cderi is None
@@ -672,6 +696,29 @@ def test_direct_df_j_state_is_shared_with_the_scf(ethanol, monkeypatch):
     assert abs(mf.e_tot - minao.e_tot) < 1e-6 and mf.cycles < minao.cycles
 
 
+def test_held_integrals_replace_the_scfs_direct_passes(ethanol, monkeypatch):
+    """A pure functional whose DF tensor does not fit, whose screened single-precision
+    3-centre integrals do: the guess's builds make no screened pass, PySCF's direct DF-J
+    state is left to the SCF, the guess is the tensor route's (to the builds' convergence),
+    with its builds corrected to finer grids, and the SCF lands in minao's state in as few cycles."""
+    from pyscf.scf import jk
+    ref = dft.RKS(ethanol, xc='pbe').density_fit()
+    dm_ref = pyscf_densr.init_guess(ref)
+    ref.kernel(dm0=dm_ref)
+    mf = dft.RKS(ethanol, xc='pbe').density_fit()
+    mf.with_df.max_memory = 1                     # PySCF would not build the tensor
+    passes = []
+    get_jk = jk.get_jk
+    monkeypatch.setattr(jk, 'get_jk', lambda *a, **k: passes.append(1) or get_jk(*a, **k))
+    dm = pyscf_densr.init_guess(mf, fallback='error')
+    assert not passes and mf.with_df._cderi is None and mf.with_df._vjopt is not None
+    assert abs(np.asarray(dm) - np.asarray(dm_ref)).max() < 1e-4   # the builds' own tolerance
+    mf.kernel(dm0=dm)
+    assert passes and mf.with_df._cderi is None   # the SCF's own direct DF-J
+    minao = _run(dft.RKS(ethanol, xc='pbe').density_fit(), 'minao')
+    assert abs(mf.e_tot - minao.e_tot) < 1e-6 and mf.cycles <= ref.cycles < minao.cycles
+
+
 def test_direct_route_builds_make_an_scf_cycles_passes(ethanol, monkeypatch):
     """Where every 3-centre contraction is a screened pass, each further Fock build makes
     two (its J and the fit of its output), as an SCF cycle's DF-J does, and the guess
@@ -681,6 +728,8 @@ def test_direct_route_builds_make_an_scf_cycles_passes(ethanol, monkeypatch):
         f = getattr(coulomb.AuxCoulomb, name)
         monkeypatch.setattr(coulomb.AuxCoulomb, name,
                             lambda self, x, f=f: passes.append(1) or f(self, x))
+
+    monkeypatch.setattr(coulomb, 'HELD_MEMORY', 0)
 
     def run(n):
         mf = dft.RKS(ethanol, xc='pbe').density_fit()
@@ -708,6 +757,7 @@ def test_builds_priced_on_the_direct_df_j_route(ethanol, monkeypatch):
     import io
     model = hook.load_model()
     assert hook.guess_fock_builds(model) > 2
+    monkeypatch.setattr(coulomb, 'HELD_MEMORY', 0)
 
     def guess(gains, n_builds=None):
         monkeypatch.setattr(builds, 'BUILD_GAINS', gains)
