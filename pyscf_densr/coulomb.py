@@ -96,14 +96,21 @@ def _vj_pass2(mol, auxmol, opt, c):
     return np.asarray(vj).reshape(mol.nao, mol.nao)
 
 
-def _significant_pairs(mol, q_aux, tol):
-    """Positions in the packed lower triangle of (mu nu) of the AO pairs whose shell pair's
-    Schwarz bound times the largest auxiliary one, sqrt((ij|ij)) max_k sqrt((k|k)), reaches
-    ``tol``: the pairs PySCF's screened 3-centre passes can ever compute."""
+def _significant_shell_pairs(mol, q_aux, tol):
+    """(mask, AO pairs): the shell pairs whose Schwarz bound times the largest auxiliary
+    one, sqrt((ij|ij)) max_k sqrt((k|k)), reaches ``tol`` (those PySCF's screened 3-centre
+    passes can ever compute), and how many AO pairs i >= j they hold."""
     from pyscf.scf import _vhf
     opt = _vhf._VHFOpt(mol, 'int2e', 'CVHFnr_schwarz_cond', direct_scf_tol=tol)
     opt.init_cvhf_direct(mol, 'int2e', 'CVHFnr_int2e_q_cond')
     keep = np.asarray(opt.q_cond).reshape(mol.nbas, mol.nbas) * q_aux >= tol
+    nf = np.diff(mol.ao_loc_nr())
+    return keep, int(nf.dot(np.tril(keep, -1)).dot(nf) + (np.diag(keep) * nf * (nf + 1) // 2).sum())
+
+
+def _pair_positions(mol, keep):
+    """Positions in the packed lower triangle of (mu nu) of the AO pairs of shell pairs
+    ``keep``."""
     shell = np.repeat(np.arange(mol.nbas), np.diff(mol.ao_loc_nr()))
     i, j = np.tril_indices(mol.nao)
     return np.flatnonzero(keep[shell[i], shell[j]])
@@ -156,10 +163,10 @@ class AuxCoulomb:
             j2c = auxmol.intor('int2c2e', hermi=1)
             q_aux = np.sqrt(abs(j2c.diagonal())).max()
         if not self.incore:
-            pairs = _significant_pairs(mol, q_aux, direct_scf_tol)
-            if pairs.size * auxmol.nao * 4e-6 < HELD_MEMORY * free:
-                self.incore, self._pairs = True, pairs
-                self.int3c_bytes = pairs.size * auxmol.nao * 4
+            keep, npair = _significant_shell_pairs(mol, q_aux, direct_scf_tol)
+            if npair * auxmol.nao * 4e-6 < HELD_MEMORY * free:
+                self.incore, self._pairs = True, _pair_positions(mol, keep)
+                self.int3c_bytes = npair * auxmol.nao * 4
         # the SCF's own direct DF-J: its cycles make the same passes as the guess's builds
         self.scf_direct = vjopt is not None and not self.incore
         if vjopt is not None:
