@@ -96,16 +96,22 @@ def _vj_pass2(mol, auxmol, opt, c):
     return np.asarray(vj).reshape(mol.nao, mol.nao)
 
 
-def _significant_shell_pairs(mol, q_aux, tol):
-    """(mask, AO pairs): the shell pairs whose Schwarz bound times the largest auxiliary
-    one, sqrt((ij|ij)) max_k sqrt((k|k)), reaches ``tol`` (those PySCF's screened 3-centre
-    passes can ever compute), and how many AO pairs i >= j they hold."""
+def _pair_schwarz(mol, tol=1e-13):
+    """sqrt((ij|ij)) of every shell pair, (nbas, nbas): PySCF's direct-SCF bound."""
     from pyscf.scf import _vhf
     opt = _vhf._VHFOpt(mol, 'int2e', 'CVHFnr_schwarz_cond', direct_scf_tol=tol)
     opt.init_cvhf_direct(mol, 'int2e', 'CVHFnr_int2e_q_cond')
-    keep = np.asarray(opt.q_cond).reshape(mol.nbas, mol.nbas) * q_aux >= tol
+    return np.asarray(opt.q_cond).reshape(mol.nbas, mol.nbas)
+
+
+def _significant_shell_pairs(mol, q_pairs, q_aux, tol):
+    """(mask, AO pairs): the shell pairs whose Schwarz bound ``q_pairs`` times the largest
+    auxiliary one ``q_aux`` reaches ``tol`` (those PySCF's screened 3-centre passes can ever
+    compute), and how many AO pairs i >= j they hold."""
+    keep = q_pairs * q_aux >= tol
     nf = np.diff(mol.ao_loc_nr())
-    return keep, int(nf.dot(np.tril(keep, -1)).dot(nf) + (np.diag(keep) * nf * (nf + 1) // 2).sum())
+    diag = (np.diag(keep) * nf * (nf + 1) // 2).sum()
+    return keep, int(nf.dot(np.tril(keep, -1)).dot(nf) + diag)
 
 
 def _pair_positions(mol, keep):
@@ -158,12 +164,17 @@ class AuxCoulomb:
             self.opt = vjopt
             cd = vjopt.j2c_type == 'cd'
             self.cho, self.metric = (vjopt.j2c, None) if cd else (None, vjopt.j2c)
-            q_aux = np.asarray(vjopt.q_cond).ravel()[-auxmol.nbas:].max()
         else:
             j2c = auxmol.intor('int2c2e', hermi=1)
-            q_aux = np.sqrt(abs(j2c.diagonal())).max()
         if not self.incore:
-            keep, npair = _significant_shell_pairs(mol, q_aux, direct_scf_tol)
+            if vjopt is not None:   # its bounds: the shell pairs', then the auxiliary shells'
+                q = np.asarray(vjopt.q_cond).ravel()
+                q_pairs, q_aux = q[:mol.nbas**2].reshape(mol.nbas, mol.nbas), q[mol.nbas**2:]
+            else:
+                q_pairs = _pair_schwarz(mol, direct_scf_tol)
+                q_aux = np.sqrt(abs(j2c.diagonal()))
+            keep, npair = _significant_shell_pairs(mol, q_pairs, q_aux.max(),
+                                                   direct_scf_tol)
             if npair * auxmol.nao * 4e-6 < HELD_MEMORY * free:
                 self.incore, self._pairs = True, _pair_positions(mol, keep)
                 self.int3c_bytes = npair * auxmol.nao * 4
