@@ -1,7 +1,7 @@
 """Guess time against one SCF cycle of the same SCF, for one molecule, in one process.
 
     python tools/guess_vs_cycle.py FILE.xyz [--charge Q] [--level pbe/sto-3g+df] [--threads 1]
-                                   [--log] [--guess minao]
+                                   [--log] [--guess minao] [--max-memory MB]
 
 Times ``pyscf_densr.init_guess(mf)`` (the network already loaded), then one Fock build of
 the same SCF object at the guess (``mf.get_veff``: J and XC on the SCF's own grids, after
@@ -30,12 +30,18 @@ def main(argv=None):
     ap.add_argument('--threads', type=int, default=1)
     ap.add_argument('--log', action='store_true', help="the guess's own log (each stage's time)")
     ap.add_argument('--guess', default='densr', choices=('densr', 'minao'))
+    ap.add_argument('--max-memory', type=float, default=None,
+                    help="mf.max_memory in MB (default PySCF's, 4000)")
     a = ap.parse_args(argv)
     lib.num_threads(a.threads)
     level = bench.parse_level(a.level)
     m = bench.molecules_from_xyz([a.xyz], charge=a.charge)[0]
     mol = bench.build_mol(m, level['basis'])
     mf = bench.make_scf(mol, level)
+    if a.max_memory:
+        mol.max_memory = mf.max_memory = a.max_memory
+        if getattr(mf, 'with_df', None) is not None:
+            mf.with_df.max_memory = a.max_memory
     if a.guess == 'densr':
         pyscf_densr.load_model()
     if a.log:
@@ -48,8 +54,8 @@ def main(argv=None):
         dm = mf.get_init_guess(key='minao')
     t1 = time.perf_counter()
     mf.verbose = 0
-    print('%s, %s: %d atoms, %d basis functions, %d thread(s)' % (
-        m['name'], a.level, mol.natm, mol.nao, lib.num_threads()))
+    print('%s, %s: %d atoms, %d basis functions, %d thread(s), max_memory %.0f MB' % (
+        m['name'], a.level, mol.natm, mol.nao, lib.num_threads(), mf.max_memory))
     print('%s guess %.1f s (%d Fock builds); peak memory %.0f MB' % (
         a.guess, t1 - t0, made.get('fock_builds', 0),
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024), flush=True)
