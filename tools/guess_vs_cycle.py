@@ -64,7 +64,9 @@ def main(argv=None):
             and not coulomb._scf_needs_k(mf)):
         coulomb.coulomb_engine(mf, None)   # the direct DF-J state (or tensor) the SCF uses
     if getattr(mf, 'grids', None) is not None:
-        mf.grids.build()
+        # as the SCF makes them: with the AO screening masks (non0tab), without which
+        # PySCF's XC evaluates every AO at every point
+        mf.initialize_grids(mol, dm)
     t2 = time.perf_counter()
     veff = mf.get_veff(mol, dm)
     fock = mf.get_fock(dm=dm, vhf=veff)
