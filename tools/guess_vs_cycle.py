@@ -1,7 +1,7 @@
 """Guess time against one SCF cycle of the same SCF, for one molecule, in one process.
 
     python tools/guess_vs_cycle.py FILE.xyz [--charge Q] [--level pbe/sto-3g+df] [--threads 1]
-                                   [--log] [--guess minao] [--max-memory MB]
+                                   [--log] [--guess minao] [--max-memory MB] [--parts]
 
 Times ``pyscf_densr.init_guess(mf)`` (the network already loaded), then one Fock build of
 the same SCF object at the guess (``mf.get_veff``: J and XC on the SCF's own grids, after
@@ -30,6 +30,8 @@ def main(argv=None):
     ap.add_argument('--threads', type=int, default=1)
     ap.add_argument('--log', action='store_true', help="the guess's own log (each stage's time)")
     ap.add_argument('--guess', default='densr', choices=('densr', 'minao'))
+    ap.add_argument('--parts', action='store_true',
+                    help="also time the cycle's J and XC apart (one more cycle's time)")
     ap.add_argument('--max-memory', type=float, default=None,
                     help="mf.max_memory in MB (default PySCF's, 4000)")
     a = ap.parse_args(argv)
@@ -67,6 +69,14 @@ def main(argv=None):
         # as the SCF makes them: with the AO screening masks (non0tab), without which
         # PySCF's XC evaluates every AO at every point
         mf.initialize_grids(mol, dm)
+    if a.parts:
+        tj = time.perf_counter()
+        mf.get_j(mol, dm)
+        tx = time.perf_counter()
+        if getattr(mf, 'xc', None) is not None:
+            mf._numint.nr_vxc(mol, mf.grids, mf.xc, dm)
+        print('SCF cycle parts: J %.1f s, XC %.1f s' % (tx - tj, time.perf_counter() - tx),
+              flush=True)
     t2 = time.perf_counter()
     veff = mf.get_veff(mol, dm)
     fock = mf.get_fock(dm=dm, vhf=veff)
