@@ -74,7 +74,7 @@ def main(argv=None):
         mf.get_j(mol, dm)
         tx = time.perf_counter()
         if getattr(mf, 'xc', None) is not None:
-            mf._numint.nr_vxc(mol, mf.grids, mf.xc, dm)
+            mf._numint.nr_vxc(mol, mf.grids, mf.xc, dm, spin=int(getattr(dm, 'ndim', 2) == 3))
         print('SCF cycle parts: J %.1f s, XC %.1f s' % (tx - tj, time.perf_counter() - tx),
               flush=True)
     t2 = time.perf_counter()
