@@ -232,7 +232,10 @@ def anderson_step(mf, v1, dm1, dm_sad, pred, aux, grids=None, dm_x=None, h1e=Non
             # a build: its two passes, XC and two diagonalisations (and, where its input is
             # fitted, a third pass, which the next build would make first)
             t_build = time.perf_counter() - t0 + (0 if linear else t_j)
-            t_cycle = 2 * t_j + ratio * t_xc + t_d
+            # where the guess holds part of the integrals its passes are partial: the
+            # SCF's cost the timed whole pass
+            t_pass = getattr(aux, 'pass_time', None) or t_j
+            t_cycle = 2 * t_pass + ratio * t_xc + t_d
             log.debug('densr: Fock build %d costs %.3g s; an SCF cycle about %.3g s', k,
                       t_build, t_cycle)
             if costs is not None:

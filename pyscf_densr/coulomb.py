@@ -39,6 +39,9 @@ from pyscf_densr.errors import DensrError
 HELD_MEMORY = 0.6
 # rows of the held integrals converted to double precision at a time (bytes)
 _HELD_CHUNK = 8e6
+# where the copy does not fit whole, the functions of part of the fitting basis are held
+# where at least this fraction of them fits (their passes then skip them)
+HELD_PART_MIN = 0.05
 
 
 def _cart2sph_sparse(auxmol):
@@ -159,6 +162,8 @@ class AuxCoulomb:
         self.incore = vjopt is None and self.int3c_bytes * 1e-6 < 0.5 * free
         self._int3c = None
         self._pairs = None      # the held pairs (packed-triangle positions) where screened
+        self._held = None       # the auxiliary functions held, where only some fit
+        self.pass_time = None   # seconds of one whole screened pass, where passes are partial
         self._last = None
         if vjopt is not None:   # PySCF's own direct DF-J state, shared with the SCF
             self.opt = vjopt
@@ -178,6 +183,8 @@ class AuxCoulomb:
             if npair * auxmol.nao * 4e-6 < HELD_MEMORY * free:
                 self.incore, self._pairs = True, _pair_positions(mol, keep)
                 self.int3c_bytes = npair * auxmol.nao * 4
+            else:
+                self._hold_part(keep, npair, HELD_MEMORY * free)
         # the SCF's own direct DF-J: its cycles make the same passes as the guess's builds
         self.scf_direct = vjopt is not None and not self.incore
         if vjopt is not None:
@@ -187,9 +194,41 @@ class AuxCoulomb:
         kind, factor = _factor_metric(auxmol, j2c)
         self.cho, self.metric = (factor, None) if kind == 'cd' else (None, factor)
 
+    def _hold_part(self, keep, npair, budget_mb):
+        """Where the screened copy does not fit whole: hold it for as many auxiliary
+        functions as fit in ``budget_mb`` (the shells of highest angular momentum first,
+        whose integrals cost most per function), the passes then skip those functions."""
+        auxmol = self.auxmol
+        nrows = int(budget_mb / (npair * 4e-6))
+        if nrows < HELD_PART_MIN * auxmol.nao:
+            return
+        aux_loc = auxmol.ao_loc_nr()
+        size = np.diff(aux_loc)
+        order = sorted(range(auxmol.nbas), key=lambda i: (-auxmol.bas_angular(i), i))
+        mask = np.zeros(auxmol.nbas, dtype=bool)
+        n = 0
+        for i in order:
+            if n + size[i] > nrows:
+                continue
+            mask[i] = True
+            n += size[i]
+        self._held_shells = mask
+        self._held = np.hstack([np.arange(aux_loc[i], aux_loc[i + 1])
+                                for i in np.flatnonzero(mask)])
+        self._pairs = _pair_positions(self.mol, keep)
+        self.int3c_bytes = npair * auxmol.nao * 4
+
+    @property
+    def held_fraction(self):
+        """The fraction of the auxiliary functions whose integrals are held (1 in memory)."""
+        if self.incore:
+            return 1.0
+        return 0.0 if self._held is None else self._held.size / self.auxmol.nao
+
     def _ints(self):
         """(mu nu|k): all pairs as (pairs, k) in double precision, or the screened pairs as
-        (k, pairs) in single precision, made in blocks of auxiliary shells."""
+        (k, pairs) in single precision (the held functions' rows only, where only some
+        fit), made in blocks of auxiliary shells."""
         if self._int3c is None:
             mol, nbas = self.mol, self.mol.nbas
             fakemol = mol + self.auxmol
@@ -199,19 +238,27 @@ class AuxCoulomb:
                     shls_slice=(0, nbas, 0, nbas, nbas, nbas + self.auxmol.nbas))
                 return self._int3c
             aux_loc = self.auxmol.ao_loc_nr()
-            held = np.empty((self.auxmol.nao, self._pairs.size), dtype=np.float32)
+            shells = (np.ones(self.auxmol.nbas, dtype=bool) if self._held is None
+                      else self._held_shells)
+            nrow = int(np.diff(aux_loc)[shells].sum())
+            held = np.empty((nrow, self._pairs.size), dtype=np.float32)
             # a block's double-precision integrals of all pairs: at most ~1/8 of the copy
             per_fn = mol.nao * (mol.nao + 1) // 2 * 8
             blk = max(int(held.nbytes / 8 / per_fn), int(_HELD_CHUNK * 8 / per_fn), 1)
-            a0 = 0
+            a0, r0 = 0, 0
             while a0 < self.auxmol.nbas:
+                if not shells[a0]:
+                    a0 += 1
+                    continue
                 a1 = a0 + 1
-                while a1 < self.auxmol.nbas and aux_loc[a1 + 1] - aux_loc[a0] <= blk:
+                while (a1 < self.auxmol.nbas and shells[a1]
+                       and aux_loc[a1 + 1] - aux_loc[a0] <= blk):
                     a1 += 1
                 b = fakemol.intor('int3c2e', aosym='s2ij',
                                   shls_slice=(0, nbas, 0, nbas, nbas + a0, nbas + a1))
-                held[aux_loc[a0]:aux_loc[a1]] = b.T[:, self._pairs]
-                a0 = a1
+                r1 = r0 + aux_loc[a1] - aux_loc[a0]
+                held[r0:r1] = b.T[:, self._pairs]
+                a0, r0 = a1, r1
             self._int3c = held
         return self._int3c
 
@@ -222,7 +269,6 @@ class AuxCoulomb:
             yield r0, held[r0:r0 + step].astype(np.float64)
 
     def project(self, dm):
-        from pyscf.scf import jk
         mol = self.mol
         dm = np.asarray(dm, dtype=np.float64, order='C').reshape(mol.nao, mol.nao)
         if self.incore:
@@ -235,6 +281,27 @@ class AuxCoulomb:
             for r0, rows in self._held_rows():
                 out[r0:r0 + len(rows)] = rows.dot(tril)
             return out
+        if self._held is None:
+            return self._pass1(dm)
+        if self.pass_time is None:
+            # the first projection a whole pass, timed: what an SCF cycle's pass costs
+            t0 = time.perf_counter()
+            out = self._pass1(dm)
+            self.pass_time = time.perf_counter() - t0
+            return out
+        # a pass over the functions not held, the held rows for the others
+        q = np.array(self.opt.q_cond, copy=True).ravel()
+        q[mol.nbas**2:][self._held_shells] = 0
+        with lib.temporary_env(self.opt, q_cond=q):
+            out = self._pass1(dm)
+        tril = lib.pack_tril(dm + dm.T - np.diag(dm.diagonal()))[self._pairs]
+        for r0, rows in self._held_rows():
+            out[self._held[r0:r0 + len(rows)]] = rows.dot(tril)
+        return out
+
+    def _pass1(self, dm):
+        from pyscf.scf import jk
+        mol = self.mol
         with lib.temporary_env(self.opt, prescreen='CVHFnr3c2e_vj_pass1_prescreen'):
             jaux = jk.get_jk(self.opt.fakemol, dm.reshape(1, mol.nao, mol.nao), ['ijkl,ji->kl'],
                              'int3c2e', aosym='s2ij', hermi=0,
@@ -296,12 +363,31 @@ class AuxCoulomb:
             tril = np.zeros(self.mol.nao * (self.mol.nao + 1) // 2)
             tril[self._pairs] = held
             return lib.unpack_tril(tril)
-        return _vj_pass2(self.mol, self.auxmol, self.opt, d)
+        if self._held is None or self.pass_time is None:
+            return _vj_pass2(self.mol, self.auxmol, self.opt, d)
+        # the pass screens out the held functions (their coefficients zero), the held rows
+        # add theirs
+        rest = d.copy()
+        rest[self._held] = 0
+        vj = _vj_pass2(self.mol, self.auxmol, self.opt, rest)
+        held = np.zeros(self._pairs.size)
+        for r0, rows in self._held_rows():
+            held += d[self._held[r0:r0 + len(rows)]].dot(rows)
+        tril = np.zeros(self.mol.nao * (self.mol.nao + 1) // 2)
+        tril[self._pairs] = held
+        return vj + lib.unpack_tril(tril)
 
     @property
     def route(self):
+        part = ''
+        if self._held is not None:
+            part = (', the screened integrals of %d%% of its fitting functions held (single '
+                    'precision, %.2f GB)' % (round(100 * self.held_fraction),
+                                             self.held_fraction * self.int3c_bytes * 1e-9))
         if self.scf_direct:
-            return "the SCF's direct DF-J"
+            return "the SCF's direct DF-J" + part
+        if part:
+            return 'guess 3c direct' + part
         if self._pairs is not None:
             return ('guess 3c in memory (%d%% of the pairs, single precision, %.2f GB)'
                     % (round(100 * self._pairs.size * 2 / self.mol.nao / (self.mol.nao + 1)),

@@ -229,6 +229,35 @@ def test_held_single_precision_integrals(ethanol, monkeypatch):
     assert not coulomb.AuxCoulomb(ethanol, auxmol, max_memory=budget).incore
 
 
+def test_part_of_the_integrals_held(ethanol, monkeypatch):
+    """Where the screened single-precision copy fits only in part, the guess holds it for
+    some of the fitting functions and its passes skip those: the same fit and J as whole
+    passes to single precision, the first projection a whole pass (timed, for pricing)."""
+    auxmol = fit.make_auxmol(ethanol)
+    full = coulomb.AuxCoulomb(ethanol, auxmol)
+    monkeypatch.setattr(coulomb.lib, 'current_memory', lambda: (0., 0.))
+    probe = coulomb.AuxCoulomb(ethanol, auxmol, max_memory=full.int3c_bytes * 1e-6 * 1.5)
+    whole = probe.int3c_bytes * 1e-6                # the screened copy, MB
+    monkeypatch.setattr(coulomb, 'HELD_MEMORY', 0.4 * whole / (full.int3c_bytes * 1e-6 * 1.9))
+    part = coulomb.AuxCoulomb(ethanol, auxmol, max_memory=full.int3c_bytes * 1e-6 * 1.9)
+    assert not part.incore and part._held is not None
+    assert 0.3 < part.held_fraction < 0.41 and 'held' in part.route
+    assert part._ints().shape == (part._held.size, part._pairs.size)
+    dm = dft.RKS(ethanol, xc='pbe').init_guess_by_minao()
+    v = full.project(dm)
+    assert part.pass_time is None
+    assert np.allclose(part.project(dm), v, atol=1e-10) and part.pass_time > 0
+    dm2 = dm + 0.1 * np.eye(len(dm))
+    v2, v2p = full.project(dm2), part.project(dm2)
+    assert abs(v2p - v2).max() < 1e-6 * abs(v2).max()
+    d = full.solve(v2)
+    j, jp = full.coulomb(d), part.coulomb(d)
+    assert abs(jp - j).max() < 1e-6 * abs(j).max()
+    monkeypatch.setattr(coulomb, 'HELD_PART_MIN', 0.5)   # too few held: whole passes
+    assert coulomb.AuxCoulomb(ethanol, auxmol,
+                              max_memory=full.int3c_bytes * 1e-6 * 1.9)._held is None
+
+
 def test_direct_three_centre_route_is_announced(ethanol, monkeypatch):
     """Where the 3-centre integrals do not fit, the guess says so (each further build costs
     three integral passes there) and gives the in-memory route's matrix, builds included;
