@@ -196,15 +196,18 @@ class AuxCoulomb:
 
     def _hold_part(self, keep, npair, budget_mb):
         """Where the screened copy does not fit whole: hold it for as many auxiliary
-        functions as fit in ``budget_mb`` (the shells of highest angular momentum first,
-        whose integrals cost most per function), the passes then skip those functions."""
+        functions as fit in ``budget_mb``, the passes then skip those functions. The shells
+        of most primitives go first, s before higher l: their integrals cost most per
+        function (a pass of propranolol's fitting basis, per 100 functions: 1.3 s with one
+        primitive, 2.0 with two, 6.6 with three, 12 with seven; s 4.3, p-g 1.5-2.6)."""
         auxmol = self.auxmol
         nrows = int(budget_mb / (npair * 4e-6))
         if nrows < HELD_PART_MIN * auxmol.nao:
             return
         aux_loc = auxmol.ao_loc_nr()
         size = np.diff(aux_loc)
-        order = sorted(range(auxmol.nbas), key=lambda i: (-auxmol.bas_angular(i), i))
+        order = sorted(range(auxmol.nbas),
+                       key=lambda i: (-auxmol.bas_nprim(i), auxmol.bas_angular(i), i))
         mask = np.zeros(auxmol.nbas, dtype=bool)
         n = 0
         for i in order:
