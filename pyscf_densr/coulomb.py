@@ -163,7 +163,7 @@ class AuxCoulomb:
         self._int3c = None
         self._pairs = None      # the held pairs (packed-triangle positions) where screened
         self._held = None       # the auxiliary functions held, where only some fit
-        self.pass_time = None   # seconds of one whole screened pass, where passes are partial
+        self.pass_time = None   # seconds of one whole J pass, where the others are partial
         self._last = None
         if vjopt is not None:   # PySCF's own direct DF-J state, shared with the SCF
             self.opt = vjopt
@@ -286,12 +286,6 @@ class AuxCoulomb:
             return out
         if self._held is None:
             return self._pass1(dm)
-        if self.pass_time is None:
-            # the first projection a whole pass, timed: what an SCF cycle's pass costs
-            t0 = time.perf_counter()
-            out = self._pass1(dm)
-            self.pass_time = time.perf_counter() - t0
-            return out
         # a pass over the functions not held, the held rows for the others
         q = np.array(self.opt.q_cond, copy=True).ravel()
         q[mol.nbas**2:][self._held_shells] = 0
@@ -366,8 +360,14 @@ class AuxCoulomb:
             tril = np.zeros(self.mol.nao * (self.mol.nao + 1) // 2)
             tril[self._pairs] = held
             return lib.unpack_tril(tril)
-        if self._held is None or self.pass_time is None:
+        if self._held is None:
             return _vj_pass2(self.mol, self.auxmol, self.opt, d)
+        if self.pass_time is None:
+            # the first J a whole pass, timed: what each of an SCF cycle's passes costs
+            t0 = time.perf_counter()
+            vj = _vj_pass2(self.mol, self.auxmol, self.opt, d)
+            self.pass_time = time.perf_counter() - t0
+            return vj
         # the pass screens out the held functions (their coefficients zero), the held rows
         # add theirs
         rest = d.copy()

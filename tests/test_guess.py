@@ -232,7 +232,7 @@ def test_held_single_precision_integrals(ethanol, monkeypatch):
 def test_part_of_the_integrals_held(ethanol, monkeypatch):
     """Where the screened single-precision copy fits only in part, the guess holds it for
     some of the fitting functions and its passes skip those: the same fit and J as whole
-    passes to single precision, the first projection a whole pass (timed, for pricing)."""
+    passes to single precision, the first J a whole pass (timed, for pricing builds)."""
     auxmol = fit.make_auxmol(ethanol)
     full = coulomb.AuxCoulomb(ethanol, auxmol)
     monkeypatch.setattr(coulomb.lib, 'current_memory', lambda: (0., 0.))
@@ -244,15 +244,15 @@ def test_part_of_the_integrals_held(ethanol, monkeypatch):
     assert 0.3 < part.held_fraction < 0.41 and 'held' in part.route
     assert part._ints().shape == (part._held.size, part._pairs.size)
     dm = dft.RKS(ethanol, xc='pbe').init_guess_by_minao()
-    v = full.project(dm)
+    v, vp = full.project(dm), part.project(dm)
+    assert abs(vp - v).max() < 1e-6 * abs(v).max()
+    d = full.solve(v)
+    j = full.coulomb(d)
     assert part.pass_time is None
-    assert np.allclose(part.project(dm), v, atol=1e-10) and part.pass_time > 0
-    dm2 = dm + 0.1 * np.eye(len(dm))
-    v2, v2p = full.project(dm2), part.project(dm2)
-    assert abs(v2p - v2).max() < 1e-6 * abs(v2).max()
-    d = full.solve(v2)
-    j, jp = full.coulomb(d), part.coulomb(d)
-    assert abs(jp - j).max() < 1e-6 * abs(j).max()
+    assert np.allclose(part.coulomb(d), j, atol=1e-10) and part.pass_time > 0
+    d2 = d + 0.1 * full.solve(full.project(np.eye(len(dm))))
+    j2, j2p = full.coulomb(d2), part.coulomb(d2)
+    assert abs(j2p - j2).max() < 1e-6 * abs(j2).max()
     monkeypatch.setattr(coulomb, 'HELD_PART_MIN', 0.5)   # too few held: whole passes
     assert coulomb.AuxCoulomb(ethanol, auxmol,
                               max_memory=full.int3c_bytes * 1e-6 * 1.9)._held is None
@@ -746,6 +746,29 @@ def test_held_integrals_replace_the_scfs_direct_passes(ethanol, monkeypatch):
     assert passes and mf.with_df._cderi is None   # the SCF's own direct DF-J
     minao = _run(dft.RKS(ethanol, xc='pbe').density_fit(), 'minao')
     assert abs(mf.e_tot - minao.e_tot) < 1e-6 and mf.cycles <= ref.cycles < minao.cycles
+
+
+def test_part_held_on_the_scfs_direct_df_j_route(ethanol, monkeypatch):
+    """On the SCF's direct DF-J route with part of the integrals held, the guess is the one
+    whole passes give (the builds priced against a whole pass), and the SCF lands in
+    minao's state in fewer cycles."""
+    import io
+
+    def guess(held):
+        monkeypatch.setattr(coulomb, 'HELD_MEMORY', held)
+        mf = dft.RKS(ethanol, xc='pbe').density_fit()
+        mf.with_df.max_memory = 1
+        mf.stdout, mf.verbose = io.StringIO(), 4
+        return mf, pyscf_densr.init_guess(mf, fallback='error')
+    mf0, dm0 = guess(0)
+    # the screened copy takes ~6 MB here; ~2 MB of it held
+    mf, dm = guess(2 / (mf0.max_memory - coulomb.lib.current_memory()[0]))
+    log = mf.stdout.getvalue()
+    assert 'fitting functions held' in log and 'fitting functions held' not in mf0.stdout.getvalue()
+    assert abs(np.asarray(dm) - np.asarray(dm0)).max() < 1e-4   # the builds' own tolerance
+    mf.kernel(dm0=dm)
+    minao = _run(dft.RKS(ethanol, xc='pbe').density_fit(), 'minao')
+    assert abs(mf.e_tot - minao.e_tot) < 1e-6 and mf.cycles < minao.cycles
 
 
 def test_direct_route_builds_make_an_scf_cycles_passes(ethanol, monkeypatch):
