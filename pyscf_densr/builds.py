@@ -42,6 +42,10 @@ HISTORY = 8
 # builds and 10-100x over three corrected ones)
 STALL_RATIO = 0.5
 STALL_BUILDS = 3
+# and stop after their first residual where it is above the coarse builds' first one: the
+# finer grids' problem is then farther from the coarse builds' result than the network's
+# density was from theirs (GTP-Mg at PBE/STO-3G, a gas-phase tetra-anion whose HOMO is
+# above zero: 55.5 against 18.1; propranolol and ethanol start 5-7 times below it)
 
 
 def orthogonalizer(mf, s1e):
@@ -112,7 +116,8 @@ def scf_grid_ratio(mf, grids):
 
 def anderson_step(mf, v1, dm1, dm_sad, pred, aux, grids=None, dm_x=None, h1e=None, s1e=None,
                   x=None, log=None, builds=2, v_x=None, sym=None, cycle_priced=False,
-                  xc_shift=None, tol=0.0, costs=None, norms=None, stall=False):
+                  xc_shift=None, tol=0.0, costs=None, norms=None, stall=False,
+                  limit=None):
     """More Fock builds (``builds`` in all, counting the first), and the Anderson combination
     of the Fock matrices.
 
@@ -150,8 +155,9 @@ def anderson_step(mf, v1, dm1, dm_sad, pred, aux, grids=None, dm_x=None, h1e=Non
     ``xc_shift`` is added to every build's XC potential (:func:`refine`); the builds stop
     once the Coulomb norm of a build's residual is below ``tol``, and with ``stall`` once
     :data:`STALL_BUILDS` builds have not brought it below :data:`STALL_RATIO` of what it
-    was; the combination uses at most the :data:`HISTORY` newest builds. ``norms``: a list
-    that receives the residual norms of the builds after the first.
+    was; the combination uses at most the :data:`HISTORY` newest builds, and after the
+    second build where its residual is above ``limit``. ``norms``: a list that receives the
+    residual norms of the builds after the first.
     Returns (dm, the coefficients of the newest builds, the number of builds made).
     """
     mol = mf.mol
@@ -223,6 +229,8 @@ def anderson_step(mf, v1, dm1, dm_sad, pred, aux, grids=None, dm_x=None, h1e=Non
         if norm < tol:
             log.info('densr: Fock builds converged (residual %.3g below %.3g)', norm, tol)
             break
+        if limit is not None and len(norms) - first == 1 and norm > limit:
+            break
         if (stall and len(norms) - first > STALL_BUILDS
                 and norm > STALL_RATIO * norms[-STALL_BUILDS - 1]):
             log.info('densr: Fock builds stall (residual %.3g, %.3g %d builds before); no '
@@ -254,7 +262,7 @@ def anderson_step(mf, v1, dm1, dm_sad, pred, aux, grids=None, dm_x=None, h1e=Non
 
 
 def refine(mf, dm, dm_sad, aux, grids, fine_grids, builds, dm_x=None, h1e=None, s1e=None,
-           x=None, log=None, v_x=None, sym=None, tol=None):
+           x=None, log=None, v_x=None, sym=None, tol=None, limit=None):
     """Fock builds on the coarse guess ``grids`` corrected to the XC of ``fine_grids``.
 
     The guess's builds converge the Kohn-Sham problem whose XC lives on its coarse grids,
@@ -265,7 +273,8 @@ def refine(mf, dm, dm_sad, aux, grids, fine_grids, builds, dm_x=None, h1e=None, 
     builds then converge towards the fine grids' solution at the coarse grids' price. The
     first build is the fine potential of ``dm`` itself; up to ``builds`` in all, stopped
     once a residual's Coulomb norm is below ``tol`` (default :data:`REFINE_TOL`) or where
-    the builds stall (:func:`anderson_step`).
+    the builds stall (:func:`anderson_step`). Where the first residual is above ``limit``
+    (the coarse builds' first) the builds stop there and ``dm`` itself is returned.
     Returns (dm, builds made).
     """
     mol = mf.mol
@@ -292,9 +301,15 @@ def refine(mf, dm, dm_sad, aux, grids, fine_grids, builds, dm_x=None, h1e=None, 
              grids.weights.size, t1 - t0, float(abs(shift).max()))
     if builds < 2:
         return dm1, 1
-    dm, _, made = anderson_step(mf, v, dm1, dm_sad, (d, j), aux, grids, dm_x, h1e, s1e, x,
-                                log, builds, v_x, sym, xc_shift=shift, tol=tol, stall=True)
-    return dm, made
+    norms = []
+    dm_out, _, made = anderson_step(mf, v, dm1, dm_sad, (d, j), aux, grids, dm_x, h1e, s1e,
+                                    x, log, builds, v_x, sym, xc_shift=shift, tol=tol,
+                                    stall=True, norms=norms, limit=limit)
+    if limit is not None and norms and norms[0] > limit:
+        log.info('densr: the corrected builds move away (residual %.3g, the coarse builds '
+                 'started at %.3g); the coarse builds\' result is kept', norms[0], limit)
+        return dm, made
+    return dm_out, made
 
 
 def _anderson_coefficients(rs, mrs):

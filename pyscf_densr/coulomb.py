@@ -24,6 +24,8 @@ for the length of the guess: the shell pairs PySCF's passes would not screen out
 precision (contracted in double), where they fit in :data:`HELD_MEMORY` of what the memory
 limit leaves free. One integral evaluation then replaces the two or three passes of every
 Fock build (verapamil, 71 atoms: 0.9 GB, 54% of the pairs); the copy goes with the guess.
+Where it does not fit whole, it is held for as many fitting functions as fit, and the
+passes skip those functions.
 """
 
 import time

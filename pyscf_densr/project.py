@@ -191,7 +191,7 @@ def density_matrix_from_delta_rho(mf, delta_rho, grid, dm_sad=None, auxbasis=DEF
         if v_s is not None:
             v_x = v_k + solvent_potential(mf, dm)
         dm, more = refine(mf, dm, dm_sad, aux, grids, fine, refine_builds, dm_x, h1e, s1e,
-                          x, log, v_x, sym)
+                          x, log, v_x, sym, limit=norms[0] if norms else None)
         made += more
         log.info('densr: %d Fock builds corrected to finer grids in %.2f s', more,
                  time.perf_counter() - t3)
