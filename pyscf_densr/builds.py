@@ -42,10 +42,11 @@ HISTORY = 8
 # builds and 10-100x over three corrected ones)
 STALL_RATIO = 0.5
 STALL_BUILDS = 3
-# and stop after their first residual where it is above the coarse builds' first one: the
+# and stop after the first where its residual is above the coarse builds' first one: the
 # finer grids' problem is then farther from the coarse builds' result than the network's
 # density was from theirs (GTP-Mg at PBE/STO-3G, a gas-phase tetra-anion whose HOMO is
-# above zero: 55.5 against 18.1; propranolol and ethanol start 5-7 times below it)
+# above zero: the second corrected residual 55.5 against 18.1; ethanol, salicylic acid and
+# propranolol start 12-16 times below it)
 
 
 def orthogonalizer(mf, s1e):
@@ -155,9 +156,10 @@ def anderson_step(mf, v1, dm1, dm_sad, pred, aux, grids=None, dm_x=None, h1e=Non
     ``xc_shift`` is added to every build's XC potential (:func:`refine`); the builds stop
     once the Coulomb norm of a build's residual is below ``tol``, and with ``stall`` once
     :data:`STALL_BUILDS` builds have not brought it below :data:`STALL_RATIO` of what it
-    was; the combination uses at most the :data:`HISTORY` newest builds, and after the
-    second build where its residual is above ``limit``. ``norms``: a list that receives the
-    residual norms of the builds after the first.
+    was; the combination uses at most the :data:`HISTORY` newest builds. Where the first
+    build's residual (rho[dm1] - rho_pred) is above ``limit`` no more builds are made.
+    ``norms``: a list that receives the residual norms of the builds after the first (and
+    that one, where it stops them).
     Returns (dm, the coefficients of the newest builds, the number of builds made).
     """
     mol = mf.mol
@@ -193,6 +195,12 @@ def anderson_step(mf, v1, dm1, dm_sad, pred, aux, grids=None, dm_x=None, h1e=Non
     ratio = scf_grid_ratio(mf, grids) if cycle_priced else None
     norms = [] if norms is None else norms
     first = len(norms)
+    if limit is not None:
+        norm = np.sqrt(max(float(rs[0].dot(mrs[0])), 0))
+        log.debug('densr: Coulomb norm of the residual of the first build %.3g', norm)
+        if norm > limit:
+            norms.append(norm)
+            return dm1, coeffs, 1
     k = 1
     while k < builds:
         k += 1
@@ -228,8 +236,6 @@ def anderson_step(mf, v1, dm1, dm_sad, pred, aux, grids=None, dm_x=None, h1e=Non
             dm = fock_dm(sum(a * v for a, v in zip(coeffs, vs)))
         if norm < tol:
             log.info('densr: Fock builds converged (residual %.3g below %.3g)', norm, tol)
-            break
-        if limit is not None and len(norms) - first == 1 and norm > limit:
             break
         if (stall and len(norms) - first > STALL_BUILDS
                 and norm > STALL_RATIO * norms[-STALL_BUILDS - 1]):
