@@ -1,6 +1,7 @@
 """The densr guess end to end: same answers as PySCF's own guesses, for every SCF flavour."""
 
 import os
+import re
 import shutil
 
 import numpy as np
@@ -243,6 +244,24 @@ def test_corrected_builds_that_move_away_keep_the_coarse_result(ethanol, monkeyp
     coarse = pyscf_densr.init_guess(dft.RKS(ethanol, xc='pbe'), refine_builds=0)
     assert abs(np.asarray(dm) - np.asarray(coarse)).max() < 1e-10
     assert made['fock_builds'] == hook.guess_fock_builds(hook.load_model()) + 1
+    # a limit between the first corrected residual and the second: stopped after the second
+    monkeypatch.setattr(project, 'refine', real)
+    mf = dft.RKS(ethanol, xc='pbe')
+    mf.stdout, mf.verbose = io.StringIO(), 5
+    pyscf_densr.init_guess(mf, fallback='error')
+    log = mf.stdout.getvalue()
+    r1 = float(re.search(r'residual of the first build (\S+)', log).group(1))
+    r2 = float(re.search(r'corrected Fock build 2; Coulomb norm of its residual (\S+);',
+                         log).group(1))
+    if r2 > r1:
+        lim = (r1 + r2) / 2
+        monkeypatch.setattr(project, 'refine', lambda *a, **k: real(*a, **dict(k, limit=lim)))
+        mf = dft.RKS(ethanol, xc='pbe')
+        mf.stdout, mf.verbose = io.StringIO(), 4
+        dm = pyscf_densr.init_guess(mf, fallback='error', details=made)
+        assert 'corrected builds move away' in mf.stdout.getvalue()
+        assert abs(np.asarray(dm) - np.asarray(coarse)).max() < 1e-10
+        assert made['fock_builds'] == hook.guess_fock_builds(hook.load_model()) + 2
 
 
 def test_part_of_the_integrals_held(ethanol, monkeypatch):
