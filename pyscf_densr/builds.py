@@ -281,8 +281,9 @@ def refine(mf, dm, dm_sad, aux, grids, fine_grids, builds, dm_x=None, h1e=None, 
     builds then converge towards the fine grids' solution at the coarse grids' price. The
     first build is the fine potential of ``dm`` itself; up to ``builds`` in all, stopped
     once a residual's Coulomb norm is below ``tol`` (default :data:`REFINE_TOL`) or where
-    the builds stall (:func:`anderson_step`). Where the first residual is above ``limit``
-    (the coarse builds' first) the builds stop there and ``dm`` itself is returned.
+    the builds stall (:func:`anderson_step`). Where the first or second residual is above
+    ``limit`` (the coarse builds' first) the builds stop there and ``dm`` itself is
+    returned.
     Returns (dm, builds made).
     """
     mol = mf.mol

@@ -273,19 +273,34 @@ class AuxCoulomb:
         for r0 in range(0, held.shape[0], step):
             yield r0, held[r0:r0 + step].astype(np.float64)
 
+    def _held_functions(self, r0, n):
+        """The auxiliary functions of held rows r0 .. r0 + n."""
+        return slice(r0, r0 + n) if self._held is None else self._held[r0:r0 + n]
+
+    def _held_project(self, dm, out):
+        """``out`` with (k|rho[dm]) of the held functions filled in from the held rows."""
+        # s2ij pairs i >= j carry P_ij + P_ji off the diagonal
+        tril = lib.pack_tril(dm + dm.T - np.diag(dm.diagonal()))[self._pairs]
+        for r0, rows in self._held_rows():
+            out[self._held_functions(r0, len(rows))] = rows.dot(tril)
+        return out
+
+    def _held_coulomb(self, d):
+        """The J matrix of the held functions' coefficients in ``d``."""
+        held = np.zeros(self._pairs.size)
+        for r0, rows in self._held_rows():
+            held += d[self._held_functions(r0, len(rows))].dot(rows)
+        tril = np.zeros(self.mol.nao * (self.mol.nao + 1) // 2)
+        tril[self._pairs] = held
+        return lib.unpack_tril(tril)
+
     def project(self, dm):
         mol = self.mol
         dm = np.asarray(dm, dtype=np.float64, order='C').reshape(mol.nao, mol.nao)
+        if self.incore and self._pairs is None:
+            return self._ints().T.dot(lib.pack_tril(dm + dm.T - np.diag(dm.diagonal())))
         if self.incore:
-            # s2ij pairs i >= j carry P_ij + P_ji off the diagonal
-            tril = lib.pack_tril(dm + dm.T - np.diag(dm.diagonal()))
-            if self._pairs is None:
-                return self._ints().T.dot(tril)
-            tril = tril[self._pairs]
-            out = np.empty(self.auxmol.nao)
-            for r0, rows in self._held_rows():
-                out[r0:r0 + len(rows)] = rows.dot(tril)
-            return out
+            return self._held_project(dm, np.empty(self.auxmol.nao))
         if self._held is None:
             return self._pass1(dm)
         # a pass over the functions not held, the held rows for the others
@@ -293,10 +308,7 @@ class AuxCoulomb:
         q[mol.nbas**2:][self._held_shells] = 0
         with lib.temporary_env(self.opt, q_cond=q):
             out = self._pass1(dm)
-        tril = lib.pack_tril(dm + dm.T - np.diag(dm.diagonal()))[self._pairs]
-        for r0, rows in self._held_rows():
-            out[self._held[r0:r0 + len(rows)]] = rows.dot(tril)
-        return out
+        return self._held_project(dm, out)
 
     def _pass1(self, dm):
         from pyscf.scf import jk
@@ -356,12 +368,7 @@ class AuxCoulomb:
         if self.incore and self._pairs is None:
             return lib.unpack_tril(self._ints().dot(d))
         if self.incore:
-            held = np.zeros(self._pairs.size)
-            for r0, rows in self._held_rows():
-                held += d[r0:r0 + len(rows)].dot(rows)
-            tril = np.zeros(self.mol.nao * (self.mol.nao + 1) // 2)
-            tril[self._pairs] = held
-            return lib.unpack_tril(tril)
+            return self._held_coulomb(d)
         if self._held is None:
             return _vj_pass2(self.mol, self.auxmol, self.opt, d)
         if self.pass_time is None:
@@ -374,13 +381,7 @@ class AuxCoulomb:
         # add theirs
         rest = d.copy()
         rest[self._held] = 0
-        vj = _vj_pass2(self.mol, self.auxmol, self.opt, rest)
-        held = np.zeros(self._pairs.size)
-        for r0, rows in self._held_rows():
-            held += d[self._held[r0:r0 + len(rows)]].dot(rows)
-        tril = np.zeros(self.mol.nao * (self.mol.nao + 1) // 2)
-        tril[self._pairs] = held
-        return vj + lib.unpack_tril(tril)
+        return _vj_pass2(self.mol, self.auxmol, self.opt, rest) + self._held_coulomb(d)
 
     @property
     def route(self):
