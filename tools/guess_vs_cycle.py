@@ -34,7 +34,12 @@ def main(argv=None):
                     help="also time the cycle's J and XC apart (one more cycle's time)")
     ap.add_argument('--max-memory', type=float, default=None,
                     help="mf.max_memory in MB (default PySCF's, 4000)")
+    ap.add_argument('--held-memory', type=float, default=None,
+                    help="coulomb.HELD_MEMORY, the share of the free memory the guess may "
+                         "hold its 3-centre integrals in (default 0.6; 0: whole passes)")
     a = ap.parse_args(argv)
+    if a.held_memory is not None:
+        coulomb.HELD_MEMORY = a.held_memory
     lib.num_threads(a.threads)
     level = bench.parse_level(a.level)
     m = bench.molecules_from_xyz([a.xyz], charge=a.charge)[0]
