@@ -136,6 +136,9 @@ def exchange_potential(mf, dm):
     if abs(hyb) < 1e-14 and abs(alpha) < 1e-14:
         return np.zeros_like(np.asarray(dm))
 
+    if getattr(mf, 'with_df', None) is not None:
+        dm = _factored(dm, mol.nao_nr())
+
     def get_k(omega=None):
         if getattr(mf, 'direct_scf', True) is False and getattr(mf, 'with_df', None) is None:
             # PySCF's get_k alone needs the direct-SCF screening object, which
@@ -179,6 +182,37 @@ def solvent_potential(mf, dm):
     if getattr(solvent, 'frozen', False):
         return solvent.v
     return solvent.kernel(dm)[1]
+
+
+def _factored(dm, nao, cutoff=1e-12):
+    """``dm`` tagged with dm = C diag(n) C^T (its eigenvectors and eigenvalues, those under
+    ``cutoff`` of the largest set to zero), so that PySCF's density-fitted K contracts the
+    3-centre integrals with the columns of n > 0 (about the occupied orbitals) and not with
+    every basis function, as it does for an untagged matrix: the exchange of P_SAD, whose
+    rank is that of the atoms' minimal basis, and of an aufbau matrix, of rank the
+    occupied orbitals, costs that fraction of a full-rank one. ``dm`` itself where it is
+    tagged already, complex, not (nao, nao) or (2, nao, nao), or not positive semidefinite
+    (then PySCF's full-rank route is exact)."""
+    if getattr(dm, 'mo_coeff', None) is not None:
+        return dm
+    dm = np.asarray(dm)
+    if (np.iscomplexobj(dm) or dm.shape[-2:] != (nao, nao) or dm.ndim not in (2, 3)
+            or (dm.ndim == 3 and dm.shape[0] != 2)):
+        return dm
+    cs, ns = [], []
+    for p in dm.reshape(-1, nao, nao):
+        if abs(p - p.T).max() > 1e-10:
+            return dm
+        n, c = np.linalg.eigh(p)
+        top = max(abs(n).max(), 1e-300)
+        if n.min() < -1e-8 * top:
+            return dm
+        n[n < cutoff * top] = 0
+        cs.append(c)
+        ns.append(n)
+    if dm.ndim == 2:
+        return lib.tag_array(dm, mo_coeff=cs[0], mo_occ=ns[0])
+    return lib.tag_array(dm, mo_coeff=np.asarray(cs), mo_occ=np.asarray(ns))
 
 
 def add_exchange(mf, v_local, dm):

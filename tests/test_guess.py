@@ -152,6 +152,26 @@ def test_corrected_builds_for_exact_exchange_only_when_asked(ethanol):
         assert mf.converged and abs(mf.e_tot - ref.e_tot) < 1e-6
 
 
+def test_density_fitted_exchange_from_a_factored_matrix(ethanol):
+    """On a density-fitted hybrid the guess's exact exchange is PySCF's K of the same matrix
+    (restricted and alpha/beta, P_SAD and an aufbau matrix), contracted over the matrix's
+    nonzero eigenvectors only: P_SAD's rank is the atoms' minimal basis, not the basis;
+    a matrix that is not positive semidefinite keeps PySCF's full-rank route."""
+    nao = ethanol.nao
+    for cls in (dft.RKS, dft.UKS):
+        mf = cls(ethanol, xc='b3lyp').density_fit()
+        dm_sad = np.asarray(mf.get_init_guess(key='minao'))
+        mf.kernel()
+        for dm in (dm_sad, np.asarray(mf.make_rdm1())):
+            hyb = mf._numint.rsh_and_hybrid_coeff(mf.xc, ethanol.spin)[2]
+            ref = mf.get_k(ethanol, dm) * hyb
+            assert abs(potential.exchange_potential(mf, dm) - ref).max() < 1e-10
+        rank = (np.asarray(potential._factored(dm_sad, nao).mo_occ) > 0).sum(axis=-1)
+        assert np.ravel(rank)[0] <= 21   # (alpha) 2 C and O: 5 each; 6 H: 1 each
+    indefinite = dm_sad[0] - 0.1 * np.eye(nao)
+    assert getattr(potential._factored(indefinite, nao), 'mo_coeff', None) is None
+
+
 def test_anderson_coefficients_minimise_the_residual():
     """The mixing coefficients sum to 1 and minimise the metric norm of the combined
     residual (checked against a dense scan); a residual history that is linear in the
