@@ -37,8 +37,9 @@ there is one (for what a user cannot set in code), else the model's setting.
 ``densr_refine_builds`` at most this many further Fock builds whose coarse XC is corrected
                        to the XC of finer grids (:func:`builds.refine`), stopped when
                        converged; default ``builds.REFINE_BUILDS``; 0: none. Made where
-                       the guess's grids are coarser than the SCF's, the method has no
-                       exact exchange (unless set) and its Coulomb builds are
+                       the guess's grids are coarser than the SCF's, exact exchange (if
+                       any) is rebuilt (``densr_exchange`` auto or iterate; with ``sad``
+                       only where set) and the guess's Coulomb builds are
                        cheap (3-centre integrals or the DF tensor in memory; on the SCF's
                        direct DF-J route where a build costs less than
                        ``builds.REFINE_PRICE`` SCF cycles)

@@ -60,8 +60,10 @@ def density_matrix_from_delta_rho(mf, delta_rho, grid, dm_sad=None, auxbasis=DEF
             (level ``builds.REFINE_GRIDS_LEVEL``, or the SCF's own where those are not finer;
             :func:`builds.refine`), where the guess's grids are coarser than the SCF's and
             its Coulomb builds cheap (the 3-centre integrals in memory); 0: none.
-        refine_exchange: make them also for methods with exact exchange (hybrids), whose
-            exchange is then rebuilt once more before them.
+            With exact exchange (hybrids) they are made where it is rebuilt
+            (``exchange`` 'iterate', the default for them), after one more exchange build.
+        refine_exchange: make them also where the exact exchange stays that of P_SAD
+            (``exchange`` 'sad').
         details: a dict that receives ``fock_builds``, the Fock builds made (the exchange
             rebuild counted).
     Returns:
@@ -155,13 +157,14 @@ def density_matrix_from_delta_rho(mf, delta_rho, grid, dm_sad=None, auxbasis=DEF
         log.info('densr: %d more Fock builds in %.2f s%s', made - 1, time.perf_counter() - t3,
                  '; a build %.3g s, an SCF cycle about %.3g s' % (costs['build'], costs['cycle'])
                  if costs else '')
-    # the corrected builds: where the guess's grids are coarser than the SCF's, not for exact
-    # exchange unless asked (no gain measured), where the coarse builds converge, and where
+    # the corrected builds: where the guess's grids are coarser than the SCF's, with exact
+    # exchange only where it is rebuilt before them (frozen at P_SAD's they gain nothing),
+    # where the coarse builds converge, and where
     # a build is cheap: 3-centre integrals in memory, or on the SCF's direct DF-J route a
     # priced build under REFINE_PRICE estimated SCF cycles
     has_x = abs(hyb) > 1e-14 or abs(alpha) > 1e-14
     wanted = (refine_builds and grids is not None and grids.level < mf.grids.level
-              and (refine_exchange or not has_x))
+              and (refine_exchange or not has_x or exchange == 'iterate'))
     if wanted and len(norms) > 1 and norms[-1] > builds.STALL_RATIO * norms[0]:
         log.info('densr: no builds corrected to finer grids: the coarse builds do not '
                  'converge (residual %.3g after %.3g)', norms[-1], norms[0])

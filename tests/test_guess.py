@@ -134,22 +134,30 @@ def test_builds_that_stall_are_not_continued(ethanol, monkeypatch):
     assert made < coarse + hook.guess_refine_builds()
 
 
-def test_corrected_builds_for_exact_exchange_only_when_asked(ethanol):
-    """Hybrids get no corrected builds by default (no gain measured); set, they are made,
-    after one more exchange build, and the SCF lands in minao's state."""
+def test_corrected_builds_for_exact_exchange_where_it_is_rebuilt(ethanol):
+    """Hybrids get corrected builds by default, after one more exchange build, in no more
+    SCF cycles than without them and in minao's state; with the exchange frozen at
+    P_SAD's (``densr_exchange = 'sad'``) only where ``densr_refine_builds`` is set."""
     import io
     ref = _run(dft.RKS(ethanol, xc='b3lyp'), 'minao')
-    for n, corrected in ((None, False), (hook.guess_refine_builds(), True)):
+    n_set = hook.guess_refine_builds()
+    cycles = {}
+    for exchange, n, corrected in (('auto', None, True), ('auto', 0, False),
+                                   ('sad', None, False), ('sad', n_set, True)):
         mf = dft.RKS(ethanol, xc='b3lyp')
-        mf.densr_refine_builds = n
+        mf.densr_refine_builds, mf.densr_exchange = n, exchange
         mf.stdout, mf.verbose = io.StringIO(), 4
         made = {}
         dm = pyscf_densr.init_guess(mf, fallback='error', details=made)
         assert ('corrected Fock build' in mf.stdout.getvalue()) == corrected
-        assert (made['fock_builds'] > hook.guess_fock_builds(hook.load_model()) + 2) == corrected
+        rebuilt = exchange == 'auto'
+        coarse = hook.guess_fock_builds(hook.load_model()) + rebuilt
+        assert (made['fock_builds'] > coarse + rebuilt) == corrected
         mf.verbose = 0
         mf.kernel(dm0=dm)
         assert mf.converged and abs(mf.e_tot - ref.e_tot) < 1e-6
+        cycles[exchange, n] = mf.cycles
+    assert cycles['auto', None] <= cycles['auto', 0] < ref.cycles
 
 
 def test_density_fitted_exchange_from_a_factored_matrix(ethanol):
