@@ -281,15 +281,17 @@ def test_corrected_builds_that_move_away_keep_the_coarse_result(ethanol, monkeyp
     r1 = float(re.search(r'residual of the first build (\S+)', log).group(1))
     r2 = float(re.search(r'corrected Fock build 2; Coulomb norm of its residual (\S+);',
                          log).group(1))
-    if r2 > r1:
-        lim = (r1 + r2) / 2
-        monkeypatch.setattr(project, 'refine', lambda *a, **k: real(*a, **dict(k, limit=lim)))
-        mf = dft.RKS(ethanol, xc='pbe')
-        mf.stdout, mf.verbose = io.StringIO(), 4
-        dm = pyscf_densr.init_guess(mf, fallback='error', details=made)
-        assert 'corrected builds move away' in mf.stdout.getvalue()
-        assert abs(np.asarray(dm) - np.asarray(coarse)).max() < 1e-10
-        assert made['fock_builds'] == hook.guess_fock_builds(hook.load_model()) + 2
+    # ethanol's second corrected residual is above its first (0.0204 against 0.0124), which
+    # this path needs; asserted, so that it cannot be skipped silently
+    assert r2 > r1
+    lim = (r1 + r2) / 2
+    monkeypatch.setattr(project, 'refine', lambda *a, **k: real(*a, **dict(k, limit=lim)))
+    mf = dft.RKS(ethanol, xc='pbe')
+    mf.stdout, mf.verbose = io.StringIO(), 4
+    dm = pyscf_densr.init_guess(mf, fallback='error', details=made)
+    assert 'corrected builds move away' in mf.stdout.getvalue()
+    assert abs(np.asarray(dm) - np.asarray(coarse)).max() < 1e-10
+    assert made['fock_builds'] == hook.guess_fock_builds(hook.load_model()) + 2
 
 
 def test_part_of_the_integrals_held(ethanol, monkeypatch):
