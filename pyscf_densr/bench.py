@@ -9,7 +9,13 @@ For every molecule x level x guess one SCF runs from a fresh SCF object (PySCF's
 convergence settings unless ``--conv-tol``/``--max-cycle``/``--grids-level`` say otherwise);
 all guesses of one molecule and level run one after another in this process, so their times
 are comparable. ``minao`` always runs first: its converged solution is the reference
-(energy ``E_conv``, density matrix ``P_conv``) of every other row.
+(energy ``E_conv``, density matrix ``P_conv``) of every other row. For molecules whose SCF
+takes hours, ``--no-reference`` runs the other guesses in a second process beside the one
+running minao, both appending to one CSV; a later ``--resume`` run prints their comparison:
+
+    densr bench --smiles-file big.smi --guesses minao --csv big.csv &
+    densr bench --smiles-file big.smi --guesses densr --no-reference --csv big.csv --resume
+    densr bench --smiles-file big.smi --guesses minao densr --csv big.csv --resume
 
 Guesses: PySCF's own (``minao atom huckel mod_huckel sap vsap 1e``; ``vsap`` needs a DFT
 level), ``densr`` (:func:`pyscf_densr.init_guess`, the public path), and two references
@@ -477,11 +483,14 @@ def _short_error(e):
 def bench_molecule(molecule, level, guesses=DEFAULT_GUESSES, model=None, device=None,
                    exchange=None, done=(), nmae_mode='pred', grids_level=None, conv_tol=None,
                    max_cycle=None, verbose=0, on_row=None, df_auxbasis=None,
-                   max_memory=None, scf_options=None):
+                   max_memory=None, scf_options=None, reference=True):
     """Rows (dicts of :data:`COLUMNS`) of one molecule at one level, every guess in turn.
 
     ``minao`` runs first as the reference. Guesses whose (molecule, level, guess) key is in
     ``done`` are skipped (the minao reference still runs if any other guess is left).
+    ``reference=False`` runs no minao SCF: the rows leave ``dE``, ``same_state``,
+    ``proj_score`` and ``dE_guess`` blank for :func:`compare_with_reference` (oracle and
+    control, which need the converged density, are refused).
     ``model`` is a loaded network, a name or None (the default model) for
     densr/oracle/control. ``nmae_mode``: ``'pred'``
     (NMAE of the grid densities), ``'dm'`` (also of rho[P_guess] for every guess) or
@@ -490,6 +499,10 @@ def bench_molecule(molecule, level, guesses=DEFAULT_GUESSES, model=None, device=
     """
     order = ['minao'] + [g for g in guesses if g != 'minao']
     todo = [g for g in order if (molecule['name'], level['name'], g) not in done]
+    if not reference:
+        if 'oracle' in todo or 'control' in todo:
+            raise ValueError('oracle and control need the minao reference in this process')
+        todo = [g for g in todo if g != 'minao']
     if not todo:
         return []
     mol = build_mol(molecule, level['basis'], verbose, max_memory)
@@ -526,6 +539,10 @@ def bench_molecule(molecule, level, guesses=DEFAULT_GUESSES, model=None, device=
         row['cycle_time'] = row['scf_time'] / max(row['cycles'], 1)
         return mf, row, dm0, info
 
+    if not reference:
+        for g in todo:
+            emit(scf(g)[1])
+        return rows
     mf_ref, row_ref, dm_sad, _ = scf('minao')
     if row_ref['error']:
         for g in todo:
@@ -588,7 +605,7 @@ def bench_molecule(molecule, level, guesses=DEFAULT_GUESSES, model=None, device=
 def bench(molecules, levels, guesses=DEFAULT_GUESSES, model=None, device=None, exchange=None,
           done=(), nmae_mode='pred', grids_level=None, conv_tol=None, max_cycle=None,
           verbose=0, on_row=None, progress=False, df_auxbasis=None, max_memory=None,
-          scf_options=None):
+          scf_options=None, reference=True):
     """Rows of every molecule x level (x guess); see :func:`bench_molecule`.
 
     ``levels`` are strings (``'pbe/def2-svp'``) or :func:`parse_level` dicts; ``model`` a
@@ -610,13 +627,32 @@ def bench(molecules, levels, guesses=DEFAULT_GUESSES, model=None, device=None, e
                 bar.set_postfix_str('%s %s' % (m['name'][:24], lv['name']))
             rows += bench_molecule(m, lv, guesses, net, device, exchange, done, nmae_mode,
                                    grids_level, conv_tol, max_cycle, verbose, on_row,
-                                   df_auxbasis, max_memory, scf_options)
+                                   df_auxbasis, max_memory, scf_options, reference)
             if bar is not None:
                 bar.update()
     finally:
         if bar is not None:
             bar.close()
     return rows
+
+
+def compare_with_reference(rows):
+    """Fill ``dE`` and ``same_state`` of rows made without the reference in their process
+    (``--no-reference``) from the minao row of the same molecule and level, where there is
+    one; returns the number of rows filled."""
+    ref = {(r['molecule'], r['level']): r for r in rows
+           if r['guess'] == 'minao' and not r.get('error') and r.get('e_tot') is not None}
+    n = 0
+    for r in rows:
+        a = ref.get((r['molecule'], r['level']))
+        if (a is None or r['guess'] == 'minao' or r.get('error') or r.get('e_tot') is None
+                or r.get('dE') is not None):
+            continue
+        r['dE'] = r['e_tot'] - a['e_tot']
+        r['same_state'] = bool(r['converged'] and a['converged']
+                               and abs(r['dE']) < SAME_STATE_TOL)
+        n += 1
+    return n
 
 
 def check_guesses(guesses):
@@ -1068,6 +1104,11 @@ def _parser():
     out.add_argument('--resume', action='store_true',
                      help='keep the rows already in --csv and skip their '
                           '(molecule, level, guess)')
+    out.add_argument('--no-reference', action='store_true',
+                     help="run no minao SCF here: with --csv, another process runs minao "
+                          "into the same CSV side by side, and the summary compares the "
+                          "rows with its row once it is there (dE and same_state; "
+                          "proj_score and dE_guess stay blank; not with oracle or control)")
     out.add_argument('--plots', metavar='DIR', help='write PNG plots to DIR')
     out.add_argument('--summary-only', action='store_true',
                      help='print only the per-level summary, not every row')
@@ -1117,6 +1158,10 @@ def main(argv=None):
     for lv in levels:
         lv['df_incore'] = lv['df'] and args.df_incore
     guesses = check_guesses(args.guesses)
+    if args.no_reference and ('oracle' in guesses or 'control' in guesses):
+        print('densr bench: --no-reference: oracle and control need the minao reference '
+              'in their process', file=sys.stderr)
+        return 2
     molecules = collect_molecules(args)
     if not molecules:
         print('densr bench: no molecules (give xyz files, --smiles, --smiles-file, --drugs '
@@ -1125,6 +1170,7 @@ def main(argv=None):
     old = []
     if args.resume and os.path.exists(args.csv):
         old = read_csv(args.csv)
+    compare_with_reference(old)
     done = {(r['molecule'], r['level'], r['guess']) for r in old}
     on_row = CsvAppender(args.csv, old) if args.csv else None
     nmae_mode = 'none' if args.no_nmae else 'dm' if args.nmae_dm else 'pred'
@@ -1134,12 +1180,14 @@ def main(argv=None):
                  on_row, progress=not args.no_progress, df_auxbasis=args.df_auxbasis,
                  max_memory=args.max_memory,
                  scf_options={'level_shift': args.level_shift, 'damp': args.damp,
-                              'diis_start_cycle': args.diis_start_cycle})
+                              'diis_start_cycle': args.diis_start_cycle},
+                 reference=not args.no_reference)
     wall = time.perf_counter() - t0
     # keep only the rows this command asks about (a resumed CSV may hold more)
     keys = {(m['name'], lv['name']) for m in molecules for lv in levels}
     allrows = [r for r in old if (r['molecule'], r['level']) in keys and r['guess'] in guesses]
     allrows += rows
+    compare_with_reference(allrows)
     if not args.summary_only:
         print(format_rows(allrows))
         print()

@@ -152,6 +152,42 @@ def test_resume_skips_finished_rows(tmp_path, monkeypatch, capsys):
     assert len(set(keys)) == 6
 
 
+def test_guesses_beside_the_reference_in_another_process(tmp_path, monkeypatch, capsys):
+    """--no-reference runs no minao SCF; the resumed summary compares the rows with the
+    minao row another run appended to the same CSV, and finds a wrong state."""
+    xyz = _xyz(tmp_path)
+    out = str(tmp_path / 'r.csv')
+    common = [xyz, '--levels', 'hf/sto-3g', '--csv', out, '--no-progress']
+    calls = []
+    real = bench.run_scf
+
+    def counting(mf, dm0):
+        calls.append(1)
+        return real(mf, dm0)
+    monkeypatch.setattr(bench, 'run_scf', counting)
+    assert bench.main(common + ['--guesses', 'sap', '1e', '--no-reference']) == 0
+    assert len(calls) == 2
+    rows = bench.read_csv(out)
+    assert [r['guess'] for r in rows] == ['sap', '1e']
+    assert all(r['dE'] is None and r['proj_score'] is None for r in rows)
+    assert bench.main(common + ['--guesses', 'minao', '--resume']) == 0
+    assert len(calls) == 3
+    capsys.readouterr()
+    assert bench.main(common + ['--guesses', 'minao', 'sap', '1e', '--resume']) == 0
+    assert len(calls) == 3
+    rows = {r['guess']: r for r in bench.read_csv(out)}
+    assert set(rows) == {'minao', 'sap', '1e'}
+    for g in ('sap', '1e'):
+        assert abs(rows[g]['dE']) < 1e-6 and rows[g]['same_state'] is True
+    # a row whose energy is not minao's is not counted as the same state
+    bad = bench.read_csv(out)
+    bad[1]['e_tot'] += 1e-3
+    bad[1]['dE'] = bad[1]['same_state'] = None
+    assert bench.compare_with_reference(bad) == 1
+    assert bad[1]['same_state'] is False and abs(bad[1]['dE'] - 1e-3) < 1e-9
+    assert bench.main(common + ['--guesses', 'control', '--no-reference']) == 2
+
+
 def test_smiles_input(capsys):
     pytest.importorskip('rdkit')
     mols = bench.molecules_from_smiles(['C', '[CH3]'], names=['methane', None])
