@@ -318,9 +318,13 @@ def test_part_of_the_integrals_held(ethanol, monkeypatch):
     d2 = d + 0.1 * full.solve(full.project(np.eye(len(dm))))
     j2, j2p = full.coulomb(d2), part.coulomb(d2)
     assert abs(j2p - j2).max() < 1e-6 * abs(j2).max()
+    assert 'none of its' not in part.route
     monkeypatch.setattr(coulomb, 'HELD_PART_MIN', 0.5)   # too few held: whole passes
-    assert coulomb.AuxCoulomb(ethanol, auxmol,
-                              max_memory=full.int3c_bytes * 1e-6 * 1.9)._held is None
+    none = coulomb.AuxCoulomb(ethanol, auxmol, max_memory=full.int3c_bytes * 1e-6 * 1.9)
+    assert none._held is None and not none.incore
+    # and the log says what holding them would take
+    assert 'none of its screened integrals held' in none.route
+    assert '%.1f GB' % (whole * 1e-3) in none.route
 
 
 def test_direct_three_centre_route_is_announced(ethanol, monkeypatch):
