@@ -165,7 +165,8 @@ class AuxCoulomb:
         self._int3c = None
         self._pairs = None      # the held pairs (packed-triangle positions) where screened
         self._held = None       # the auxiliary functions held, where only some fit
-        self._held_budget = None  # MB allowed for them, where not even HELD_PART_MIN fit
+        self._held_budget = None  # (MB allowed, bytes of the whole copy) where not even
+        #                           HELD_PART_MIN of it fits
         self.pass_time = None   # seconds of one whole J pass, where the others are partial
         self._last = None
         if vjopt is not None:   # PySCF's own direct DF-J state, shared with the SCF
@@ -205,9 +206,8 @@ class AuxCoulomb:
         primitive, 2.0 with two, 6.6 with three, 12 with seven; s 4.3, p-g 1.5-2.6)."""
         auxmol = self.auxmol
         nrows = int(budget_mb / (npair * 4e-6))
-        self.int3c_bytes = npair * auxmol.nao * 4
         if nrows < HELD_PART_MIN * auxmol.nao:
-            self._held_budget = budget_mb
+            self._held_budget = (budget_mb, npair * auxmol.nao * 4)
             return
         aux_loc = auxmol.ao_loc_nr()
         size = np.diff(aux_loc)
@@ -224,6 +224,7 @@ class AuxCoulomb:
         self._held = np.hstack([np.arange(aux_loc[i], aux_loc[i + 1])
                                 for i in np.flatnonzero(mask)])
         self._pairs = _pair_positions(self.mol, keep)
+        self.int3c_bytes = npair * auxmol.nao * 4
 
     @property
     def held_fraction(self):
@@ -388,13 +389,13 @@ class AuxCoulomb:
     @property
     def route(self):
         part = ''
-        budget = self._held_budget
-        if budget is not None:
+        if self._held_budget is not None:
+            budget, whole = self._held_budget
             part = (', none of its screened integrals held (all of them %.1f GB in single '
                     'precision, %d%% of them %.2f GB, over the %.2f GB allowed: a larger '
-                    'mf.max_memory holds them)' % (
-                        self.int3c_bytes * 1e-9, round(100 * HELD_PART_MIN),
-                        HELD_PART_MIN * self.int3c_bytes * 1e-9, budget * 1e-3))
+                    'mf.max_memory holds them)' % (whole * 1e-9, round(100 * HELD_PART_MIN),
+                                                   HELD_PART_MIN * whole * 1e-9,
+                                                   budget * 1e-3))
         if self._held is not None:
             part = (', the screened integrals of %d%% of its fitting functions held (single '
                     'precision, %.2f GB)' % (round(100 * self.held_fraction),

@@ -322,6 +322,7 @@ def test_part_of_the_integrals_held(ethanol, monkeypatch):
     monkeypatch.setattr(coulomb, 'HELD_PART_MIN', 0.5)   # too few held: whole passes
     none = coulomb.AuxCoulomb(ethanol, auxmol, max_memory=full.int3c_bytes * 1e-6 * 1.9)
     assert none._held is None and not none.incore
+    assert none.int3c_bytes == full.int3c_bytes   # the double-precision tensor's size
     # and the log says what holding them would take
     assert 'none of its screened integrals held' in none.route
     assert '%.1f GB' % (whole * 1e-3) in none.route
