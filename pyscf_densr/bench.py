@@ -1187,6 +1187,11 @@ def main(argv=None):
     keys = {(m['name'], lv['name']) for m in molecules for lv in levels}
     allrows = [r for r in old if (r['molecule'], r['level']) in keys and r['guess'] in guesses]
     allrows += rows
+    # minao first within each molecule and level, whichever process wrote its row first
+    first = {}
+    for r in allrows:
+        first.setdefault((r['molecule'], r['level']), len(first))
+    allrows.sort(key=lambda r: (first[r['molecule'], r['level']], guesses.index(r['guess'])))
     compare_with_reference(allrows)
     if not args.summary_only:
         print(format_rows(allrows))

@@ -173,8 +173,11 @@ def test_guesses_beside_the_reference_in_another_process(tmp_path, monkeypatch, 
     assert bench.main(common + ['--guesses', 'minao', '--resume']) == 0
     assert len(calls) == 3
     capsys.readouterr()
-    assert bench.main(common + ['--guesses', 'minao', 'sap', '1e', '--resume']) == 0
+    assert bench.main(common + ['--guesses', 'minao', 'sap', '1e', '--resume',
+                                '--markdown']) == 0
     assert len(calls) == 3
+    # minao leads the comparison though its row came last
+    assert '| cycles minao/sap/1e |' in capsys.readouterr().out
     rows = {r['guess']: r for r in bench.read_csv(out)}
     assert set(rows) == {'minao', 'sap', '1e'}
     for g in ('sap', '1e'):
