@@ -497,11 +497,9 @@ def bench_molecule(molecule, level, guesses=DEFAULT_GUESSES, model=None, device=
     ``'none'``. ``on_row(row)`` is called as each row is finished. ``df_auxbasis``,
     ``scf_options`` and ``max_memory`` (MB) go to :func:`make_scf` and :func:`build_mol`.
     """
-    order = ['minao'] + [g for g in guesses if g != 'minao']
+    order = check_guesses(guesses, reference)
     todo = [g for g in order if (molecule['name'], level['name'], g) not in done]
     if not reference:
-        if 'oracle' in todo or 'control' in todo:
-            raise ValueError('oracle and control need the minao reference in this process')
         todo = [g for g in todo if g != 'minao']
     if not todo:
         return []
@@ -612,7 +610,7 @@ def bench(molecules, levels, guesses=DEFAULT_GUESSES, model=None, device=None, e
     shipped name, a path or a loaded network (loaded and warmed up here, before any timing).
     """
     levels = [parse_level(lv) if isinstance(lv, str) else lv for lv in levels]
-    guesses = check_guesses(guesses)
+    guesses = check_guesses(guesses, reference)
     tasks = [(m, lv) for m in molecules for lv in levels]
     left = [(m['name'], lv['name'], g) for m, lv in tasks for g in guesses
             if (m['name'], lv['name'], g) not in done]
@@ -655,13 +653,17 @@ def compare_with_reference(rows):
     return n
 
 
-def check_guesses(guesses):
-    """Lower-cased guess names, validated, minao first, no duplicates."""
+def check_guesses(guesses, reference=True):
+    """Lower-cased guess names, validated, minao first, no duplicates. Without the minao
+    reference in the process (``reference=False``) oracle and control, which need its
+    converged density, are refused."""
     out = []
     for g in guesses:
         g = g.lower()
         if g not in GUESSES:
             raise ValueError('unknown guess %r (known: %s)' % (g, ' '.join(GUESSES)))
+        if not reference and g in ('oracle', 'control'):
+            raise ValueError('%s needs the minao reference in its process' % g)
         if g not in out:
             out.append(g)
     return ['minao'] + [g for g in out if g != 'minao']
@@ -1157,10 +1159,10 @@ def main(argv=None):
     levels = [parse_level(s) for s in args.levels]
     for lv in levels:
         lv['df_incore'] = lv['df'] and args.df_incore
-    guesses = check_guesses(args.guesses)
-    if args.no_reference and ('oracle' in guesses or 'control' in guesses):
-        print('densr bench: --no-reference: oracle and control need the minao reference '
-              'in their process', file=sys.stderr)
+    try:
+        guesses = check_guesses(args.guesses, not args.no_reference)
+    except ValueError as e:
+        print('densr bench: %s' % e, file=sys.stderr)
         return 2
     molecules = collect_molecules(args)
     if not molecules:

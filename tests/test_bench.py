@@ -189,6 +189,9 @@ def test_guesses_beside_the_reference_in_another_process(tmp_path, monkeypatch, 
     assert bench.compare_with_reference(bad) == 1
     assert bad[1]['same_state'] is False and abs(bad[1]['dE'] - 1e-3) < 1e-9
     assert bench.main(common + ['--guesses', 'control', '--no-reference']) == 2
+    assert bench.main(common + ['--guesses', 'nonsense']) == 2
+    with pytest.raises(ValueError, match='oracle needs the minao reference'):
+        bench.check_guesses(['densr', 'oracle'], reference=False)
 
 
 def test_smiles_input(capsys):
