@@ -12,7 +12,7 @@ those come from, in this order:
    and kept on ``mf.with_df``, so the SCF uses the same tensor and builds nothing again
    (for a pure functional this also spares the SCF its screened direct DF-J passes).
    Where PySCF would not build that tensor (a pure functional whose tensor does not fit in
-   memory) the guess makes the screened direct passes of PySCF's direct DF-J on that DF
+   memory, without ``mol.incore_anyway``, which makes PySCF build it on disk) the guess makes the screened direct passes of PySCF's direct DF-J on that DF
    object's own state (``with_df._vjopt``: screening and the metric's Cholesky factor),
    which it makes where the SCF has not yet and leaves for the SCF.
 2. A conventional SCF: the guess's own fit (:class:`AuxCoulomb`): the 3-centre integrals in
@@ -541,7 +541,10 @@ def coulomb_engine(mf, auxmol, log=None):
     mol = mf.mol
     with_df = getattr(mf, 'with_df', None)
     if isinstance(with_df, df.DF) and with_df.mol is mol:
-        build = with_df._cderi is not None or _scf_needs_k(mf)
+        # PySCF's own rule (df.df_jk.get_jk): the SCF uses the tensor where it has one, needs
+        # exchange, or mol.incore_anyway asks for it (built in memory or on disk as
+        # with_df.build decides)
+        build = with_df._cderi is not None or _scf_needs_k(mf) or bool(mol.incore_anyway)
         if not build:
             aux = with_df.auxmol or df.addons.make_auxmol(mol, with_df.auxbasis)
             nbytes = mol.nao * (mol.nao + 1) // 2 * aux.nao * 8

@@ -762,6 +762,39 @@ def test_density_fitted_scf_reuses_the_guess_tensor(ethanol, xc, monkeypatch):
     assert mf.cycles < ref.cycles
 
 
+def test_incore_anyway_tensor_on_disk_serves_guess_and_scf(ethanol, monkeypatch):
+    """``mol.incore_anyway`` makes PySCF's DF-J use the DF tensor even where it does not fit
+    in memory (built on disk): the guess then builds and uses that tensor too, not the
+    direct passes, and the SCF builds nothing again and lands in minao's state."""
+    from pyscf import df
+    mol = ethanol.copy()
+    mol.incore_anyway = True
+    builds = []
+    build = df.DF.build
+
+    def counted(self):
+        builds.append(1)
+        return build(self)
+    monkeypatch.setattr(df.DF, 'build', counted)
+    mf = dft.RKS(mol, xc='pbe').density_fit()
+    mf.with_df.max_memory = 1                     # not in memory: PySCF writes it to disk
+    aux = coulomb.coulomb_engine(mf, fit.make_auxmol(mol))
+    assert isinstance(aux, coulomb.CderiCoulomb)
+    assert not isinstance(mf.with_df._cderi, np.ndarray) and mf.with_df._vjopt is None
+    dm = mf.init_guess_by_minao()
+    want = dft.RKS(ethanol, xc='pbe').density_fit().get_j(ethanol, dm)
+    assert abs(aux.coulomb(aux.fit(dm)[0]) - want).max() < 1e-8
+    builds.clear()
+    mf = dft.RKS(mol, xc='pbe').density_fit()
+    mf.with_df.max_memory = 1
+    mf.init_guess = 'densr'
+    mf.densr_fallback = 'error'
+    mf.kernel()
+    assert len(builds) == 1 and mf.converged and mf.with_df._vjopt is None
+    minao = _run(dft.RKS(ethanol, xc='pbe').density_fit(), 'minao')
+    assert abs(mf.e_tot - minao.e_tot) < 1e-6 and mf.cycles < minao.cycles
+
+
 def test_direct_df_j_state_is_shared_with_the_scf(ethanol, monkeypatch):
     """A pure functional whose DF tensor does not fit: the guess makes PySCF's direct DF-J
     state (screening, the metric's Cholesky factor) once and the SCF takes it; the guess is
