@@ -36,10 +36,10 @@ REFINE_PRICE = 0.3
 # Fock builds combined by the Anderson step (the newest; PySCF's DIIS keeps 8 too)
 HISTORY = 8
 # builds that stall: the corrected builds stop where STALL_BUILDS builds have not brought
-# the residual's Coulomb norm below STALL_RATIO of what it was, and are not made at all
-# where the coarse builds ended above STALL_RATIO of their first residual (a molecule whose
-# aufbau occupations swap from build to build; converging ones gain 5-15x over the coarse
-# builds and 10-100x over three corrected ones)
+# the residual's Coulomb norm below STALL_RATIO of what it was, and where the coarse builds
+# end above STALL_RATIO of their first residual (a molecule whose aufbau occupations swap
+# from build to build) the guess is minao's (project.density_matrix_from_delta_rho);
+# converging ones gain 5-15x over the coarse builds and 10-100x over three corrected ones
 STALL_RATIO = 0.5
 STALL_BUILDS = 3
 # and stop after the first or second where its residual is above the coarse builds' first

@@ -472,7 +472,9 @@ def init_guess(mf, mol=None, model=None, device=None, exchange=None, fallback=No
             (:func:`options`). ``model`` may also be a loaded network.
         details: a dict to receive what the guess made on the way: ``delta_rho`` (the
             network's output, e/Bohr^3) and ``grid`` (the :class:`grid.UniformGrid` it lives
-            on), ``fallback`` (the error whose fallback made the guess, or None).
+            on), ``fallback`` (the error whose fallback made the guess, or None),
+            ``minao`` (True where the guess's Fock builds did not converge and minao's
+            guess is returned, with a warning).
 
     Returns:
         The density matrix in ``mf``'s convention (2D for RHF/RKS, (2, nao, nao) otherwise)
@@ -581,6 +583,8 @@ def _densr_guess(mf, mol, opts, log, details):
                          'mf.max_memory: lower it to what this machine has' % (
                              str(e) or type(e).__name__)) from e
     log.info('densr: initial guess in %.2f s', time.perf_counter() - t_start)
+    if details.get('minao'):   # the builds did not converge: minao's guess as it is
+        return dm_sad
     return _break_spin_symmetry(mf, mol, dm, log, dm_sad)
 
 

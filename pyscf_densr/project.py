@@ -65,9 +65,11 @@ def density_matrix_from_delta_rho(mf, delta_rho, grid, dm_sad=None, auxbasis=DEF
         refine_exchange: make them also where the exact exchange stays that of P_SAD
             (``exchange`` 'sad').
         details: a dict that receives ``fock_builds``, the Fock builds made (the exchange
-            rebuild counted).
+            rebuild counted), and ``minao`` True where the guess is ``dm_sad``.
     Returns:
-        dm with ``mo_coeff``/``mo_occ`` attached.
+        dm with ``mo_coeff``/``mo_occ`` attached; ``dm_sad`` itself, logged as a warning,
+        where the Fock builds do not converge (their last residual above
+        ``builds.STALL_RATIO`` of their first).
     """
     if fock_builds not in range(1, MAX_FOCK_BUILDS + 1):
         raise ValueError('fock_builds must be an integer from 1 to %d, not %r'
@@ -157,18 +159,24 @@ def density_matrix_from_delta_rho(mf, delta_rho, grid, dm_sad=None, auxbasis=DEF
         log.info('densr: %d more Fock builds in %.2f s%s', made - 1, time.perf_counter() - t3,
                  '; a build %.3g s, an SCF cycle about %.3g s' % (costs['build'], costs['cycle'])
                  if costs else '')
+    if len(norms) > 1 and norms[-1] > builds.STALL_RATIO * norms[0]:
+        # builds whose aufbau occupations change from build to build: their result is one
+        # of those occupations, a worse start than P_SAD (GTP-Mg, PBE/STO-3G with a level
+        # shift: from it the SCF's energy rose by 2400 Eh where minao's converged)
+        log.warn('densr: the guess\'s Fock builds do not converge (Coulomb norm of the '
+                 'residual %.3g after %.3g); the SCF starts from minao\'s guess', norms[-1],
+                 norms[0])
+        if details is not None:
+            details['fock_builds'] = made + (exchange == 'iterate')
+            details['minao'] = True
+        return dm_sad
     # the corrected builds: where the guess's grids are coarser than the SCF's, with exact
     # exchange only where it is rebuilt before them (frozen at P_SAD's they gain nothing),
-    # where the coarse builds converge, and where
-    # a build is cheap: 3-centre integrals in memory, or on the SCF's direct DF-J route a
-    # priced build under REFINE_PRICE estimated SCF cycles
+    # and where a build is cheap: 3-centre integrals in memory, or on the SCF's direct
+    # DF-J route a priced build under REFINE_PRICE estimated SCF cycles
     has_x = abs(hyb) > 1e-14 or abs(alpha) > 1e-14
     wanted = (refine_builds and grids is not None and grids.level < mf.grids.level
               and (refine_exchange or not has_x or exchange == 'iterate'))
-    if wanted and len(norms) > 1 and norms[-1] > builds.STALL_RATIO * norms[0]:
-        log.info('densr: no builds corrected to finer grids: the coarse builds do not '
-                 'converge (residual %.3g after %.3g)', norms[-1], norms[0])
-        wanted = False
     cheap = getattr(aux, 'incore', True) or (
         priced and costs and costs['build'] < builds.REFINE_PRICE * costs['cycle'])
     if wanted and priced and not cheap:

@@ -99,8 +99,9 @@ def test_builds_corrected_to_finer_grids(ethanol, spin):
 
 def test_builds_that_stall_are_not_continued(ethanol, monkeypatch):
     """Builds whose residual does not fall are not paid for: where the coarse builds do not
-    converge no corrected builds are made, and corrected builds that stall stop after
-    STALL_BUILDS more; logged both times, and the SCF lands in minao's state."""
+    converge the guess is minao's, with a warning, and no corrected builds are made;
+    corrected builds that stall stop after STALL_BUILDS more, logged; the SCF lands in
+    minao's state."""
     import io
     ref = _run(dft.RKS(ethanol, xc='pbe'), 'minao')
     coarse = hook.guess_fock_builds(hook.load_model())
@@ -113,22 +114,26 @@ def test_builds_that_stall_are_not_continued(ethanol, monkeypatch):
         mf.verbose = 0
         mf.kernel(dm0=dm)
         assert mf.converged and abs(mf.e_tot - ref.e_tot) < 1e-6
-        return made['fock_builds'], mf.stdout.getvalue()
+        return made['fock_builds'], mf.stdout.getvalue(), dm, mf.cycles, made
 
-    made, log = guess()   # as shipped: ethanol's builds converge
+    made, log, _, cycles, _ = guess()   # as shipped: ethanol's builds converge
     assert made > coarse and 'stall' not in log and 'do not converge' not in log
+    assert cycles < ref.cycles
     # a demand no build meets: the coarse builds count as not converging
     monkeypatch.setattr(builds, 'STALL_RATIO', 1e-12)
-    made, log = guess()
-    assert made == coarse and 'coarse builds do not converge' in log
+    made, log, dm, cycles, details = guess()
+    assert made == coarse and details['minao'] and details['fallback'] is None
+    assert "Fock builds do not converge" in log and "starts from minao's guess" in log
     assert 'corrected Fock build' not in log
+    minao = dft.RKS(ethanol, xc='pbe').init_guess_by_minao()
+    assert np.array_equal(np.asarray(dm), np.asarray(minao)) and cycles == ref.cycles
     # the corrected builds alone held to it (and to no tolerance): they stop after
     # STALL_BUILDS + 1 of them
     monkeypatch.setattr(builds, 'REFINE_TOL', 0.0)
     real = project.anderson_step
     monkeypatch.setattr(project, 'anderson_step',
                         lambda *a, **k: real(*a, **dict(k, norms=None)))
-    made, log = guess()
+    made, log = guess()[:2]
     assert 'Fock builds stall' in log
     assert made == coarse + builds.STALL_BUILDS + 2   # the fine-grid build and the history
     assert made < coarse + hook.guess_refine_builds()
