@@ -162,7 +162,8 @@ def density_matrix_from_delta_rho(mf, delta_rho, grid, dm_sad=None, auxbasis=DEF
     if len(norms) > 1 and norms[-1] > builds.STALL_RATIO * norms[0]:
         # builds whose aufbau occupations change from build to build: their result is one
         # of those occupations, a worse start than P_SAD (GTP-Mg, PBE/STO-3G with a level
-        # shift: from it the SCF's energy rose by 2400 Eh where minao's converged)
+        # shift: from it the SCF's energy rose by 2400 Eh in two cycles, from minao's it
+        # fell for seven)
         log.warn('densr: the guess\'s Fock builds do not converge (Coulomb norm of the '
                  'residual %.3g after %.3g); the SCF starts from minao\'s guess', norms[-1],
                  norms[0])
