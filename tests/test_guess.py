@@ -745,11 +745,8 @@ def test_scf_df_tensor_serves_the_guess(ethanol):
     assert abs(xn.dot(e1) - (ethanol.nelectron - 0.5)) < 1e-9
 
 
-@pytest.mark.parametrize('xc', ['pbe', 'b3lyp'])
-def test_density_fitted_scf_reuses_the_guess_tensor(ethanol, xc, monkeypatch):
-    """The guess builds PySCF's DF tensor once; the SCF uses it and builds nothing again,
-    and lands in minao's state."""
-    from pyscf import df
+def _count_df_builds(monkeypatch):
+    """A list that receives an entry at every ``df.DF.build`` (PySCF's DF tensor built)."""
     builds = []
     build = df.DF.build
 
@@ -757,6 +754,14 @@ def test_density_fitted_scf_reuses_the_guess_tensor(ethanol, xc, monkeypatch):
         builds.append(1)
         return build(self)
     monkeypatch.setattr(df.DF, 'build', counted)
+    return builds
+
+
+@pytest.mark.parametrize('xc', ['pbe', 'b3lyp'])
+def test_density_fitted_scf_reuses_the_guess_tensor(ethanol, xc, monkeypatch):
+    """The guess builds PySCF's DF tensor once; the SCF uses it and builds nothing again,
+    and lands in minao's state."""
+    builds = _count_df_builds(monkeypatch)
     ref = _run(dft.RKS(ethanol, xc=xc).density_fit(), 'minao')
     builds.clear()
     mf = dft.RKS(ethanol, xc=xc).density_fit()
@@ -771,16 +776,9 @@ def test_incore_anyway_tensor_on_disk_serves_guess_and_scf(ethanol, monkeypatch)
     """``mol.incore_anyway`` makes PySCF's DF-J use the DF tensor even where it does not fit
     in memory (built on disk): the guess then builds and uses that tensor too, not the
     direct passes, and the SCF builds nothing again and lands in minao's state."""
-    from pyscf import df
     mol = ethanol.copy()
     mol.incore_anyway = True
-    builds = []
-    build = df.DF.build
-
-    def counted(self):
-        builds.append(1)
-        return build(self)
-    monkeypatch.setattr(df.DF, 'build', counted)
+    builds = _count_df_builds(monkeypatch)
     mf = dft.RKS(mol, xc='pbe').density_fit()
     mf.with_df.max_memory = 1                     # not in memory: PySCF writes it to disk
     aux = coulomb.coulomb_engine(mf, fit.make_auxmol(mol))
