@@ -12,9 +12,10 @@ those come from, in this order:
    and kept on ``mf.with_df``, so the SCF uses the same tensor and builds nothing again
    (for a pure functional this also spares the SCF its screened direct DF-J passes).
    Where PySCF would not build that tensor (a pure functional whose tensor does not fit in
-   memory, without ``mol.incore_anyway``, which makes PySCF build it on disk) the guess makes the screened direct passes of PySCF's direct DF-J on that DF
-   object's own state (``with_df._vjopt``: screening and the metric's Cholesky factor),
-   which it makes where the SCF has not yet and leaves for the SCF.
+   memory, without ``mol.incore_anyway``, which makes PySCF build it on disk) the guess
+   makes the screened direct passes of PySCF's direct DF-J on that DF object's own state
+   (``with_df._vjopt``: screening and the metric's Cholesky factor), which it makes where
+   the SCF has not yet and leaves for the SCF.
 2. A conventional SCF: the guess's own fit (:class:`AuxCoulomb`): the 3-centre integrals in
    memory where they fit in half of what ``mf.max_memory`` leaves free, else screened
    direct passes with PySCF's 3-centre J driver (the two passes of ``df.df_jk.get_j``).

@@ -473,7 +473,7 @@ def init_guess(mf, mol=None, model=None, device=None, exchange=None, fallback=No
         details: a dict to receive what the guess made on the way: ``delta_rho`` (the
             network's output, e/Bohr^3) and ``grid`` (the :class:`grid.UniformGrid` it lives
             on), ``fallback`` (the error whose fallback made the guess, or None),
-            ``minao`` (True where the guess's Fock builds did not converge and minao's
+            ``minao`` (whether the guess's Fock builds did not converge, so that minao's
             guess is returned, with a warning).
 
     Returns:
@@ -489,6 +489,7 @@ def init_guess(mf, mol=None, model=None, device=None, exchange=None, fallback=No
     fallback = opts['fallback']
     details = {} if details is None else details
     details['fallback'] = None
+    details['minao'] = False
     try:
         return _densr_guess(mf, mol, opts, log, details)
     except OptionError:
