@@ -33,6 +33,12 @@ REFINE_GRIDS_LEVEL = 1
 # where the guess's builds make the SCF's direct DF-J passes, the corrected builds are made
 # only where a build costs less than this many estimated SCF cycles
 REFINE_PRICE = 0.3
+# methods with exact exchange: after the corrected builds, at most this many rounds of an
+# exchange build of their result and corrected builds again (each round a K build and
+# a few cheap builds); a further round is made only while the last one's first residual
+# was above EXCHANGE_ROUND_TOL (its K then still moved the density)
+EXCHANGE_ROUNDS = 2
+EXCHANGE_ROUND_TOL = 1e-3
 # Fock builds combined by the Anderson step (the newest; PySCF's DIIS keeps 8 too)
 HISTORY = 8
 # builds that stall: the corrected builds stop where STALL_BUILDS builds have not brought
@@ -270,7 +276,8 @@ def anderson_step(mf, v1, dm1, dm_sad, pred, aux, grids=None, dm_x=None, h1e=Non
 
 
 def refine(mf, dm, dm_sad, aux, grids, fine_grids, builds, dm_x=None, h1e=None, s1e=None,
-           x=None, log=None, v_x=None, sym=None, tol=None, limit=None):
+           x=None, log=None, v_x=None, sym=None, tol=None, limit=None, shift=None,
+           norms=None):
     """Fock builds on the coarse guess ``grids`` corrected to the XC of ``fine_grids``.
 
     The guess's builds converge the Kohn-Sham problem whose XC lives on its coarse grids,
@@ -283,8 +290,10 @@ def refine(mf, dm, dm_sad, aux, grids, fine_grids, builds, dm_x=None, h1e=None, 
     once a residual's Coulomb norm is below ``tol`` (default :data:`REFINE_TOL`) or where
     the builds stall (:func:`anderson_step`). Where the first or second residual is above
     ``limit`` (the coarse builds' first) the builds stop there and ``dm`` itself is
-    returned.
-    Returns (dm, builds made).
+    returned. ``shift``: the correction made by an earlier call (:func:`xc_shift`), reused
+    where only the exact exchange has changed since (:func:`project`'s exchange rounds);
+    ``norms``: a list that receives the residual norms.
+    Returns (dm, builds made, shift).
     """
     mol = mf.mol
     log = log or logger.new_logger(mf)
@@ -296,8 +305,11 @@ def refine(mf, dm, dm_sad, aux, grids, fine_grids, builds, dm_x=None, h1e=None, 
     dm_tot = np.asarray(dm)
     dm_tot = dm_tot.sum(axis=0) if dm_tot.ndim == 3 else dm_tot
     t0 = time.perf_counter()
-    v_fine = xc_potential(mf, dm, fine_grids)[1]
-    shift = v_fine - xc_potential(mf, dm, grids)[1]
+    if shift is None:
+        v_fine = xc_potential(mf, dm, fine_grids)[1]
+        shift = v_fine - xc_potential(mf, dm, grids)[1]
+    else:
+        v_fine = xc_potential(mf, dm, grids)[1] + shift
     t1 = time.perf_counter()
     d, j = aux.fit(dm_tot)
     v = aux.coulomb(d)
@@ -309,16 +321,16 @@ def refine(mf, dm, dm_sad, aux, grids, fine_grids, builds, dm_x=None, h1e=None, 
              '%.2f s; largest correction %.3g Eh', fine_grids.weights.size,
              grids.weights.size, t1 - t0, float(abs(shift).max()))
     if builds < 2:
-        return dm1, 1
-    norms = []
+        return dm1, 1, shift
+    norms = [] if norms is None else norms
     dm_out, _, made = anderson_step(mf, v, dm1, dm_sad, (d, j), aux, grids, dm_x, h1e, s1e,
                                     x, log, builds, v_x, sym, xc_shift=shift, tol=tol,
                                     stall=True, norms=norms, limit=limit)
     if limit is not None and norms and norms[0] > limit:
         log.info('densr: the corrected builds move away (residual %.3g, the coarse builds '
                  'started at %.3g); the coarse builds\' result is kept', norms[0], limit)
-        return dm, made
-    return dm_out, made
+        return dm, made, shift
+    return dm_out, made, shift
 
 
 def _anderson_coefficients(rs, mrs):

@@ -201,10 +201,29 @@ def density_matrix_from_delta_rho(mf, delta_rho, grid, dm_sad=None, auxbasis=DEF
             v_x = v_k
             made += 1
         if v_s is not None:
-            v_x = v_k + solvent_potential(mf, dm)
-        dm, more = refine(mf, dm, dm_sad, aux, grids, fine, refine_builds, dm_x, h1e, s1e,
-                          x, log, v_x, sym, limit=norms[0] if norms else None)
+            v_s = solvent_potential(mf, dm)
+            v_x = v_k + v_s
+        first = []
+        dm, more, shift = refine(mf, dm, dm_sad, aux, grids, fine, refine_builds, dm_x, h1e,
+                                 s1e, x, log, v_x, sym, limit=norms[0] if norms else None,
+                                 norms=first)
         made += more
+        rounds = builds.EXCHANGE_ROUNDS if exchange == 'iterate' else 0
+        if norms and first and first[0] > norms[0]:
+            rounds = 0   # the coarse builds' result kept (refine's limit)
+        while rounds and more > 1 and first and first[0] > builds.EXCHANGE_ROUND_TOL:
+            # the exchange of the corrected builds' result, and those builds again: the
+            # exact exchange is the one part they hold fixed; the XC correction is reused
+            rounds -= 1
+            dm_x = np.asarray(dm)
+            v_x = add_exchange(mf, zero, dm_x) + (0 if v_s is None else v_s)
+            first = []
+            dm, n, _ = refine(mf, dm, dm_sad, aux, grids, fine, refine_builds, dm_x, h1e, s1e,
+                              x, log, v_x, sym, shift=shift, norms=first)
+            log.info('densr: exchange rebuilt from the corrected builds\' result; %d more '
+                     'corrected builds', n)
+            made += 1 + n
+            more += n
         log.info('densr: %d Fock builds corrected to finer grids in %.2f s', more,
                  time.perf_counter() - t3)
     if details is not None:
