@@ -3,10 +3,13 @@
     python tools/builds_scan.py --heldout ../shared/data --range 410 420 [--level pbe/def2-svp]
     python tools/builds_scan.py --smiles-file docs/bench/size_scan_drugs.smi --level pbe/def2-svp+df
     python tools/builds_scan.py ... --builds 4 --refine 0 12
+    python tools/builds_scan.py ... --level b3lyp/def2-svp --builds 4 --rounds 0 1 2 3
 
 For each molecule: minao's SCF (the reference energy and cycles), then the densr guess with
-``mf.densr_fock_builds`` = 1, 2, ... (``--builds``) and ``mf.densr_refine_builds`` = each of
-``--refine`` (default 0: the coarse builds alone), and its SCF. One CSV row per run
+``mf.densr_fock_builds`` = 1, 2, ... (``--builds``), ``mf.densr_refine_builds`` = each of
+``--refine`` (default 0: the coarse builds alone) and, for methods with exact exchange,
+``builds.EXCHANGE_ROUNDS`` = each of ``--rounds`` (default the package's; recorded as 0
+where the method has none), and its SCF. One CSV row per run
 (``--csv``, resumable). How the Fock-build policy of a route is chosen: the cycles each
 further build saves against what it costs on that route (docs/method.md, steps 7-8).
 """
@@ -18,9 +21,10 @@ import time
 from pyscf import lib
 
 import pyscf_densr
-from pyscf_densr import bench
+from pyscf_densr import bench, builds
+from pyscf_densr.potential import _exchange_coeffs
 
-FIELDS = ('molecule', 'level', 'natm', 'nao', 'guess', 'builds', 'refine', 'cycles',
+FIELDS = ('molecule', 'level', 'natm', 'nao', 'guess', 'builds', 'refine', 'rounds', 'cycles',
           'converged', 'e_tot', 'de', 'guess_time', 'scf_time')
 
 
@@ -33,6 +37,8 @@ def main(argv=None):
     ap.add_argument('--builds', nargs='+', type=int, default=(1, 2, 3, 4))
     ap.add_argument('--refine', nargs='+', type=int, default=(0,),
                     help='densr_refine_builds of each run (0: none)')
+    ap.add_argument('--rounds', nargs='+', type=int, default=(builds.EXCHANGE_ROUNDS,),
+                    help='builds.EXCHANGE_ROUNDS of each run (methods with exact exchange)')
     ap.add_argument('--threads', type=int, default=1)
     ap.add_argument('--csv', default='builds_scan.csv')
     a = ap.parse_args(argv)
@@ -50,7 +56,8 @@ def main(argv=None):
             rows = csv.DictReader(f)
             if rows.fieldnames and tuple(rows.fieldnames) != FIELDS:
                 raise SystemExit('%s has other columns than %s' % (a.csv, ', '.join(FIELDS)))
-            done = {(r['molecule'], r['guess'], r['builds'], r['refine']): r for r in rows}
+            done = {(r['molecule'], r['guess'], r['builds'], r['refine'], r['rounds']): r
+                    for r in rows}
     out = open(a.csv, 'a', newline='')
     w = csv.DictWriter(out, FIELDS)
     if not done:
@@ -58,11 +65,14 @@ def main(argv=None):
     pyscf_densr.load_model()
     for m in mols:
         mol = bench.build_mol(m, level['basis'])
-        ref = done.get((m['name'], 'minao', '0', '0'))
+        ref = done.get((m['name'], 'minao', '0', '0', '0'))
         e_ref = float(ref['e_tot']) if ref else None
-        for guess, k, n in [('minao', 0, 0)] + [('densr', k, n) for k in a.builds
-                                                for n in a.refine]:
-            if (m['name'], guess, str(k), str(n)) in done:
+        exact = any(abs(c) > 1e-14 for c in _exchange_coeffs(bench.make_scf(mol, level))[1:])
+        runs = [('minao', 0, 0, 0)] + [('densr', k, n, r if exact else 0) for k in a.builds
+                                       for n in a.refine
+                                       for r in (a.rounds if exact else (0,))]
+        for guess, k, n, r in runs:
+            if (m['name'], guess, str(k), str(n), str(r)) in done:
                 continue
             mf = bench.make_scf(mol, level)
             t0 = time.perf_counter()
@@ -70,6 +80,7 @@ def main(argv=None):
                 dm0 = mf.get_init_guess(key='minao')
             else:
                 mf.densr_fock_builds, mf.densr_refine_builds = k, n
+                builds.EXCHANGE_ROUNDS = r
                 dm0 = pyscf_densr.init_guess(mf, fallback='error')
             t1 = time.perf_counter()
             mf.kernel(dm0)
@@ -77,7 +88,7 @@ def main(argv=None):
             if guess == 'minao':
                 e_ref = mf.e_tot
             row = dict(molecule=m['name'], level=a.level, natm=mol.natm, nao=mol.nao,
-                       guess=guess, builds=k, refine=n, cycles=mf.cycles,
+                       guess=guess, builds=k, refine=n, rounds=r, cycles=mf.cycles,
                        converged=mf.converged,
                        e_tot='%.10f' % mf.e_tot, de='%.2e' % (mf.e_tot - e_ref),
                        guess_time='%.1f' % (t1 - t0), scf_time='%.1f' % (t2 - t1))
