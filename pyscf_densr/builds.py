@@ -290,8 +290,9 @@ def refine(mf, dm, dm_sad, aux, grids, fine_grids, builds, dm_x=None, h1e=None, 
     once a residual's Coulomb norm is below ``tol`` (default :data:`REFINE_TOL`) or where
     the builds stall (:func:`anderson_step`). Where the first or second residual is above
     ``limit`` (the coarse builds' first) the builds stop there and ``dm`` itself is
-    returned. ``shift``: the correction made by an earlier call (:func:`xc_shift`), reused
-    where only the exact exchange has changed since (:func:`project`'s exchange rounds);
+    returned. ``shift``: the correction returned by an earlier call, reused where only the
+    exact exchange has changed since (the exchange rounds of
+    :func:`project.density_matrix_from_delta_rho`);
     ``norms``: a list that receives the residual norms.
     Returns (dm, builds made, shift).
     """
@@ -305,7 +306,8 @@ def refine(mf, dm, dm_sad, aux, grids, fine_grids, builds, dm_x=None, h1e=None, 
     dm_tot = np.asarray(dm)
     dm_tot = dm_tot.sum(axis=0) if dm_tot.ndim == 3 else dm_tot
     t0 = time.perf_counter()
-    if shift is None:
+    reused = shift is not None
+    if not reused:
         v_fine = xc_potential(mf, dm, fine_grids)[1]
         shift = v_fine - xc_potential(mf, dm, grids)[1]
     else:
@@ -317,9 +319,10 @@ def refine(mf, dm, dm_sad, aux, grids, fine_grids, builds, dm_x=None, h1e=None, 
         v = np.array((v, v))
     v = v + v_fine
     dm1 = density_matrix_from_veff(mf, v if v_x is None else v + v_x, dm_sad, h1e, s1e, x, sym)
-    log.info('densr: XC of the guess on finer grids (%d points, the guess\'s %d) in '
-             '%.2f s; largest correction %.3g Eh', fine_grids.weights.size,
-             grids.weights.size, t1 - t0, float(abs(shift).max()))
+    if not reused:
+        log.info('densr: XC of the guess on finer grids (%d points, the guess\'s %d) in '
+                 '%.2f s; largest correction %.3g Eh', fine_grids.weights.size,
+                 grids.weights.size, t1 - t0, float(abs(shift).max()))
     if builds < 2:
         return dm1, 1, shift
     norms = [] if norms is None else norms
