@@ -519,15 +519,17 @@ def test_generalized_hf_same_state_as_minao(atom, spin, kind):
 METHANOL = 'C 0 0 0; O 1.41 0 0; H 1.74 0.9 0; H -0.36 1.03 0; H -0.36 -0.51 0.89; H -0.36 -0.51 -0.89'
 
 
-@pytest.mark.parametrize('solvent', ['PCM', 'ddCOSMO'])
-def test_implicit_solvent_in_the_guess(solvent, tmp_path):
+@pytest.mark.parametrize('solvent,xc', [('PCM', 'pbe'), ('ddCOSMO', 'pbe'), ('PCM', 'b3lyp')])
+def test_implicit_solvent_in_the_guess(solvent, xc, tmp_path):
     """PySCF's solvent mixins: the guess's builds carry the solvent's reaction potential
     (not PySCF's get_fock, which would replace them by a Fock build of P_SAD), the SCF lands
-    in minao's state, in at least two cycles fewer (methanol, 6-31G*: 8 from minao)."""
+    in minao's state, in at least two cycles fewer (methanol, 6-31G*: 8 from minao); with a
+    hybrid also through the exchange rounds, which hold the reaction potential fixed."""
     mol = gto.M(atom=METHANOL, basis='6-31g*', verbose=0)
-    make = lambda m: getattr(dft.RKS(m, xc='pbe'), solvent)()  # noqa: E731
+    make = lambda m: getattr(dft.RKS(m, xc=xc), solvent)()  # noqa: E731
     dm, log = _log_of(make(mol), tmp_path, lambda m: pyscf_densr.init_guess(m, fallback='error'))
     assert 'reaction potential of' in log
+    assert ('exchange rebuilt from the corrected builds' in log) == (xc == 'b3lyp')
     mf, ref = _same_state(make, mol)
     assert mf.cycles <= ref.cycles - 2, (mf.cycles, ref.cycles)
 
