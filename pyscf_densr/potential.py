@@ -7,12 +7,98 @@ Exact exchange (HF, hybrids, range-separated) needs a density matrix: it is take
 P_SAD, or rebuilt once from the first diagonalisation (``add_exchange``).
 """
 
+import weakref
+
 import numpy as np
 from pyscf import lib
 from pyscf.dft import numint
 
 from pyscf_densr import grid as grid_mod
 from pyscf_densr.fit import grid_density
+
+
+# the AO values of the guess's coarse grids, which every Fock build of the guess evaluates
+# again, are kept in memory (at most this share of what mf.max_memory leaves free; the
+# blocks that do not fit are evaluated at each build), each block of AO_BLOCK points
+# restricted to the AOs of the shells not screened there (PySCF's non0tab)
+AO_CACHE_MEMORY = 0.3
+AO_BLOCK = 16 * numint.BLKSIZE
+_AO_CACHE = weakref.WeakKeyDictionary()
+
+
+def keep_ao(mf, grids):
+    """Keep the AO values of ``grids`` in memory from their next XC evaluation on, as far
+    as :data:`AO_CACHE_MEMORY` of the memory ``mf.max_memory`` leaves free allows. For the
+    guess's own grids; they are freed with ``grids``."""
+    budget = AO_CACHE_MEMORY * grid_mod.free_memory(mf.max_memory) * 1e6
+    if budget > 0:
+        _AO_CACHE[grids] = {'budget': budget}
+
+
+def ao_blocks(mol, grids, deriv):
+    """Yield (idx, ao, weight, coords) over blocks of ``grids``: ``ao`` (comp, n, len(idx))
+    the AO values (and derivatives up to ``deriv``) of the n points at the AOs ``idx`` of
+    the shells not screened on them; from memory where :func:`keep_ao` kept them."""
+    if grids.coords is None:
+        grids.build(with_non0tab=True)
+    ngrids = grids.weights.size
+    non0tab = grids.non0tab
+    if non0tab is None:
+        non0tab = np.full(((ngrids + numint.BLKSIZE - 1) // numint.BLKSIZE, mol.nbas),
+                          numint.NBINS + 1, dtype=np.uint8)
+    ao_loc = mol.ao_loc_nr()
+    cache = _AO_CACHE.get(grids)
+    kept = None
+    if cache is not None:
+        kept = cache.setdefault(deriv, [])
+    for i, (p0, p1) in enumerate(lib.prange(0, ngrids, AO_BLOCK)):
+        if kept is not None and i < len(kept):
+            yield kept[i]
+            continue
+        mask = non0tab[p0 // numint.BLKSIZE:]
+        shells = np.nonzero(mask[:(p1 - p0 + numint.BLKSIZE - 1) // numint.BLKSIZE].any(axis=0))[0]
+        idx = np.concatenate([np.arange(ao_loc[s], ao_loc[s + 1]) for s in shells]
+                             or [np.zeros(0, dtype=int)])
+        coords = grids.coords[p0:p1]
+        ao = numint.eval_ao(mol, coords, deriv=deriv, non0tab=mask, cutoff=grids.cutoff)
+        ao = np.ascontiguousarray(ao.reshape(-1, p1 - p0, mol.nao)[:, :, idx])
+        block = (idx, ao, grids.weights[p0:p1], coords)
+        if kept is not None and len(kept) == i and ao.nbytes < cache['budget']:
+            cache['budget'] -= ao.nbytes
+            kept.append(block)
+        yield block
+
+
+def _rho(ao, dm, xctype):
+    """rho (LDA: (n,); GGA: (4, n); MGGA: (5, n), tau last) of the block's ``ao`` and the
+    matching block ``dm`` of a symmetric density matrix."""
+    c0 = ao[0] @ dm
+    rho0 = np.einsum('pi,pi->p', c0, ao[0])
+    if xctype == 'LDA':
+        return rho0
+    rho = np.empty((5 if xctype == 'MGGA' else 4, rho0.size))
+    rho[0] = rho0
+    for k in range(1, 4):
+        rho[k] = 2 * np.einsum('pi,pi->p', c0, ao[k])
+    if xctype == 'MGGA':
+        rho[4] = .5 * sum(np.einsum('pi,pi->p', ao[k] @ dm, ao[k]) for k in range(1, 4))
+    return rho
+
+
+def _vmat(ao, wv, xctype):
+    """The block's contribution to the XC matrix, from the weighted potential ``wv`` (the
+    layout of ``_rho``)."""
+    if xctype == 'LDA':
+        return ao[0].T @ (ao[0] * wv.reshape(-1)[:, None])
+    aow = ao[0] * (.5 * wv[0])[:, None]
+    for k in range(1, 4):
+        aow += ao[k] * wv[k][:, None]
+    v = ao[0].T @ aow
+    v = v + v.T
+    if xctype == 'MGGA':
+        for k in range(1, 4):
+            v += ao[k].T @ (ao[k] * (.5 * wv[4])[:, None])
+    return v
 
 
 def xc_potential(mf, dm_sad, grids=None, delta_grid=None):
@@ -24,30 +110,19 @@ def xc_potential(mf, dm_sad, grids=None, delta_grid=None):
     the grid field interpolated onto the molecular grid (:func:`fit.grid_density`, several
     times cheaper than evaluating the fitted auxiliary functions there) with rho[dm_sad]
     scaled by ``sad_scale`` (see :func:`project.density_matrix_from_delta_rho`); None:
-    rho[dm_sad] alone, by PySCF's own XC (``mf._numint.nr_vxc``, whose screened kernels
-    are 2-3 times faster from 40 atoms than the loop here, which adds the grid field). A
-    ``dm_sad`` tagged with ``mo_coeff``/``mo_occ`` is evaluated from its occupied orbitals.
+    rho[dm_sad] alone. PySCF's functionals (``eval_xc_eff``) on :func:`ao_blocks`, each
+    block's density and matrix from the rows and columns of its unscreened AOs: with the
+    AO values kept (:func:`keep_ao`) a build on the coarse grids costs 0.4-0.5 of PySCF's
+    ``nr_vxc`` there.
     Returns (exc, vxc) in Hartree.
     """
     mol = mf.mol
     ni = mf._numint
     xc = mf.xc
     grids = grids or mf.grids
-    if grids.coords is None:
-        grids.build(with_non0tab=True)
     xctype = ni._xc_type(xc)
     if xctype not in ('LDA', 'GGA', 'MGGA'):
         raise NotImplementedError('densr guess for XC type %s' % xctype)
-    orbitals = _occupied_orbitals(dm_sad)
-    max_memory = max(500, grid_mod.free_memory(mf.max_memory))
-    if delta_grid is None:   # from the orbitals where the tags are PySCF's layout
-        dm = dm_sad if orbitals is not None else np.asarray(dm_sad)
-        # PySCF's screened (sparse) AO kernels, which it takes only above 800 basis
-        # functions: on the guess's coarse grids as fast at 71 atoms, 10% faster at 206
-        with lib.temporary_env(numint, SWITCH_SIZE=0):
-            exc, vxc = ni.nr_vxc(mol, grids, xc, dm, spin=int(dm.ndim == 3), hermi=1,
-                                 max_memory=max_memory * .5)[1:]
-        return exc, np.asarray(vxc)
     dm_sad = np.asarray(dm_sad)
     spin = 1 if dm_sad.ndim == 3 else 0
     dms = dm_sad if spin else dm_sad[None]
@@ -56,64 +131,34 @@ def xc_potential(mf, dm_sad, grids=None, delta_grid=None):
     ao_deriv = 0 if xctype == 'LDA' else 1
     vmat = np.zeros((nset, nao, nao))
     excsum = 0.0
-    for ao, mask, weight, coords in ni.block_loop(mol, grids, nao, ao_deriv,
-                                                   max_memory=max_memory * .5):
-        if orbitals is None:
-            rho = [ni.eval_rho(mol, ao, d, mask, xctype, hermi=1) for d in dms]
-        else:
-            rho = [ni.eval_rho2(mol, ao, mo, occ, mask, xctype) for mo, occ in orbitals]
-        if delta_grid is None:
-            drho = None
-        else:
+    for idx, ao, weight, coords in ao_blocks(mol, grids, ao_deriv):
+        if idx.size == 0:
+            continue
+        ix = np.ix_(idx, idx)
+        rho = [_rho(ao, d[ix], xctype) for d in dms]
+        if delta_grid is not None:
             field, fgrid, sad_scale = delta_grid
             drho = grid_density(field, fgrid, coords, ao_deriv) / nset
             for r in rho:
                 r *= sad_scale
+                if xctype == 'LDA':
+                    r += drho[0]
+                else:
+                    r[:4] += drho
         for r in rho:
             if xctype == 'LDA':
-                if drho is not None:
-                    r += drho[0]
                 np.maximum(r, 0, out=r)
             else:
-                if drho is not None:
-                    r[:4] += drho
-                neg = r[0] < 1e-14
-                r[:, neg] = 0
+                r[:, r[0] < 1e-14] = 0
         rho = np.asarray(rho) if spin else rho[0]
         exc, vxc = ni.eval_xc_eff(xc, rho, deriv=1, xctype=xctype, spin=spin)[:2]
-        den = (rho[0] + rho[1]) if spin else rho
-        den = den if xctype == 'LDA' else den[0] if not spin else den[0]
+        den = rho[..., 0, :].sum(axis=0) if (spin and xctype != 'LDA') else (
+            rho.sum(axis=0) if spin else (rho if xctype == 'LDA' else rho[0]))
         excsum += np.dot(den * weight, exc)
         vxc = vxc if spin else vxc[None]
         for s in range(nset):
-            wv = weight * vxc[s]
-            if xctype == 'LDA':
-                aow = numint._scale_ao(ao, wv.reshape(-1) if wv.ndim > 1 else wv)
-                vmat[s] += numint._dot_ao_ao(mol, ao, aow, mask, (0, mol.nbas), mol.ao_loc_nr())
-            else:
-                wv[0] *= .5
-                aow = numint._scale_ao(ao[:4], wv[:4])
-                v = numint._dot_ao_ao(mol, ao[0], aow, mask, (0, mol.nbas), mol.ao_loc_nr())
-                vmat[s] += v + v.T
-                if xctype == 'MGGA':
-                    vmat[s] += numint._tau_dot(mol, ao, ao, wv[4] * .5, mask,
-                                               (0, mol.nbas), mol.ao_loc_nr())
+            vmat[s][ix] += _vmat(ao, weight * vxc[s], xctype)
     return excsum, (vmat if spin else vmat[0])
-
-
-def _occupied_orbitals(dm):
-    """[(mo_coeff, mo_occ)] per spin block of a density matrix tagged by an aufbau build,
-    or None (untagged, or ROHF's one set of orbitals for both spins). rho from the occupied
-    orbitals costs nocc/nao of rho from the matrix."""
-    mo, occ = getattr(dm, 'mo_coeff', None), getattr(dm, 'mo_occ', None)
-    if mo is None or occ is None:
-        return None
-    mo, occ = np.asarray(mo), np.asarray(occ)
-    if dm.ndim == 2 and mo.ndim == 2 and occ.ndim == 1:
-        return [(mo, occ)]
-    if dm.ndim == 3 and mo.ndim == 3 and occ.ndim == 2 and len(mo) == len(dm):
-        return list(zip(mo, occ))
-    return None
 
 
 def _exchange_coeffs(mf):

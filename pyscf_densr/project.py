@@ -25,7 +25,7 @@ from pyscf_densr.builds import (MAX_FOCK_BUILDS, anderson_step, density_matrix_f
                                 refine, mix_with_sad, orthogonalizer)
 from pyscf_densr.coulomb import coulomb_engine
 from pyscf_densr.fit import DEFAULT_AUXBASIS, charges, coulomb_projection, make_auxmol
-from pyscf_densr.potential import (_exchange_coeffs, add_exchange, guess_grids,
+from pyscf_densr.potential import (_exchange_coeffs, add_exchange, guess_grids, keep_ao,
                                    local_potential, solvent_potential)
 
 
@@ -114,6 +114,8 @@ def density_matrix_from_delta_rho(mf, delta_rho, grid, dm_sad=None, auxbasis=DEF
     log.info('densr: density fit of P_SAD and delta-rho (%s, %d auxiliary functions) in '
              '%.2f s', route, aux.auxmol.nao, t1 - t0)
     grids = guess_grids(mf, grids_level)
+    if grids is not None and grids is not getattr(mf, 'grids', None):
+        keep_ao(mf, grids)   # every build evaluates the XC on these grids
     v_local = local_potential(mf, dm_sad, pred[0], (delta_rho, grid, sad_scale), aux, grids)
     # an implicit solvent: its reaction potential, as fixed as the exchange of dm_x (one
     # solvent build costs about an SCF cycle's Fock build): made from P_SAD, then from the

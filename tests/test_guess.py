@@ -473,11 +473,12 @@ def test_grid_density_interpolates_value_and_gradient():
 
 
 @pytest.mark.parametrize('cls,xc,spin', [(dft.RKS, 'pbe', 0), (dft.RKS, 'tpss', 0),
-                                         (dft.UKS, 'scan', 1), (dft.ROKS, 'pbe', 1)])
+                                         (dft.UKS, 'scan', 1), (dft.ROKS, 'pbe', 1),
+                                         (dft.UKS, 'lda,vwn', 1)])
 def test_guess_xc_is_pyscfs_xc(cls, xc, spin):
     """The guess's XC of rho[P] + delta-rho (its own loop over PySCF's grid blocks) is
     PySCF's XC of P where delta-rho is zero, for restricted, unrestricted and
-    restricted-open densities (orbital-tagged or not), GGA and meta-GGA."""
+    restricted-open densities (orbital-tagged or not), LDA, GGA and meta-GGA."""
     mol = gto.M(atom='O 0 0 0; H 0 0.76 0.59' + ('' if spin else '; H 0 -0.76 0.59'),
                 basis='6-31g', spin=spin, verbose=0)
     mf = cls(mol, xc=xc)
@@ -492,6 +493,31 @@ def test_guess_xc_is_pyscfs_xc(cls, xc, spin):
         assert abs(e - e_ref) < 1e-10 and abs(v - v_ref).max() < 1e-10
         e2, v2 = potential.xc_potential(mf, d, g)
         assert abs(e2 - e_ref) < 1e-10 and abs(v2 - v_ref).max() < 1e-10
+
+
+def test_guess_xc_on_kept_and_screened_ao_blocks():
+    """The AO values the guess keeps for its coarse grids, each block restricted to the AOs
+    not screened there, give PySCF's XC, build after build."""
+    mol = gto.M(atom=WATER + '; O 12 0 0; H 12 0.76 0.59; H 12 -0.76 0.59', basis='6-31g',
+                verbose=0)
+    mf = dft.RKS(mol, xc='pbe')
+    dm = mf.get_init_guess()
+    g = potential.guess_grids(mf, 0)
+    n, e_ref, v_ref = mf._numint.nr_vxc(mol, g, 'pbe', dm)
+    sizes = [b[0].size for b in potential.ao_blocks(mol, g, 1)]
+    assert min(sizes) <= mol.nao // 2 < max(sizes)   # each water's blocks hold its own AOs
+    potential.keep_ao(mf, g)
+    for _ in range(2):
+        e, v = potential.xc_potential(mf, dm, g)
+        assert abs(e - e_ref) < 1e-10 and abs(v - v_ref).max() < 1e-10
+    kept = potential._AO_CACHE[g][1]
+    assert len(kept) == len(sizes)
+    # nothing kept where the memory does not allow it
+    mf.max_memory = 1
+    g2 = potential.guess_grids(mf, 0)
+    potential.keep_ao(mf, g2)
+    assert abs(potential.xc_potential(mf, dm, g2)[1] - v_ref).max() < 1e-10
+    assert g2 not in potential._AO_CACHE or not potential._AO_CACHE[g2].get(1)
 
 
 @pytest.mark.parametrize('atom,charge,spin,kind', [
