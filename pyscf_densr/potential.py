@@ -112,8 +112,8 @@ def xc_potential(mf, dm_sad, grids=None, delta_grid=None):
     scaled by ``sad_scale`` (see :func:`project.density_matrix_from_delta_rho`); None:
     rho[dm_sad] alone. PySCF's functionals (``eval_xc_eff``) on :func:`ao_blocks`, each
     block's density and matrix from the rows and columns of its unscreened AOs: with the
-    AO values kept (:func:`keep_ao`) a build on the coarse grids costs 0.4-0.5 of PySCF's
-    ``nr_vxc`` there.
+    AO values kept (:func:`keep_ao`) a build on the coarse grids costs a fifth (40-84
+    atoms) to two fifths (206) of PySCF's ``nr_vxc`` there (``tools/xc_timing.py``).
     Returns (exc, vxc) in Hartree.
     """
     mol = mf.mol
