@@ -41,6 +41,9 @@ EXCHANGE_ROUNDS = 2
 EXCHANGE_ROUND_TOL = 1e-3
 # Fock builds combined by the Anderson step (the newest; PySCF's DIIS keeps 8 too)
 HISTORY = 8
+# orbital energies (Eh) closer than this to the highest occupied one share its shell's
+# electrons (:func:`spread_degenerate`)
+DEGENERATE_TOL = 1e-6
 # builds that stall: the corrected builds stop where STALL_BUILDS builds have not brought
 # the residual's Coulomb norm below STALL_RATIO of what it was, and where the coarse builds
 # end above STALL_RATIO of their first residual (a molecule whose aufbau occupations swap
@@ -104,8 +107,36 @@ def density_matrix_from_veff(mf, veff, dm_sad, h1e=None, s1e=None, x=None, sym=N
         mo_occ = mf.get_occ(mo_energy, mo_coeff)
     except Exception as e:
         raise SCFOwnError('%s.get_occ failed: %s' % (type(mf).__name__, e)) from e
+    mo_occ = spread_degenerate(mo_energy, mo_occ)
     dm = mf.make_rdm1(mo_coeff, mo_occ)
     return lib.tag_array(dm, mo_coeff=mo_coeff, mo_occ=mo_occ, mo_energy=mo_energy)
+
+
+def spread_degenerate(mo_energy, mo_occ, tol=DEGENERATE_TOL):
+    """``mo_occ`` with the electrons of a shell that is degenerate at the Fermi level (within
+    ``tol`` Eh) shared equally among its orbitals, per spin channel; unchanged where no
+    such shell is partly filled, or where the occupations are not those of one kind of
+    orbital (ROHF's doubly and singly occupied ones).
+
+    Aufbau fills one of the degenerate orbitals, which one decided by rounding (superoxide's
+    beta pi*: one electron, two orbitals), so build after build could fill a different
+    one and the builds would not converge; the shared occupation keeps the matrix
+    symmetric and the builds smooth, and the SCF's first diagonalisation breaks the
+    symmetry as it does from minao's guess."""
+    mo_energy = np.asarray(mo_energy)
+    occ = np.array(mo_occ, dtype=float)
+    if occ.shape != mo_energy.shape:
+        return mo_occ
+    for e, n in zip(mo_energy.reshape(-1, occ.shape[-1]), occ.reshape(-1, occ.shape[-1])):
+        top = n.max() if n.size else 0
+        if top <= 0 or np.any((n > 1e-12) & (abs(n - top) > 1e-12)) or n.min() > 0:
+            continue
+        homo = e[n > 0].max()
+        shell = abs(e - homo) < tol
+        if np.all(n[shell] > 0):
+            continue
+        n[shell] = n[shell].sum() / shell.sum()
+    return occ
 
 
 def scf_grid_ratio(mf, grids):

@@ -1052,3 +1052,18 @@ def test_shipped_model_saves_cycles(which, ethanol, request):
     mf = _run(dft.RKS(mol, xc='pbe'), 'densr')
     assert abs(mf.e_tot - ref.e_tot) < 1e-6
     assert mf.cycles <= ref.cycles - 3, (mf.cycles, ref.cycles)
+
+
+def test_degenerate_shell_at_the_fermi_level_shares_its_electrons():
+    """Aufbau in a partly filled degenerate shell (superoxide's beta pi*) fills one orbital
+    by rounding; the guess's builds share the shell's electrons among its orbitals."""
+    e = np.array([-1.0, -0.5, -0.2, -0.2 + 1e-9, 0.3])
+    got = builds.spread_degenerate(e, np.array([1.0, 1, 1, 0, 0]))
+    assert np.allclose(got, [1, 1, .5, .5, 0])
+    got = builds.spread_degenerate(np.array([e, e]), np.array([[1.0, 1, 1, 0, 0], [1, 1, 0, 0, 0]]))
+    assert np.allclose(got, [[1, 1, .5, .5, 0], [1, 1, 0, 0, 0]])
+    restricted = builds.spread_degenerate(e, np.array([2.0, 2, 2, 0, 0]))
+    assert np.allclose(restricted, [2, 2, 1, 1, 0])
+    for occ in ([2.0, 2, 1, 0, 0], [1.0, 1, 1, 1, 0], [1.0, 1, 0, 0, 0]):
+        # ROHF's open shell, a filled shell, a gap at the Fermi level: as aufbau made them
+        assert np.allclose(builds.spread_degenerate(e, np.array(occ)), occ)
