@@ -46,7 +46,7 @@ def ao_blocks(mol, grids, deriv):
     if non0tab is None:
         non0tab = np.full(((ngrids + numint.BLKSIZE - 1) // numint.BLKSIZE, mol.nbas),
                           numint.NBINS + 1, dtype=np.uint8)
-    ao_loc = mol.ao_loc_nr()
+    ao_sizes = np.diff(mol.ao_loc_nr())
     cache = _AO_CACHE.get(grids)
     kept = None
     if cache is not None:
@@ -56,9 +56,8 @@ def ao_blocks(mol, grids, deriv):
             yield kept[i]
             continue
         mask = non0tab[p0 // numint.BLKSIZE:]
-        shells = np.nonzero(mask[:(p1 - p0 + numint.BLKSIZE - 1) // numint.BLKSIZE].any(axis=0))[0]
-        idx = np.concatenate([np.arange(ao_loc[s], ao_loc[s + 1]) for s in shells]
-                             or [np.zeros(0, dtype=int)])
+        shells = mask[:(p1 - p0 + numint.BLKSIZE - 1) // numint.BLKSIZE].any(axis=0)
+        idx = np.nonzero(np.repeat(shells, ao_sizes))[0]
         coords = grids.coords[p0:p1]
         ao = numint.eval_ao(mol, coords, deriv=deriv, non0tab=mask, cutoff=grids.cutoff)
         ao = np.ascontiguousarray(ao.reshape(-1, p1 - p0, mol.nao)[:, :, idx])
