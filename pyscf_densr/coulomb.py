@@ -42,8 +42,11 @@ from pyscf_densr.errors import DensrError
 HELD_MEMORY = 0.6
 # rows of the held integrals converted to double precision at a time (bytes)
 _HELD_CHUNK = 8e6
-# where the copy does not fit whole, the functions of part of the fitting basis are held
-# where at least this fraction of them fits (their passes then skip them)
+# where the copy does not fit in memory, it is written to a temporary file in PySCF's
+# TMPDIR where it fits in this fraction of the disk space free there (0: never)
+HELD_DISK = 0.5
+# where the copy fits in neither, the functions of part of the fitting basis are held in
+# memory where at least this fraction of them fits (their passes then skip them)
 HELD_PART_MIN = 0.05
 
 
@@ -120,6 +123,15 @@ def _significant_shell_pairs(mol, q_pairs, q_aux, tol):
     return keep, int(nf.dot(np.tril(keep, -1)).dot(nf) + diag)
 
 
+def _disk_free():
+    """Bytes free on the disk of PySCF's TMPDIR (0 where it cannot be read)."""
+    import shutil
+    try:
+        return shutil.disk_usage(lib.param.TMPDIR).free
+    except OSError:
+        return 0
+
+
 def _pair_positions(mol, keep):
     """Positions in the packed lower triangle of (mu nu) of the AO pairs of shell pairs
     ``keep``."""
@@ -168,6 +180,8 @@ class AuxCoulomb:
         self._held = None       # the auxiliary functions held, where only some fit
         self._held_budget = None  # (MB allowed, bytes of the whole copy) where not even
         #                           HELD_PART_MIN of it fits
+        self._file = None       # the temporary file of a copy held on disk
+        self._block_mb = None   # the most memory (MB) a block of it takes while it is made
         self.pass_time = None   # seconds of one whole J pass, where the others are partial
         self._last = None
         if vjopt is not None:   # PySCF's own direct DF-J state, shared with the SCF
@@ -185,9 +199,15 @@ class AuxCoulomb:
                 q_aux = np.sqrt(abs(j2c.diagonal()))
             keep, npair = _significant_shell_pairs(mol, q_pairs, q_aux.max(),
                                                    direct_scf_tol)
-            if npair * auxmol.nao * 4e-6 < HELD_MEMORY * free:
+            nbytes = npair * auxmol.nao * 4
+            if nbytes * 1e-6 < HELD_MEMORY * free:
                 self.incore, self._pairs = True, _pair_positions(mol, keep)
-                self.int3c_bytes = npair * auxmol.nao * 4
+                self.int3c_bytes = nbytes
+            elif nbytes < HELD_DISK * _disk_free():
+                self.incore, self._pairs = True, _pair_positions(mol, keep)
+                self.int3c_bytes = nbytes
+                self._file = lib.H5TmpFile()
+                self._block_mb = max(0.25 * free, 1.0)
             else:
                 self._hold_part(keep, npair, HELD_MEMORY * free)
         # the SCF's own direct DF-J: its cycles make the same passes as the guess's builds
@@ -250,10 +270,15 @@ class AuxCoulomb:
             shells = (np.ones(self.auxmol.nbas, dtype=bool) if self._held is None
                       else self._held_shells)
             nrow = int(np.diff(aux_loc)[shells].sum())
-            held = np.empty((nrow, self._pairs.size), dtype=np.float32)
+            if self._file is None:
+                held = np.empty((nrow, self._pairs.size), dtype=np.float32)
+                top = nrow * self._pairs.size * 4 / 8
+            else:   # on disk: each block within a quarter of the free memory
+                held = self._file.create_dataset('int3c', (nrow, self._pairs.size), 'f4')
+                top = min(nrow * self._pairs.size * 4 / 8, self._block_mb * 1e6)
             # a block's double-precision integrals of all pairs: at most ~1/8 of the copy
             per_fn = mol.nao * (mol.nao + 1) // 2 * 8
-            blk = max(int(held.nbytes / 8 / per_fn), int(_HELD_CHUNK * 8 / per_fn), 1)
+            blk = max(int(top / per_fn), int(_HELD_CHUNK * 8 / per_fn), 1)
             a0, r0 = 0, 0
             while a0 < self.auxmol.nbas:
                 if not shells[a0]:
@@ -271,9 +296,18 @@ class AuxCoulomb:
             self._int3c = held
         return self._int3c
 
+    def close(self):
+        """Free the held integrals (and delete their file where they are on disk)."""
+        self._int3c = None
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
     def _held_rows(self):
         held = self._ints()
-        step = max(1, int(_HELD_CHUNK / (held.shape[1] * 8)))
+        # rows read from disk in blocks of 8x the memory ones
+        chunk = _HELD_CHUNK * (1 if self._file is None else 8)
+        step = max(1, int(chunk / (held.shape[1] * 8)))
         for r0 in range(0, held.shape[0], step):
             yield r0, held[r0:r0 + step].astype(np.float64)
 
@@ -393,10 +427,10 @@ class AuxCoulomb:
         if self._held_budget is not None:
             budget, whole = self._held_budget
             part = (', none of its screened integrals held (all of them %.1f GB in single '
-                    'precision, %d%% of them %.2f GB, over the %.2f GB allowed: a larger '
-                    'mf.max_memory holds them)' % (whole * 1e-9, round(100 * HELD_PART_MIN),
-                                                   HELD_PART_MIN * whole * 1e-9,
-                                                   budget * 1e-3))
+                    'precision, over the disk space allowed in %s; %d%% of them %.2f GB, '
+                    'over the %.2f GB of memory allowed: a larger mf.max_memory holds them)'
+                    % (whole * 1e-9, lib.param.TMPDIR, round(100 * HELD_PART_MIN),
+                       HELD_PART_MIN * whole * 1e-9, budget * 1e-3))
         if self._held is not None:
             part = (', the screened integrals of %d%% of its fitting functions held (single '
                     'precision, %.2f GB)' % (round(100 * self.held_fraction),
@@ -406,8 +440,10 @@ class AuxCoulomb:
         if part:
             return 'guess 3c direct' + part
         if self._pairs is not None:
-            return ('guess 3c in memory (%d%% of the pairs, single precision, %.2f GB)'
-                    % (round(100 * self._pairs.size * 2 / self.mol.nao / (self.mol.nao + 1)),
+            return ('guess 3c %s (%d%% of the pairs, single precision, %.2f GB)'
+                    % ('in memory' if self._file is None else
+                       'on disk, in a temporary file in %s' % lib.param.TMPDIR,
+                       round(100 * self._pairs.size * 2 / self.mol.nao / (self.mol.nao + 1)),
                        self.int3c_bytes * 1e-9))
         return 'guess 3c in memory' if self.incore else 'guess 3c direct'
 

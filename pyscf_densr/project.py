@@ -172,6 +172,7 @@ def density_matrix_from_delta_rho(mf, delta_rho, grid, dm_sad=None, auxbasis=DEF
         if details is not None:
             details['fock_builds'] = made + (exchange == 'iterate')
             details['minao'] = True
+        _release(aux)
         return dm_sad
     # the corrected builds: where the guess's grids are coarser than the SCF's, with exact
     # exchange only where it is rebuilt before them (frozen at P_SAD's they gain nothing),
@@ -230,7 +231,15 @@ def density_matrix_from_delta_rho(mf, delta_rho, grid, dm_sad=None, auxbasis=DEF
                  time.perf_counter() - t3)
     if details is not None:
         details['fock_builds'] = made + (exchange == 'iterate')
+    _release(aux)
     damped = mix_with_sad(mf, dm, dm_sad, mix, s1e, x)
     if damped is not dm:
         log.info('densr: guess = P_SAD + %.2f (P_Fock - P_SAD)', mix)
     return damped
+
+
+def _release(aux):
+    """The guess's own integrals go with it (a copy on disk is deleted now; the SCF's DF
+    tensor stays with the SCF)."""
+    if hasattr(aux, 'close'):
+        aux.close()

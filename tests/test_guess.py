@@ -255,7 +255,7 @@ def test_anderson_coefficients_minimise_the_residual():
     assert np.all(np.isfinite(coeffs)) and abs(coeffs.sum() - 1) < 1e-12
 
 
-def test_aux_coulomb_matches_pyscf_density_fitting(ethanol):
+def test_aux_coulomb_matches_pyscf_density_fitting(ethanol, monkeypatch):
     """AuxCoulomb's fit and J equal PySCF's DF-J in the same auxiliary basis; its metric
     product undoes its solve."""
     mf = dft.RKS(ethanol, xc='pbe')
@@ -270,6 +270,7 @@ def test_aux_coulomb_matches_pyscf_density_fitting(ethanol):
     assert aux.fit(dm.copy())[0] is d    # the last fit is remembered
     # the screened direct passes (no memory for the integrals) give the same numbers
     assert aux.incore
+    monkeypatch.setattr(coulomb, 'HELD_DISK', 0)
     direct = coulomb.AuxCoulomb(ethanol, auxmol, max_memory=0)
     assert not direct.incore
     rng = np.random.default_rng(0)
@@ -298,7 +299,52 @@ def test_held_single_precision_integrals(ethanol, monkeypatch):
     j, j32 = full.coulomb(d), held.coulomb(d)
     assert abs(j32 - j).max() < 1e-6 * abs(j).max()
     monkeypatch.setattr(coulomb, 'HELD_MEMORY', 0)
+    monkeypatch.setattr(coulomb, 'HELD_DISK', 0)   # nor on disk
     assert not coulomb.AuxCoulomb(ethanol, auxmol, max_memory=budget).incore
+
+
+def test_held_integrals_on_disk(ethanol, monkeypatch, tmp_path):
+    """Where the screened copy does not fit in memory it is held in a temporary file in
+    PySCF's TMPDIR: the same fit and J as in memory, no screened pass, the same guess, and
+    the file deleted when the guess is made."""
+    from pyscf.scf import jk
+    monkeypatch.setattr(coulomb.lib.param, 'TMPDIR', str(tmp_path))
+    auxmol = fit.make_auxmol(ethanol)
+    monkeypatch.setattr(coulomb.lib, 'current_memory', lambda: (0., 0.))
+    full = coulomb.AuxCoulomb(ethanol, auxmol)
+    budget = full.int3c_bytes * 1e-6 * 1.5
+    mem = coulomb.AuxCoulomb(ethanol, auxmol, max_memory=budget)
+    monkeypatch.setattr(coulomb, 'HELD_MEMORY', 0)
+    monkeypatch.setattr(jk, 'get_jk', None)         # any screened pass would fail
+    disk = coulomb.AuxCoulomb(ethanol, auxmol, max_memory=budget)
+    assert disk.incore and disk._file is not None and 'on disk' in disk.route
+    dm = dft.RKS(ethanol, xc='pbe').init_guess_by_minao()
+    v = mem.project(dm)
+    assert np.array_equal(disk.project(dm), v)
+    d = mem.solve(v)
+    assert np.array_equal(disk.coulomb(d), mem.coulomb(d))
+    assert len(os.listdir(tmp_path)) == 1
+    disk.close()
+    assert os.listdir(tmp_path) == []
+    monkeypatch.setattr(coulomb, 'HELD_DISK', 0)
+    assert not coulomb.AuxCoulomb(ethanol, auxmol, max_memory=budget).incore
+    monkeypatch.undo()
+    monkeypatch.setattr(coulomb.lib.param, 'TMPDIR', str(tmp_path))
+
+    # a whole guess on the SCF's direct DF-J route (its tensor does not fit): the copy on
+    # disk gives the guess of the copy in memory, and is gone afterwards
+    def guess():
+        mf = dft.RKS(ethanol, xc='pbe').density_fit()
+        mf.with_df.max_memory = 1
+        return pyscf_densr.init_guess(mf, fallback='error')
+    ref = guess()
+    monkeypatch.setattr(coulomb, 'HELD_MEMORY', 0)
+    made = []
+    real = coulomb.lib.H5TmpFile
+    monkeypatch.setattr(coulomb.lib, 'H5TmpFile', lambda: made.append(1) or real())
+    dm = guess()
+    assert made and os.listdir(tmp_path) == []
+    assert abs(np.asarray(dm) - np.asarray(ref)).max() < 1e-10
 
 
 def test_corrected_builds_that_move_away_keep_the_coarse_result(ethanol, monkeypatch):
@@ -347,6 +393,7 @@ def test_part_of_the_integrals_held(ethanol, monkeypatch):
     probe = coulomb.AuxCoulomb(ethanol, auxmol, max_memory=full.int3c_bytes * 1e-6 * 1.5)
     whole = probe.int3c_bytes * 1e-6                # the screened copy, MB
     monkeypatch.setattr(coulomb, 'HELD_MEMORY', 0.4 * whole / (full.int3c_bytes * 1e-6 * 1.9))
+    monkeypatch.setattr(coulomb, 'HELD_DISK', 0)   # nor on disk
     part = coulomb.AuxCoulomb(ethanol, auxmol, max_memory=full.int3c_bytes * 1e-6 * 1.9)
     assert not part.incore and part._held is not None
     assert 0.3 < part.held_fraction < 0.41 and 'held' in part.route
@@ -380,6 +427,7 @@ def test_direct_three_centre_route_is_announced(ethanol, monkeypatch):
     mf = dft.RKS(ethanol, xc='pbe')
     mf.max_memory = 1
     monkeypatch.setattr(grid, 'free_memory', lambda max_memory: 4000.0)   # network through
+    monkeypatch.setattr(coulomb, 'HELD_DISK', 0)   # nor a copy on disk
     mf.stdout, mf.verbose = io.StringIO(), 3
     made = {}
     dm = pyscf_densr.init_guess(mf, fock_builds=2, details=made)
@@ -873,6 +921,7 @@ def test_direct_df_j_state_is_shared_with_the_scf(ethanol, monkeypatch):
     mf = dft.RKS(ethanol, xc='pbe').density_fit()
     mf.with_df.max_memory = 1                     # PySCF would not build the tensor
     monkeypatch.setattr(coulomb, 'HELD_MEMORY', 0)   # nor the guess hold its integrals
+    monkeypatch.setattr(coulomb, 'HELD_DISK', 0)   # nor on disk
     aux = coulomb.coulomb_engine(mf, fit.make_auxmol(ethanol))
     assert isinstance(aux, coulomb.AuxCoulomb) and not aux.incore and aux.scf_direct
     assert aux.opt is mf.with_df._vjopt and mf.with_df._cderi is None
@@ -926,6 +975,7 @@ def test_part_held_on_the_scfs_direct_df_j_route(ethanol, monkeypatch):
 
     def guess(held):
         monkeypatch.setattr(coulomb, 'HELD_MEMORY', held)
+        monkeypatch.setattr(coulomb, 'HELD_DISK', 0)   # nor on disk
         mf = dft.RKS(ethanol, xc='pbe').density_fit()
         mf.with_df.max_memory = 1
         mf.stdout, mf.verbose = io.StringIO(), 4
@@ -952,6 +1002,7 @@ def test_direct_route_builds_make_an_scf_cycles_passes(ethanol, monkeypatch):
                             lambda self, x, f=f: passes.append(1) or f(self, x))
 
     monkeypatch.setattr(coulomb, 'HELD_MEMORY', 0)
+    monkeypatch.setattr(coulomb, 'HELD_DISK', 0)   # nor on disk
 
     def run(n):
         mf = dft.RKS(ethanol, xc='pbe').density_fit()
@@ -980,6 +1031,7 @@ def test_builds_priced_on_the_direct_df_j_route(ethanol, monkeypatch):
     model = hook.load_model()
     assert hook.guess_fock_builds(model) > 2
     monkeypatch.setattr(coulomb, 'HELD_MEMORY', 0)
+    monkeypatch.setattr(coulomb, 'HELD_DISK', 0)   # nor on disk
 
     def guess(gains, n_builds=None):
         monkeypatch.setattr(builds, 'BUILD_GAINS', gains)

@@ -36,10 +36,16 @@ def main(argv=None):
                     help="mf.max_memory in MB (default PySCF's, 4000)")
     ap.add_argument('--held-memory', type=float, default=None,
                     help="coulomb.HELD_MEMORY, the share of the free memory the guess may "
-                         "hold its 3-centre integrals in (default 0.6; 0: whole passes)")
+                         "hold its 3-centre integrals in (default 0.6)")
+    ap.add_argument('--held-disk', type=float, default=None,
+                    help="coulomb.HELD_DISK, the share of the free disk space the guess may "
+                         "hold them in where they do not fit in memory (default 0.5; with "
+                         "--held-memory 0, 0 makes whole passes)")
     a = ap.parse_args(argv)
     if a.held_memory is not None:
         coulomb.HELD_MEMORY = a.held_memory
+    if a.held_disk is not None:
+        coulomb.HELD_DISK = a.held_disk
     lib.num_threads(a.threads)
     level = bench.parse_level(a.level)
     m = bench.molecules_from_xyz([a.xyz], charge=a.charge)[0]
