@@ -25,10 +25,14 @@ for the length of the guess: the shell pairs PySCF's passes would not screen out
 precision (contracted in double), where they fit in :data:`HELD_MEMORY` of what the memory
 limit leaves free. One integral evaluation then replaces the two or three passes of every
 Fock build (verapamil, 71 atoms: 0.9 GB, 54% of the pairs); the copy goes with the guess.
-Where it does not fit whole, it is held for as many fitting functions as fit, and the
-passes skip those functions.
+Where it does not fit in memory it is written to a temporary HDF5 file in PySCF's
+``lib.param.TMPDIR`` (where PySCF keeps its own DF tensors on disk), within
+:data:`HELD_DISK` of the disk space free there, read in blocks at each contraction and
+deleted when the guess is made. Where it fits in neither, it is held in memory for as many
+fitting functions as fit, and the passes skip those functions.
 """
 
+import os
 import time
 
 import numpy as np
@@ -123,10 +127,31 @@ def _significant_shell_pairs(mol, q_pairs, q_aux, tol):
     return keep, int(nf.dot(np.tril(keep, -1)).dot(nf) + diag)
 
 
+def _in_memory_fs(path, mounts='/proc/mounts'):
+    """Whether ``path`` lies on a memory-backed file system (tmpfs, ramfs: Linux's
+    ``mounts`` table), where a file takes memory, not disk."""
+    try:
+        with open(mounts) as f:
+            mounts = [ln.split()[1:3] for ln in f if len(ln.split()) > 2]
+    except OSError:
+        return False
+    path = os.path.realpath(path)
+    best, kind = '', None
+    for point, fstype in mounts:
+        point = point.replace('\\040', ' ')
+        inside = path == point or path.startswith(point.rstrip('/') + '/')
+        if inside and len(point) >= len(best):
+            best, kind = point, fstype
+    return kind in ('tmpfs', 'ramfs')
+
+
 def _disk_free():
-    """Bytes free on the disk of PySCF's TMPDIR (0 where it cannot be read)."""
+    """Bytes free on the disk of PySCF's TMPDIR: 0 where it cannot be read or where TMPDIR
+    is memory-backed (a file there would take the memory the copy does not fit in)."""
     import shutil
     try:
+        if _in_memory_fs(lib.param.TMPDIR):
+            return 0
         return shutil.disk_usage(lib.param.TMPDIR).free
     except OSError:
         return 0

@@ -328,6 +328,10 @@ def test_held_integrals_on_disk(ethanol, monkeypatch, tmp_path):
     assert os.listdir(tmp_path) == []
     monkeypatch.setattr(coulomb, 'HELD_DISK', 0)
     assert not coulomb.AuxCoulomb(ethanol, auxmol, max_memory=budget).incore
+    # a memory-backed TMPDIR (tmpfs) holds nothing: a file there would take memory
+    monkeypatch.setattr(coulomb, 'HELD_DISK', 0.5)
+    monkeypatch.setattr(coulomb, '_in_memory_fs', lambda path: True)
+    assert not coulomb.AuxCoulomb(ethanol, auxmol, max_memory=budget).incore
     monkeypatch.undo()
     monkeypatch.setattr(coulomb.lib.param, 'TMPDIR', str(tmp_path))
 
@@ -345,6 +349,18 @@ def test_held_integrals_on_disk(ethanol, monkeypatch, tmp_path):
     dm = guess()
     assert made and os.listdir(tmp_path) == []
     assert abs(np.asarray(dm) - np.asarray(ref)).max() < 1e-10
+
+
+def test_memory_backed_file_systems_are_recognised(tmp_path):
+    mounts = tmp_path / 'mounts'
+    mounts.write_text('/dev/vda1 / ext4 rw 0 0\ntmpfs /tmp tmpfs rw 0 0\n'
+                      '/dev/vdb /tmp/scratch\\040dir xfs rw 0 0\n')
+    assert coulomb._in_memory_fs('/tmp/x', str(mounts))
+    assert coulomb._in_memory_fs('/tmp', str(mounts))
+    assert not coulomb._in_memory_fs('/tmpx', str(mounts))
+    assert not coulomb._in_memory_fs('/tmp/scratch dir/a', str(mounts))
+    assert not coulomb._in_memory_fs('/home', str(mounts))
+    assert not coulomb._in_memory_fs('/tmp', str(tmp_path / 'absent'))
 
 
 def test_corrected_builds_that_move_away_keep_the_coarse_result(ethanol, monkeypatch):
