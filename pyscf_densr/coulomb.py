@@ -165,6 +165,33 @@ def _pair_positions(mol, keep):
     return np.flatnonzero(keep[shell[i], shell[j]])
 
 
+def _pair_tiles(mol, keep, pairs):
+    """The held shell pairs ``keep`` as blocks of 3-centre integrals, so that their copy is
+    made without the pairs screened out: (i0, i1, j0, j1, sel, cols) for the shells i0..i1
+    of one atom and each run j0..j1 of shells (j < i1) with a held pair among them (runs
+    less than 4 shells apart merged); ``sel``: the held AO pairs i >= j among the block's
+    (i, j) in Fortran order (as the integrals come), ``cols``: their columns in the copy,
+    positions in ``pairs`` (:func:`_pair_positions`). Every held pair is in one block."""
+    ao_loc = mol.ao_loc_nr()
+    shell = np.repeat(np.arange(mol.nbas), np.diff(ao_loc))
+    edges = np.concatenate(([0], np.flatnonzero(np.diff(mol._bas[:, gto.ATOM_OF])) + 1,
+                            [mol.nbas]))
+    tiles = []
+    for i0, i1 in zip(edges[:-1], edges[1:]):
+        js = np.flatnonzero(keep[i0:i1, :i1].any(axis=0))
+        if js.size == 0:
+            continue
+        gap = np.flatnonzero(np.diff(js) > 4)
+        for j0, j1 in zip(np.append(js[0], js[gap + 1]), np.append(js[gap], js[-1]) + 1):
+            i = np.arange(ao_loc[i0], ao_loc[i1])[:, None]
+            j = np.arange(ao_loc[j0], ao_loc[j1])[None, :]
+            ok = (i >= j) & keep[shell[i], shell[j]]
+            sel = np.flatnonzero(ok.ravel(order='F'))
+            packed = (i * (i + 1) // 2 + j).ravel(order='F')[sel]
+            tiles.append((i0, i1, j0, j1, sel, np.searchsorted(pairs, packed)))
+    return tiles
+
+
 def _factor_metric(auxmol, j2c):
     """('cd', Cholesky factor) of the metric ``j2c`` of ``auxmol``, made in place (for
     20 000 auxiliary functions the metric alone is 3 GB), or ('regular', the metric) where
@@ -202,6 +229,7 @@ class AuxCoulomb:
         self.incore = vjopt is None and self.int3c_bytes * 1e-6 < 0.5 * free
         self._int3c = None
         self._pairs = None      # the held pairs (packed-triangle positions) where screened
+        self._keep = None       # the shell pairs they come from
         self._held = None       # the auxiliary functions held, where only some fit
         self._held_budget = None  # (MB allowed, bytes of the whole copy) where not even
         #                           HELD_PART_MIN of it fits
@@ -225,6 +253,7 @@ class AuxCoulomb:
             keep, npair = _significant_shell_pairs(mol, q_pairs, q_aux.max(),
                                                    direct_scf_tol)
             nbytes = npair * auxmol.nao * 4
+            self._keep = keep
             if nbytes * 1e-6 < HELD_MEMORY * free:
                 self.incore, self._pairs = True, _pair_positions(mol, keep)
                 self.int3c_bytes = nbytes
@@ -294,16 +323,23 @@ class AuxCoulomb:
             aux_loc = self.auxmol.ao_loc_nr()
             shells = (np.ones(self.auxmol.nbas, dtype=bool) if self._held is None
                       else self._held_shells)
-            nrow = int(np.diff(aux_loc)[shells].sum())
+            nrow, npair = int(np.diff(aux_loc)[shells].sum()), self._pairs.size
+            tiles = _pair_tiles(mol, self._keep, self._pairs)
+            # functions per block: each tile's double-precision integrals within
+            # 8 * _HELD_CHUNK, a block on its way to disk within a quarter of the free memory
+            ao_loc = mol.ao_loc_nr()
+            most = max((ao_loc[i1] - ao_loc[i0]) * (ao_loc[j1] - ao_loc[j0])
+                       for i0, i1, j0, j1, _, _ in tiles)
+            blk = max(int(_HELD_CHUNK / most), 1)
             if self._file is None:
-                held = np.empty((nrow, self._pairs.size), dtype=np.float32)
-                top = nrow * self._pairs.size * 4 / 8
-            else:   # on disk: each block within a quarter of the free memory
-                held = self._file.create_dataset('int3c', (nrow, self._pairs.size), 'f4')
-                top = min(nrow * self._pairs.size * 4 / 8, self._block_mb * 1e6)
-            # a block's double-precision integrals of all pairs: at most ~1/8 of the copy
-            per_fn = mol.nao * (mol.nao + 1) // 2 * 8
-            blk = max(int(top / per_fn), int(_HELD_CHUNK * 8 / per_fn), 1)
+                held = np.empty((nrow, npair), dtype=np.float32)
+            else:
+                held = self._file.create_dataset('int3c', (nrow, npair), 'f4')
+                blk = max(min(blk, int(self._block_mb * 1e6 / (npair * 4))), 1)
+            intor = fakemol._add_suffix('int3c2e')
+            atm, bas, env = fakemol._atm, fakemol._bas, fakemol._env
+            loc = gto.moleintor.make_loc(bas, intor)
+            opt = gto.moleintor.make_cintopt(atm, bas[:nbas], env, intor)
             a0, r0 = 0, 0
             while a0 < self.auxmol.nbas:
                 if not shells[a0]:
@@ -313,10 +349,16 @@ class AuxCoulomb:
                 while (a1 < self.auxmol.nbas and shells[a1]
                        and aux_loc[a1 + 1] - aux_loc[a0] <= blk):
                     a1 += 1
-                b = fakemol.intor('int3c2e', aosym='s2ij',
-                                  shls_slice=(0, nbas, 0, nbas, nbas + a0, nbas + a1))
                 r1 = r0 + aux_loc[a1] - aux_loc[a0]
-                held[r0:r1] = b.T[:, self._pairs]
+                out = held[r0:r1] if self._file is None else np.empty((r1 - r0, npair),
+                                                                      dtype=np.float32)
+                for i0, i1, j0, j1, sel, cols in tiles:
+                    b = gto.moleintor.getints3c(intor, atm, bas, env,
+                                                (i0, i1, j0, j1, nbas + a0, nbas + a1),
+                                                1, 's1', loc, opt)
+                    out[:, cols] = b.reshape(-1, r1 - r0, order='F')[sel].T
+                if self._file is not None:
+                    held[r0:r1] = out
                 a0, r0 = a1, r1
             self._int3c = held
         return self._int3c

@@ -291,6 +291,10 @@ def test_held_single_precision_integrals(ethanol, monkeypatch):
     monkeypatch.setattr(jk, 'get_jk', None)         # any screened pass would fail
     held = coulomb.AuxCoulomb(ethanol, auxmol, max_memory=budget)
     assert held.incore and held._pairs is not None and not held.scf_direct
+    # the copy is made in blocks that hold every held pair once
+    cols = np.concatenate([t[5] for t in coulomb._pair_tiles(ethanol, held._keep,
+                                                             held._pairs)])
+    assert np.array_equal(np.sort(cols), np.arange(held._pairs.size))
     assert held.int3c_bytes <= full.int3c_bytes / 2
     dm = dft.RKS(ethanol, xc='pbe').init_guess_by_minao()
     v, v32 = full.project(dm), held.project(dm)
@@ -349,6 +353,27 @@ def test_held_integrals_on_disk(ethanol, monkeypatch, tmp_path):
     dm = guess()
     assert made and os.listdir(tmp_path) == []
     assert abs(np.asarray(dm) - np.asarray(ref)).max() < 1e-10
+
+
+def test_held_copy_of_a_spread_out_molecule(monkeypatch):
+    """Shell pairs screened out (waters 15 Angstrom apart) are neither held nor computed:
+    every held pair made once, the same fit and J as the full integrals."""
+    atoms = ';'.join('O %g 0 0; H %g 0.76 0.59; H %g -0.76 0.59' % (15 * i, 15 * i, 15 * i)
+                     for i in range(3))
+    mol = gto.M(atom=atoms, basis='sto-3g', verbose=0)
+    auxmol = fit.make_auxmol(mol)
+    full = coulomb.AuxCoulomb(mol, auxmol)
+    monkeypatch.setattr(coulomb.lib, 'current_memory', lambda: (0., 0.))
+    held = coulomb.AuxCoulomb(mol, auxmol, max_memory=full.int3c_bytes * 1e-6 * 1.5)
+    assert held.incore and held._pairs.size < 0.5 * mol.nao * (mol.nao + 1) / 2
+    tiles = coulomb._pair_tiles(mol, held._keep, held._pairs)
+    cols = np.concatenate([t[5] for t in tiles])
+    assert np.array_equal(np.sort(cols), np.arange(held._pairs.size))
+    dm = scf.RHF(mol).init_guess_by_minao()
+    v = full.project(dm)
+    assert abs(held.project(dm) - v).max() < 1e-6 * abs(v).max()
+    j = full.coulomb(full.solve(v))
+    assert abs(held.coulomb(full.solve(v)) - j).max() < 1e-6 * abs(j).max()
 
 
 def test_memory_backed_file_systems_are_recognised(tmp_path):
