@@ -86,8 +86,9 @@ NET_BYTES_PER_VOXEL = 700
 HOST_BYTES_PER_VOXEL = 48
 # Below this many basis functions a whole minao SCF takes about as long as the guess's fixed
 # cost (network pass, grids, Fock builds: 0.3-0.5 s on one core), so no guess can pay for
-# itself: such molecules get PySCF's own guess (measured in docs/benchmarks.md, small end)
-MIN_NAO = 60
+# itself: such molecules get PySCF's own guess (docs/support.md, tools/support_table.py
+# --all-sizes: under 40 functions 10 of 11 Kohn-Sham rows slower, 40-60 five of six faster)
+MIN_NAO = 40
 # Hartree-Fock (no XC functional): the guess's Fock builds converge Coulomb, not exact
 # exchange, so densr saves about one cycle there (held-out 450-452, RHF/def2-SVP: 13 -> 12)
 # and costs more than that (0.84x in wall time): such SCFs get PySCF's own guess. True:

@@ -756,7 +756,7 @@ def test_details_hold_the_network_output_and_the_fallback(ethanol, monkeypatch):
     assert made['delta_rho'].shape == made['grid'].shape
     assert np.isfinite(made['delta_rho']).all() and abs(made['delta_rho']).max() > 1e-3
     assert abs(np.einsum('ij,ji', dm, ethanol.intor('int1e_ovlp')) - ethanol.nelectron) < 1e-6
-    monkeypatch.setattr(hook, 'MIN_NAO', 60)
+    monkeypatch.setattr(hook, 'MIN_NAO', 40)
     small = gto.M(atom='O 0 0 0; H 0 0 0.97', charge=-1, basis='def2-svp', verbose=0)
     made = {}
     pyscf_densr.init_guess(dft.RKS(small, xc='pbe'), details=made)
