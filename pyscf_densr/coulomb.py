@@ -211,9 +211,10 @@ class AuxCoulomb:
 
     ``project(dm)`` gives (k|rho[dm]), ``solve(v)`` the coefficients (k|l)^-1 v, ``fit(dm)``
     both, ``coulomb(d)`` the J matrix of sum_k d_k chi_k (Hartree). ``incore``: whether those
-    are products with integrals in memory (all of them in double precision, or the screened
-    single-precision copy of :data:`HELD_MEMORY`), else screened direct passes. Where the
-    integrals are not held in memory, raises ImportError, AttributeError or TypeError if
+    are products with held integrals (all of them in double precision in memory, or the
+    screened single-precision copy, in memory within :data:`HELD_MEMORY` or in a temporary
+    file within :data:`HELD_DISK`), else screened direct passes. Where the integrals are
+    not held, raises ImportError, AttributeError or TypeError if
     PySCF's private 3-centre driver is unavailable.
     """
 
