@@ -255,14 +255,13 @@ class AuxCoulomb:
                                                    direct_scf_tol)
             nbytes = npair * auxmol.nao * 4
             self._keep = keep
-            if nbytes * 1e-6 < HELD_MEMORY * free:
+            in_memory = nbytes * 1e-6 < HELD_MEMORY * free
+            if in_memory or nbytes < HELD_DISK * _disk_free():
                 self.incore, self._pairs = True, _pair_positions(mol, keep)
                 self.int3c_bytes = nbytes
-            elif nbytes < HELD_DISK * _disk_free():
-                self.incore, self._pairs = True, _pair_positions(mol, keep)
-                self.int3c_bytes = nbytes
-                self._file = lib.H5TmpFile()
-                self._block_mb = max(0.25 * free, 1.0)
+                if not in_memory:
+                    self._file = lib.H5TmpFile()
+                    self._block_mb = max(0.25 * free, 1.0)
             else:
                 self._hold_part(keep, npair, HELD_MEMORY * free)
         # the SCF's own direct DF-J: its cycles make the same passes as the guess's builds
