@@ -44,8 +44,11 @@ from pyscf_densr.errors import DensrError
 # the guess holds its screened single-precision 3-centre integrals where they fit in this
 # fraction of what the memory limit leaves free (the rest is for the XC's AO blocks)
 HELD_MEMORY = 0.6
-# rows of the held integrals converted to double precision at a time (bytes)
+# the copy is made in blocks of at most 8x this many bytes of double-precision integrals
+# per tile
 _HELD_CHUNK = 8e6
+# rows of a copy on disk read at a time (bytes, single precision)
+_HELD_READ = 32e6
 # where the copy does not fit in memory, it is written to a temporary file in PySCF's
 # TMPDIR where it fits in this fraction of the disk space free there (0: never)
 HELD_DISK = 0.5
@@ -192,6 +195,32 @@ def _pair_tiles(mol, keep, pairs):
     return tiles
 
 
+def _split_rows(rows, f):
+    """``f`` of blocks of ``rows``, one per thread of ``lib.num_threads()`` (einsum leaves
+    the GIL, a thread per block runs in parallel)."""
+    nthreads = min(lib.num_threads(), max(rows.shape[0] // 8, 1))
+    if nthreads < 2:
+        return [f(rows, slice(None))]
+    from concurrent.futures import ThreadPoolExecutor
+    edges = np.linspace(0, rows.shape[0], nthreads + 1).astype(int)
+    blocks = [slice(a, b) for a, b in zip(edges[:-1], edges[1:])]
+    with ThreadPoolExecutor(nthreads) as ex:
+        return list(ex.map(lambda s: f(rows[s], s), blocks))
+
+
+def _rows_dot(rows, v):
+    """rows @ v for single-precision ``rows`` in double precision (summed in double,
+    without a double-precision copy of the rows)."""
+    return np.concatenate(_split_rows(
+        rows, lambda r, s: np.einsum('kp,p->k', r, v, dtype=np.float64)))
+
+
+def _dot_rows(d, rows):
+    """d @ rows for single-precision ``rows`` in double precision."""
+    return sum(_split_rows(
+        rows, lambda r, s: np.einsum('k,kp->p', d[s], r, dtype=np.float64)))
+
+
 def _factor_metric(auxmol, j2c):
     """('cd', Cholesky factor) of the metric ``j2c`` of ``auxmol``, made in place (for
     20 000 auxiliary functions the metric alone is 3 GB), or ('regular', the metric) where
@@ -237,6 +266,7 @@ class AuxCoulomb:
         self._file = None       # the temporary file of a copy held on disk
         self._block_mb = None   # the most memory (MB) a block of it takes while it is made
         self.pass_time = None   # seconds of one whole J pass, where the others are partial
+        self._reads = 0         # reads of the copy on disk
         self._last = None
         if vjopt is not None:   # PySCF's own direct DF-J state, shared with the SCF
             self.opt = vjopt
@@ -300,6 +330,13 @@ class AuxCoulomb:
                                 for i in np.flatnonzero(mask)])
         self._pairs = _pair_positions(self.mol, keep)
         self.int3c_bytes = npair * auxmol.nao * 4
+
+    @property
+    def mixed_inputs(self):
+        """Whether the Fock builds take as input the Anderson combination of their fitted
+        outputs instead of fitting it (:func:`builds.anderson_step`): where each
+        contraction is a screened pass or a read of the copy on disk, one per build fewer."""
+        return not self.incore or self._file is not None
 
     @property
     def held_fraction(self):
@@ -371,12 +408,24 @@ class AuxCoulomb:
             self._file = None
 
     def _held_rows(self):
+        """(first row, rows) of the held copy in single precision: the copy itself in
+        memory; from disk, blocks of :data:`_HELD_READ` bytes read into one buffer (each
+        block is used before the next is read), in alternate reads last block first."""
         held = self._ints()
-        # rows read from disk in blocks of 8x the memory ones
-        chunk = _HELD_CHUNK * (1 if self._file is None else 8)
-        step = max(1, int(chunk / (held.shape[1] * 8)))
-        for r0 in range(0, held.shape[0], step):
-            yield r0, held[r0:r0 + step].astype(np.float64)
+        if self._file is None:
+            yield 0, held
+            return
+        nrow, npair = held.shape
+        step = max(1, int(_HELD_READ / (npair * 4)))
+        buf = np.empty((min(step, nrow), npair), dtype=np.float32)
+        starts = range(0, nrow, step)
+        # every other read backwards: where the file is larger than the page cache, a
+        # read then begins with the blocks the last one left there
+        self._reads += 1
+        for r0 in (starts if self._reads % 2 else reversed(starts)):
+            n = min(step, nrow - r0)
+            held.read_direct(buf, np.s_[r0:r0 + n], np.s_[:n])
+            yield r0, buf[:n]
 
     def _held_functions(self, r0, n):
         """The auxiliary functions of held rows r0 .. r0 + n."""
@@ -387,14 +436,14 @@ class AuxCoulomb:
         # s2ij pairs i >= j carry P_ij + P_ji off the diagonal
         tril = lib.pack_tril(dm + dm.T - np.diag(dm.diagonal()))[self._pairs]
         for r0, rows in self._held_rows():
-            out[self._held_functions(r0, len(rows))] = rows.dot(tril)
+            out[self._held_functions(r0, len(rows))] = _rows_dot(rows, tril)
         return out
 
     def _held_coulomb(self, d):
         """The J matrix of the held functions' coefficients in ``d``."""
         held = np.zeros(self._pairs.size)
         for r0, rows in self._held_rows():
-            held += d[self._held_functions(r0, len(rows))].dot(rows)
+            held += _dot_rows(d[self._held_functions(r0, len(rows))], rows)
         tril = np.zeros(self.mol.nao * (self.mol.nao + 1) // 2)
         tril[self._pairs] = held
         return lib.unpack_tril(tril)
