@@ -332,13 +332,6 @@ class AuxCoulomb:
         self.int3c_bytes = npair * auxmol.nao * 4
 
     @property
-    def mixed_inputs(self):
-        """Whether the Fock builds take as input the Anderson combination of their fitted
-        outputs instead of fitting it (:func:`builds.anderson_step`): where each
-        contraction is a screened pass or a read of the copy on disk, one per build fewer."""
-        return not self.incore or self._file is not None
-
-    @property
     def held_fraction(self):
         """The fraction of the auxiliary functions whose integrals are held (1 in memory)."""
         if self.incore:
