@@ -207,13 +207,13 @@ def density_matrix_from_delta_rho(mf, delta_rho, grid, dm_sad=None, auxbasis=DEF
             v_s = solvent_potential(mf, dm)
             v_x = v_k + v_s
         first = []
+        coarse = dm
         dm, more, shift = refine(mf, dm, dm_sad, aux, grids, fine, refine_builds, dm_x, h1e,
                                  s1e, x, log, v_x, sym, limit=norms[0] if norms else None,
                                  norms=first)
         made += more
-        rounds = builds.EXCHANGE_ROUNDS if exchange == 'iterate' else 0
-        if norms and first and first[0] > norms[0]:
-            rounds = 0   # the coarse builds' result kept (refine's limit)
+        # no exchange rounds where refine kept the coarse builds' result
+        rounds = builds.EXCHANGE_ROUNDS if exchange == 'iterate' and dm is not coarse else 0
         while rounds and more > 1 and first and first[0] > builds.EXCHANGE_ROUND_TOL:
             # the exchange of the corrected builds' result, and those builds again: the
             # exact exchange is the one part they hold fixed; the XC correction is reused
