@@ -6,7 +6,7 @@ import shutil
 
 import numpy as np
 import pytest
-from pyscf import gto, scf, dft, df
+from pyscf import gto, scf, dft, df, lib
 
 import pyscf_densr
 from pyscf_densr import builds, coulomb, fit, grid, potential, project, hook, model as model_mod
@@ -305,6 +305,18 @@ def test_held_single_precision_integrals(ethanol, monkeypatch):
     monkeypatch.setattr(coulomb, 'HELD_MEMORY', 0)
     monkeypatch.setattr(coulomb, 'HELD_DISK', 0)   # nor on disk
     assert not coulomb.AuxCoulomb(ethanol, auxmol, max_memory=budget).incore
+
+
+def test_single_precision_rows_contracted_in_double():
+    """The held copy's contractions sum in double precision, on one thread or several."""
+    rng = np.random.default_rng(0)
+    rows = rng.standard_normal((37, 501)).astype(np.float32)
+    v, d = rng.standard_normal(501), rng.standard_normal(37)
+    ref_v, ref_d = rows.astype(np.float64).dot(v), d.dot(rows.astype(np.float64))
+    for n in (1, 2, 3):
+        with lib.with_omp_threads(n):
+            assert abs(coulomb._rows_dot(rows, v) - ref_v).max() < 1e-12
+            assert abs(coulomb._dot_rows(d, rows) - ref_d).max() < 1e-12
 
 
 def test_held_integrals_on_disk(ethanol, monkeypatch, tmp_path):
