@@ -12,26 +12,19 @@ import argparse
 import time
 
 import numpy as np
-from pyscf import df, gto, lib
+from pyscf import df, gto
 
-from pyscf_densr import bench, coulomb
+from pyscf_densr import coulomb
+
+import _molecule
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    ap.add_argument('xyz', help='an xyz file (Angstrom) or a SMILES (RDKit geometry)')
-    ap.add_argument('--level', default='pbe/sto-3g+df')
-    ap.add_argument('--charge', type=int, default=0)
+    _molecule.add_arguments(ap, 'pbe/sto-3g+df')
     ap.add_argument('--shells', type=int, default=300)
-    ap.add_argument('--threads', type=int, default=1)
     a = ap.parse_args(argv)
-    lib.num_threads(a.threads)
-    level = bench.parse_level(a.level)
-    if a.xyz.endswith('.xyz'):
-        m = bench.molecules_from_xyz([a.xyz], charge=a.charge)[0]
-    else:
-        m = bench.molecules_from_smiles([a.xyz])[0]
-    mol = bench.build_mol(m, level['basis'])
+    mol, level = _molecule.molecule(a)
     aux = df.addons.make_auxmol(mol, df.addons.make_auxbasis(mol))
     q_aux = np.sqrt(abs(aux.intor('int2c2e', hermi=1).diagonal()))
     keep, npair = coulomb._significant_shell_pairs(mol, coulomb._pair_schwarz(mol),

@@ -15,6 +15,8 @@ from pyscf import lib
 
 from pyscf_densr import bench, potential
 
+import _molecule
+
 
 def _timed(f):
     t0 = time.perf_counter()
@@ -24,19 +26,10 @@ def _timed(f):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    ap.add_argument('xyz', help='an xyz file (Angstrom) or a SMILES (RDKit geometry)')
-    ap.add_argument('--level', default='pbe/def2-svp+df')
+    _molecule.add_arguments(ap, 'pbe/def2-svp+df')
     ap.add_argument('--grids-level', type=int, default=0)
-    ap.add_argument('--charge', type=int, default=0)
-    ap.add_argument('--threads', type=int, default=1)
     a = ap.parse_args(argv)
-    lib.num_threads(a.threads)
-    level = bench.parse_level(a.level)
-    if a.xyz.endswith('.xyz'):
-        m = bench.molecules_from_xyz([a.xyz], charge=a.charge)[0]
-    else:
-        m = bench.molecules_from_smiles([a.xyz])[0]
-    mol = bench.build_mol(m, level['basis'])
+    mol, level = _molecule.molecule(a)
     mf = bench.make_scf(mol, level)
     grids = potential.guess_grids(mf, a.grids_level)
     mo_e, mo = mf.eig(mf.get_hcore(), mf.get_ovlp())
