@@ -71,7 +71,7 @@ def ao_blocks(mol, grids, deriv):
 def _rho(ao, dm, xctype):
     """rho (LDA: (n,); GGA: (4, n); MGGA: (5, n), tau last) of the block's ``ao`` and the
     matching block ``dm`` of a symmetric density matrix."""
-    c0 = ao[0] @ dm
+    c0 = lib.dot(ao[0], dm)
     rho0 = np.einsum('pi,pi->p', c0, ao[0])
     if xctype == 'LDA':
         return rho0
@@ -80,7 +80,7 @@ def _rho(ao, dm, xctype):
     for k in range(1, 4):
         rho[k] = 2 * np.einsum('pi,pi->p', c0, ao[k])
     if xctype == 'MGGA':
-        rho[4] = .5 * sum(np.einsum('pi,pi->p', ao[k] @ dm, ao[k]) for k in range(1, 4))
+        rho[4] = .5 * sum(np.einsum('pi,pi->p', lib.dot(ao[k], dm), ao[k]) for k in range(1, 4))
     return rho
 
 
@@ -88,15 +88,15 @@ def _vmat(ao, wv, xctype):
     """The block's contribution to the XC matrix, from the weighted potential ``wv`` (the
     layout of ``_rho``)."""
     if xctype == 'LDA':
-        return ao[0].T @ (ao[0] * wv.reshape(-1)[:, None])
+        return lib.dot(ao[0].T, ao[0] * wv.reshape(-1)[:, None])
     aow = ao[0] * (.5 * wv[0])[:, None]
     for k in range(1, 4):
         aow += ao[k] * wv[k][:, None]
-    v = ao[0].T @ aow
+    v = lib.dot(ao[0].T, aow)
     v = v + v.T
     if xctype == 'MGGA':
         for k in range(1, 4):
-            v += ao[k].T @ (ao[k] * (.5 * wv[4])[:, None])
+            v += lib.dot(ao[k].T, ao[k] * (.5 * wv[4])[:, None])
     return v
 
 
@@ -265,6 +265,123 @@ def add_exchange(mf, v_local, dm):
     return v_local - (vk if np.asarray(dm).ndim == 3 else 0.5 * vk)
 
 
+# PySCF's LKO partition saturates the atom-atom distance at this many Bohr (RCUT_LKO in its
+# C code): an atom's cell function is exactly zero where it is farther than this beyond the
+# nearest atom, and an atom farther than that beyond a point's atom leaves its cell
+# function exactly unchanged, so a point's weight depends only on the atoms within twice this
+# beyond its nearest atom
+LKO_RANGE = 5.0
+LKO_BOX = 2.0   # edge of the boxes of points partitioned together (Bohr)
+
+
+def lko_supported(radii_adjust):
+    """Whether :func:`lko_partition` can serve these grids: PySCF's C routine of the LKO
+    partition is there, and the atomic size adjustment is one it takes (Treutler's,
+    Becke's or none)."""
+    from pyscf.dft import gen_grid, radi
+    try:
+        gen_grid.libdft.VXCgen_grid_lko
+    except AttributeError:
+        return False
+    return radii_adjust in (None, radi.treutler_atomic_radii_adjust,
+                            radi.becke_atomic_radii_adjust)
+
+
+def lko_partition(mol, atom_grids_tab, radii_adjust=None, atomic_radii=None,
+                  box=LKO_BOX):
+    """Coordinates (Bohr) and weights of the atomic grids ``atom_grids_tab`` under PySCF's
+    LKO partition (Laqua, Kussmann, Ochsenfeld, JCP 149, 204111 (2018);
+    ``gen_grid.becke_lko``): the same as ``gen_grid.get_partition(..., becke_scheme=
+    becke_lko)``, in the same order, but made box by box of ``box`` Bohr with only the atoms
+    that can enter the box's weights (within ``2 * LKO_RANGE`` Bohr beyond a point's nearest
+    atom), so that its cost grows linearly with the number of atoms rather than as the cube.
+    """
+    import ctypes
+    from scipy.spatial import cKDTree
+    from pyscf.dft import gen_grid, radi
+    if atomic_radii is None:
+        atomic_radii = radi.BRAGG_RADII
+    atm = np.asarray(mol.atom_coords(), order='C')
+    natm = mol.natm
+    table = None
+    if callable(radii_adjust):
+        f = radii_adjust(mol, atomic_radii)
+        table = np.array([[f(i, j, 0) for j in range(natm)] for i in range(natm)])
+    coords, vol, owner = [], [], []
+    for ia in range(natm):
+        c, v = atom_grids_tab[mol.atom_symbol(ia)]
+        coords.append(c + atm[ia])
+        vol.append(v)
+        owner.append(np.full(v.size, ia))
+    coords, vol, owner = np.vstack(coords), np.hstack(vol), np.hstack(owner)
+    weights = np.zeros(vol.size)
+
+    cell = np.floor((coords - coords.min(0)) / box).astype(np.int64)
+    dims = cell.max(0) + 1
+    key = (cell[:, 0] * dims[1] + cell[:, 1]) * dims[2] + cell[:, 2]
+    order = np.argsort(key, kind='stable')
+    starts = np.flatnonzero(np.diff(key[order])) + 1
+    blocks = np.split(order, starts)
+    first = cell[order[np.r_[0, starts]]]
+    centres = coords.min(0) + (first + .5) * box
+    half = .5 * 3**.5 * box
+    tree = cKDTree(atm)
+    near = tree.query(centres)[0]
+    reach = 2 * LKO_RANGE + 1   # a margin of 1 Bohr over the exact range
+    cands = tree.query_ball_point(centres, near + 2 * half + reach)
+    for idx, cand in zip(blocks, cands):
+        cand = np.sort(np.asarray(cand, dtype=int))
+        d = np.linalg.norm(coords[idx, None, :] - atm[cand], axis=2)
+        dmin = d.min(axis=1)
+        own = np.searchsorted(cand, owner[idx]).clip(max=cand.size - 1)
+        live = (cand[own] == owner[idx])
+        live[live] = d[live, own[live]] < dmin[live] + LKO_RANGE
+        if not live.any():
+            continue   # the points' own atoms' cell functions vanish: weight zero
+        idx, d, dmin, own = idx[live], d[live], dmin[live], own[live]
+        keep = (d - dmin[:, None]).min(axis=0) < reach
+        sub = cand[keep]
+        pos = np.cumsum(keep) - 1
+        x = np.asarray(coords[idx], order='F')
+        a = np.ascontiguousarray(atm[sub])
+        p = np.empty((sub.size, idx.size))
+        tab = (lib.c_null_ptr() if table is None else
+               np.ascontiguousarray(table[np.ix_(sub, sub)]))
+        gen_grid.libdft.VXCgen_grid_lko(
+            p.ctypes.data_as(ctypes.c_void_p), x.ctypes.data_as(ctypes.c_void_p),
+            a.ctypes.data_as(ctypes.c_void_p),
+            tab if table is None else tab.ctypes.data_as(ctypes.c_void_p),
+            ctypes.c_int(sub.size), ctypes.c_int(idx.size))
+        weights[idx] = vol[idx] * p[pos[own], np.arange(idx.size)] / p.sum(axis=0)
+    return coords, weights
+
+
+def _guess_grids_class():
+    from pyscf.dft import gen_grid, radi
+
+    class GuessGrids(gen_grid.Grids):
+        """PySCF's molecular grids under the local LKO partition (:func:`lko_partition`),
+        points of zero weight left out."""
+        alignment = 0
+
+        def get_partition(self, mol, atom_grids_tab=None, radii_adjust=None,
+                          atomic_radii=radi.BRAGG_RADII, becke_scheme=None, concat=True):
+            if atom_grids_tab is None:
+                atom_grids_tab = self.gen_atomic_grids(mol)
+            return lko_partition(mol, atom_grids_tab, radii_adjust, atomic_radii)
+
+        def build(self, mol=None, with_non0tab=False, sort_grids=True, **kwargs):
+            gen_grid.Grids.build(self, mol, False, sort_grids, **kwargs)
+            keep = self.weights != 0
+            for key in ('coords', 'weights', 'atm_idx', 'quadrature_weights'):
+                setattr(self, key, np.asarray(getattr(self, key)[keep], order='C'))
+            if with_non0tab:
+                self.non0tab = self.screen_index = self.make_mask(self.mol, self.coords)
+            return self
+
+    return GuessGrids
+
+
 def guess_grids(mf, level=1):
     """Molecular grids for the guess's XC potential: ``mf.grids`` settings at ``level``.
 
@@ -274,16 +391,28 @@ def guess_grids(mf, level=1):
     (minao 51), while the shipped model's gave 47 at either level; level 0 has about 4.5
     times fewer points and saves about 1 s per QM9 guess.
     The level is therefore a model setting (``guess_grids_level`` in its config, default 1).
+
+    Below the SCF's level the grids are the guess's own, partitioned by PySCF's LKO scheme
+    (:func:`lko_partition`, whose cost grows linearly with the number of atoms; Becke's,
+    the SCF's default, grows as the cube), whatever ``mf.grids.becke_scheme``; where
+    :func:`lko_supported` says no, by ``mf.grids.becke_scheme``.
     """
     from pyscf import dft
     if not hasattr(mf, 'xc'):
         return None
     if level is None or level >= mf.grids.level:
         return mf.grids
-    g = dft.gen_grid.Grids(mf.mol)
+    local = lko_supported(mf.grids.radii_adjust)
+    g = (_guess_grids_class() if local else dft.gen_grid.Grids)(mf.mol)
     g.atom_grid = mf.grids.atom_grid
     g.prune = mf.grids.prune
     g.radi_method = mf.grids.radi_method
-    g.becke_scheme = mf.grids.becke_scheme
+    g.radii_adjust = mf.grids.radii_adjust
+    g.atomic_radii = mf.grids.atomic_radii
+    g.becke_scheme = dft.gen_grid.becke_lko if local else mf.grids.becke_scheme
     g.level = level
+    if not local:
+        lib.logger.info(mf, 'densr: the guess\'s grids partitioned by %s (the LKO partition '
+                        'takes no atomic radii adjustment %s)', g.becke_scheme.__name__,
+                        getattr(g.radii_adjust, '__name__', g.radii_adjust))
     return g.build(with_non0tab=True)

@@ -602,6 +602,50 @@ def test_guess_xc_is_pyscfs_xc(cls, xc, spin):
         assert abs(e2 - e_ref) < 1e-10 and abs(v2 - v_ref).max() < 1e-10
 
 
+@pytest.mark.parametrize('adjust', ['treutler', None])
+def test_local_lko_partition_is_pyscfs(adjust):
+    """The guess's grids' partition, made box by box with the atoms in reach, is PySCF's
+    LKO partition over all atom pairs, on a chain of waters 16 Bohr apart (long enough
+    that boxes at one end leave out the atoms at the other)."""
+    from pyscf.dft import gen_grid, radi
+    mol = gto.M(atom='; '.join('O %g 0 0; H %g 0.76 0.59; H %g -0.76 0.59' % (8.5 * i,
+                               8.5 * i, 8.5 * i) for i in range(5)), basis='sto-3g',
+                verbose=0)
+    g = gen_grid.Grids(mol)
+    g.level = 0
+    radii = radi.treutler_atomic_radii_adjust if adjust else None
+    tab = g.gen_atomic_grids(mol, g.atom_grid, g.radi_method, g.level, g.prune)
+    c, w = potential.lko_partition(mol, tab, radii, g.atomic_radii)
+    c_ref, w_ref = gen_grid.get_partition(mol, tab, radii, g.atomic_radii,
+                                          gen_grid.becke_lko)
+    assert abs(c - c_ref).max() == 0 and abs(w - w_ref).max() < 1e-12
+    assert (w == 0).any() and abs(w.sum() - w_ref.sum()) < 1e-9
+
+
+def test_guess_grids_partition_and_fallback():
+    """The guess's own grids hold only points of non-zero weight and integrate the density
+    as PySCF's do; an atomic size adjustment the LKO routine does not take keeps the SCF's
+    partition, and at the SCF's level the SCF's own grids are used."""
+    from pyscf.dft import gen_grid
+    mol = gto.M(atom=WATER + '; O 6 0 0; H 6 0.76 0.59; H 6 -0.76 0.59', basis='6-31g',
+                verbose=0)
+    mf = dft.RKS(mol, xc='pbe')
+    dm = mf.get_init_guess()
+    g = potential.guess_grids(mf, 0)
+    assert g.becke_scheme is gen_grid.becke_lko and (g.weights != 0).all()
+    assert g.non0tab.shape[0] == -(-g.weights.size // dft.numint.BLKSIZE)   # AO screening
+    n = mf._numint.nr_vxc(mol, g, 'pbe', dm)[0]
+    ref = gen_grid.Grids(mol)
+    ref.level = 0
+    ref.build()
+    assert abs(n - mf._numint.nr_vxc(mol, ref, 'pbe', dm)[0]) < 2e-3
+    mf.grids.radii_adjust = lambda mol, radii: (lambda i, j, g: g)
+    mf.grids.becke_scheme = gen_grid.stratmann   # PySCF's Python path, as the SCF's
+    g = potential.guess_grids(mf, 0)
+    assert g.becke_scheme is gen_grid.stratmann and g.weights.size == ref.weights.size
+    assert potential.guess_grids(mf, mf.grids.level) is mf.grids
+
+
 def test_guess_xc_on_kept_and_screened_ao_blocks():
     """The AO values the guess keeps for its coarse grids, each block restricted to the AOs
     not screened there, give PySCF's XC, build after build."""
