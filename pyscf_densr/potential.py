@@ -11,7 +11,7 @@ import weakref
 
 import numpy as np
 from pyscf import lib
-from pyscf.dft import numint
+from pyscf.dft import gen_grid, numint, radi
 
 from pyscf_densr import grid as grid_mod
 from pyscf_densr.fit import grid_density
@@ -278,7 +278,6 @@ def lko_supported(radii_adjust):
     """Whether :func:`lko_partition` can serve these grids: PySCF's C routine of the LKO
     partition is there, and the atomic size adjustment is one it takes (Treutler's,
     Becke's or none)."""
-    from pyscf.dft import gen_grid, radi
     try:
         gen_grid.libdft.VXCgen_grid_lko
     except AttributeError:
@@ -298,7 +297,6 @@ def lko_partition(mol, atom_grids_tab, radii_adjust=None, atomic_radii=None,
     """
     import ctypes
     from scipy.spatial import cKDTree
-    from pyscf.dft import gen_grid, radi
     if atomic_radii is None:
         atomic_radii = radi.BRAGG_RADII
     atm = np.asarray(mol.atom_coords(), order='C')
@@ -356,30 +354,25 @@ def lko_partition(mol, atom_grids_tab, radii_adjust=None, atomic_radii=None,
     return coords, weights
 
 
-def _guess_grids_class():
-    from pyscf.dft import gen_grid, radi
+class GuessGrids(gen_grid.Grids):
+    """PySCF's molecular grids under the local LKO partition (:func:`lko_partition`),
+    points of zero weight left out."""
+    alignment = 0
 
-    class GuessGrids(gen_grid.Grids):
-        """PySCF's molecular grids under the local LKO partition (:func:`lko_partition`),
-        points of zero weight left out."""
-        alignment = 0
+    def get_partition(self, mol, atom_grids_tab=None, radii_adjust=None,
+                      atomic_radii=radi.BRAGG_RADII, becke_scheme=None, concat=True):
+        if atom_grids_tab is None:
+            atom_grids_tab = self.gen_atomic_grids(mol)
+        return lko_partition(mol, atom_grids_tab, radii_adjust, atomic_radii)
 
-        def get_partition(self, mol, atom_grids_tab=None, radii_adjust=None,
-                          atomic_radii=radi.BRAGG_RADII, becke_scheme=None, concat=True):
-            if atom_grids_tab is None:
-                atom_grids_tab = self.gen_atomic_grids(mol)
-            return lko_partition(mol, atom_grids_tab, radii_adjust, atomic_radii)
-
-        def build(self, mol=None, with_non0tab=False, sort_grids=True, **kwargs):
-            gen_grid.Grids.build(self, mol, False, sort_grids, **kwargs)
-            keep = self.weights != 0
-            for key in ('coords', 'weights', 'atm_idx', 'quadrature_weights'):
-                setattr(self, key, np.asarray(getattr(self, key)[keep], order='C'))
-            if with_non0tab:
-                self.non0tab = self.screen_index = self.make_mask(self.mol, self.coords)
-            return self
-
-    return GuessGrids
+    def build(self, mol=None, with_non0tab=False, sort_grids=True, **kwargs):
+        gen_grid.Grids.build(self, mol, False, sort_grids, **kwargs)
+        keep = self.weights != 0
+        for key in ('coords', 'weights', 'atm_idx', 'quadrature_weights'):
+            setattr(self, key, np.asarray(getattr(self, key)[keep], order='C'))
+        if with_non0tab:
+            self.non0tab = self.screen_index = self.make_mask(self.mol, self.coords)
+        return self
 
 
 def guess_grids(mf, level=1):
@@ -392,27 +385,27 @@ def guess_grids(mf, level=1):
     times fewer points and saves about 1 s per QM9 guess.
     The level is therefore a model setting (``guess_grids_level`` in its config, default 1).
 
-    Below the SCF's level the grids are the guess's own, partitioned by PySCF's LKO scheme
-    (:func:`lko_partition`, whose cost grows linearly with the number of atoms; Becke's,
-    the SCF's default, grows as the cube), whatever ``mf.grids.becke_scheme``; where
-    :func:`lko_supported` says no, by ``mf.grids.becke_scheme``.
+    At or above the SCF's level these are ``mf.grids`` themselves. Below it they are the
+    guess's own, partitioned by PySCF's LKO scheme (:func:`lko_partition`, linear in the
+    number of atoms; Becke's, the SCF's default, grows as the cube), or by
+    ``mf.grids.becke_scheme`` where :func:`lko_supported` says no (logged).
     """
-    from pyscf import dft
     if not hasattr(mf, 'xc'):
         return None
     if level is None or level >= mf.grids.level:
         return mf.grids
     local = lko_supported(mf.grids.radii_adjust)
-    g = (_guess_grids_class() if local else dft.gen_grid.Grids)(mf.mol)
+    g = (GuessGrids if local else gen_grid.Grids)(mf.mol)
     g.atom_grid = mf.grids.atom_grid
     g.prune = mf.grids.prune
     g.radi_method = mf.grids.radi_method
     g.radii_adjust = mf.grids.radii_adjust
     g.atomic_radii = mf.grids.atomic_radii
-    g.becke_scheme = dft.gen_grid.becke_lko if local else mf.grids.becke_scheme
+    g.becke_scheme = gen_grid.becke_lko if local else mf.grids.becke_scheme
     g.level = level
     if not local:
-        lib.logger.info(mf, 'densr: the guess\'s grids partitioned by %s (the LKO partition '
-                        'takes no atomic radii adjustment %s)', g.becke_scheme.__name__,
+        lib.logger.info(mf, 'densr: the guess\'s grids partitioned by %s, as the SCF\'s '
+                        '(PySCF\'s LKO routine is missing or does not take the atomic size '
+                        'adjustment %s)', getattr(g.becke_scheme, '__name__', g.becke_scheme),
                         getattr(g.radii_adjust, '__name__', g.radii_adjust))
     return g.build(with_non0tab=True)
