@@ -272,6 +272,9 @@ def add_exchange(mf, v_local, dm):
 # beyond its nearest atom
 LKO_RANGE = 5.0
 LKO_BOX = 2.0   # edge of the boxes of points partitioned together (Bohr)
+# below this many atoms the guess's grids take the SCF's partition (Becke's by default),
+# which costs no more there: hundredths of a second at QM9 size, about 0.4 s at 40 atoms
+LKO_MIN_ATOMS = 40
 
 
 def lko_supported(radii_adjust):
@@ -286,6 +289,23 @@ def lko_supported(radii_adjust):
                             radi.becke_atomic_radii_adjust)
 
 
+def _lko(weights, coords, vol, owner, idx, atm, table, sub):
+    """weights[idx]: PySCF's LKO partition of the points ``idx`` among the atoms ``sub``
+    (sorted, holding the points' own atoms)."""
+    import ctypes
+    x = np.asarray(coords[idx], order='F')
+    a = np.ascontiguousarray(atm[sub])
+    p = np.empty((sub.size, idx.size))
+    tab = None if table is None else np.ascontiguousarray(table[np.ix_(sub, sub)])
+    gen_grid.libdft.VXCgen_grid_lko(
+        p.ctypes.data_as(ctypes.c_void_p), x.ctypes.data_as(ctypes.c_void_p),
+        a.ctypes.data_as(ctypes.c_void_p),
+        lib.c_null_ptr() if tab is None else tab.ctypes.data_as(ctypes.c_void_p),
+        ctypes.c_int(sub.size), ctypes.c_int(idx.size))
+    own = np.searchsorted(sub, owner[idx])
+    weights[idx] = vol[idx] * p[own, np.arange(idx.size)] / p.sum(axis=0)
+
+
 def lko_partition(mol, atom_grids_tab, radii_adjust=None, atomic_radii=None,
                   box=LKO_BOX):
     """Coordinates (Bohr) and weights of the atomic grids ``atom_grids_tab`` under PySCF's
@@ -295,7 +315,6 @@ def lko_partition(mol, atom_grids_tab, radii_adjust=None, atomic_radii=None,
     that can enter the box's weights (within ``2 * LKO_RANGE`` Bohr beyond a point's nearest
     atom), so that its cost grows linearly with the number of atoms rather than as the cube.
     """
-    import ctypes
     from scipy.spatial import cKDTree
     if atomic_radii is None:
         atomic_radii = radi.BRAGG_RADII
@@ -314,43 +333,33 @@ def lko_partition(mol, atom_grids_tab, radii_adjust=None, atomic_radii=None,
     coords, vol, owner = np.vstack(coords), np.hstack(vol), np.hstack(owner)
     weights = np.zeros(vol.size)
 
-    cell = np.floor((coords - coords.min(0)) / box).astype(np.int64)
+    tree = cKDTree(atm)
+    # a point whose own atom lies LKO_RANGE beyond its nearest has weight zero
+    dmin = tree.query(coords)[0]
+    live = np.flatnonzero(np.linalg.norm(coords - atm[owner], axis=1) < dmin + LKO_RANGE)
+    cell = np.floor((coords[live] - coords[live].min(0)) / box).astype(np.int64)
     dims = cell.max(0) + 1
     key = (cell[:, 0] * dims[1] + cell[:, 1]) * dims[2] + cell[:, 2]
     order = np.argsort(key, kind='stable')
     starts = np.flatnonzero(np.diff(key[order])) + 1
-    blocks = np.split(order, starts)
-    first = cell[order[np.r_[0, starts]]]
-    centres = coords.min(0) + (first + .5) * box
+    centres = coords[live].min(0) + (cell[order[np.r_[0, starts]]] + .5) * box
     half = .5 * 3**.5 * box
-    tree = cKDTree(atm)
-    near = tree.query(centres)[0]
-    reach = 2 * LKO_RANGE + 1   # a margin of 1 Bohr over the exact range
-    cands = tree.query_ball_point(centres, near + 2 * half + reach)
-    for idx, cand in zip(blocks, cands):
-        cand = np.sort(np.asarray(cand, dtype=int))
+    # the atoms that may come within 2 * LKO_RANGE beyond a box point's nearest atom (1 Bohr
+    # margin), of which those that do are kept
+    reach = tree.query(centres)[0] + 2 * half + 2 * LKO_RANGE + 1
+    whole = []
+    for idx, cand in zip(np.split(live[order], starts),
+                         tree.query_ball_point(centres, reach)):
+        if len(cand) == natm:
+            whole.append(idx)   # all atoms in reach: partitioned together below
+            continue
+        cand = np.sort(cand)
         d = np.linalg.norm(coords[idx, None, :] - atm[cand], axis=2)
-        dmin = d.min(axis=1)
-        own = np.searchsorted(cand, owner[idx]).clip(max=cand.size - 1)
-        live = (cand[own] == owner[idx])
-        live[live] = d[live, own[live]] < dmin[live] + LKO_RANGE
-        if not live.any():
-            continue   # the points' own atoms' cell functions vanish: weight zero
-        idx, d, dmin, own = idx[live], d[live], dmin[live], own[live]
-        keep = (d - dmin[:, None]).min(axis=0) < reach
-        sub = cand[keep]
-        pos = np.cumsum(keep) - 1
-        x = np.asarray(coords[idx], order='F')
-        a = np.ascontiguousarray(atm[sub])
-        p = np.empty((sub.size, idx.size))
-        tab = (lib.c_null_ptr() if table is None else
-               np.ascontiguousarray(table[np.ix_(sub, sub)]))
-        gen_grid.libdft.VXCgen_grid_lko(
-            p.ctypes.data_as(ctypes.c_void_p), x.ctypes.data_as(ctypes.c_void_p),
-            a.ctypes.data_as(ctypes.c_void_p),
-            tab if table is None else tab.ctypes.data_as(ctypes.c_void_p),
-            ctypes.c_int(sub.size), ctypes.c_int(idx.size))
-        weights[idx] = vol[idx] * p[pos[own], np.arange(idx.size)] / p.sum(axis=0)
+        near = (d - dmin[idx, None]).min(axis=0) < 2 * LKO_RANGE + 1
+        _lko(weights, coords, vol, owner, idx, atm, table, cand[near])
+    if whole:
+        _lko(weights, coords, vol, owner, np.concatenate(whole), atm, table,
+             np.arange(natm))
     return coords, weights
 
 
@@ -386,15 +395,16 @@ def guess_grids(mf, level=1):
     The level is therefore a model setting (``guess_grids_level`` in its config, default 1).
 
     At or above the SCF's level these are ``mf.grids`` themselves. Below it they are the
-    guess's own, partitioned by PySCF's LKO scheme (:func:`lko_partition`, linear in the
-    number of atoms; Becke's, the SCF's default, grows as the cube), or by
-    ``mf.grids.becke_scheme`` where :func:`lko_supported` says no (logged).
+    guess's own, from ``LKO_MIN_ATOMS`` atoms on partitioned by PySCF's LKO scheme
+    (:func:`lko_partition`, linear in the number of atoms; Becke's, the SCF's default,
+    grows as the cube), below that or where :func:`lko_supported` says no (logged) by
+    ``mf.grids.becke_scheme``.
     """
     if not hasattr(mf, 'xc'):
         return None
     if level is None or level >= mf.grids.level:
         return mf.grids
-    local = lko_supported(mf.grids.radii_adjust)
+    local = mf.mol.natm >= LKO_MIN_ATOMS and lko_supported(mf.grids.radii_adjust)
     g = (GuessGrids if local else gen_grid.Grids)(mf.mol)
     g.atom_grid = mf.grids.atom_grid
     g.prune = mf.grids.prune
@@ -403,7 +413,7 @@ def guess_grids(mf, level=1):
     g.atomic_radii = mf.grids.atomic_radii
     g.becke_scheme = gen_grid.becke_lko if local else mf.grids.becke_scheme
     g.level = level
-    if not local:
+    if not local and mf.mol.natm >= LKO_MIN_ATOMS:
         lib.logger.info(mf, 'densr: the guess\'s grids partitioned by %s, as the SCF\'s '
                         '(PySCF\'s LKO routine is missing or does not take the atomic size '
                         'adjustment %s)', getattr(g.becke_scheme, '__name__', g.becke_scheme),

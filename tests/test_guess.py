@@ -622,15 +622,18 @@ def test_local_lko_partition_is_pyscfs(adjust):
     assert (w == 0).any() and abs(w.sum() - w_ref.sum()) < 1e-9
 
 
-def test_guess_grids_partition_and_fallback():
+def test_guess_grids_partition_and_fallback(monkeypatch):
     """The guess's own grids hold only points of non-zero weight and integrate the density
-    as PySCF's do; an atomic size adjustment the LKO routine does not take keeps the SCF's
-    partition, and at the SCF's level the SCF's own grids are used."""
+    as PySCF's do; below LKO_MIN_ATOMS atoms, or with an atomic size adjustment the LKO
+    routine does not take, they keep the SCF's partition, and at the SCF's level the SCF's
+    own grids are used."""
     from pyscf.dft import gen_grid
     mol = gto.M(atom=WATER + '; O 6 0 0; H 6 0.76 0.59; H 6 -0.76 0.59', basis='6-31g',
                 verbose=0)
     mf = dft.RKS(mol, xc='pbe')
     dm = mf.get_init_guess()
+    assert potential.guess_grids(mf, 0).becke_scheme is mf.grids.becke_scheme
+    monkeypatch.setattr(potential, 'LKO_MIN_ATOMS', 6)
     g = potential.guess_grids(mf, 0)
     assert g.becke_scheme is gen_grid.becke_lko and (g.weights != 0).all()
     assert g.non0tab.shape[0] == -(-g.weights.size // dft.numint.BLKSIZE)   # AO screening
