@@ -13,8 +13,6 @@ unless ``--threads``.
 import argparse
 import time
 
-from pyscf import dft
-
 from pyscf_densr import bench, potential
 
 import _molecule
@@ -28,12 +26,13 @@ def _timed(label, build):
 
 
 def _scf_grids(mf, level):
-    g = dft.gen_grid.Grids(mf.mol)
-    for key in ('atom_grid', 'prune', 'radi_method', 'radii_adjust', 'atomic_radii',
-                'becke_scheme'):
-        setattr(g, key, getattr(mf.grids, key))
-    g.level = level
-    return g.build(with_non0tab=True)
+    """``guess_grids`` with the SCF's partition (as below ``LKO_MIN_ATOMS`` atoms)."""
+    lko_min = potential.LKO_MIN_ATOMS
+    potential.LKO_MIN_ATOMS = mf.mol.natm + 1
+    try:
+        return potential.guess_grids(mf, level)
+    finally:
+        potential.LKO_MIN_ATOMS = lko_min
 
 
 def main(argv=None):
