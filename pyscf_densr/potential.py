@@ -7,6 +7,7 @@ Exact exchange (HF, hybrids, range-separated) needs a density matrix: it is take
 P_SAD, or rebuilt once from the first diagonalisation (``add_exchange``).
 """
 
+import ctypes
 import weakref
 
 import numpy as np
@@ -292,7 +293,6 @@ def lko_supported(radii_adjust):
 def _lko(weights, coords, vol, owner, idx, atm, table, sub):
     """weights[idx]: PySCF's LKO partition of the points ``idx`` among the atoms ``sub``
     (sorted, holding the points' own atoms)."""
-    import ctypes
     x = np.asarray(coords[idx], order='F')
     a = np.ascontiguousarray(atm[sub])
     p = np.empty((sub.size, idx.size))
@@ -344,9 +344,10 @@ def lko_partition(mol, atom_grids_tab, radii_adjust=None, atomic_radii=None,
     starts = np.flatnonzero(np.diff(key[order])) + 1
     centres = coords[live].min(0) + (cell[order[np.r_[0, starts]]] + .5) * box
     half = .5 * 3**.5 * box
-    # the atoms that may come within 2 * LKO_RANGE beyond a box point's nearest atom (1 Bohr
-    # margin), of which those that do are kept
-    reach = tree.query(centres)[0] + 2 * half + 2 * LKO_RANGE + 1
+    # the atoms that may come within ``within`` beyond a box point's nearest atom (2 *
+    # LKO_RANGE and a margin of 1 Bohr), of which those that do are kept
+    within = 2 * LKO_RANGE + 1
+    reach = tree.query(centres)[0] + 2 * half + within
     whole = []
     for idx, cand in zip(np.split(live[order], starts),
                          tree.query_ball_point(centres, reach)):
@@ -355,7 +356,7 @@ def lko_partition(mol, atom_grids_tab, radii_adjust=None, atomic_radii=None,
             continue
         cand = np.sort(cand)
         d = np.linalg.norm(coords[idx, None, :] - atm[cand], axis=2)
-        near = (d - dmin[idx, None]).min(axis=0) < 2 * LKO_RANGE + 1
+        near = (d - dmin[idx, None]).min(axis=0) < within
         _lko(weights, coords, vol, owner, idx, atm, table, cand[near])
     if whole:
         _lko(weights, coords, vol, owner, np.concatenate(whole), atm, table,

@@ -603,19 +603,25 @@ def test_guess_xc_is_pyscfs_xc(cls, xc, spin):
 
 
 @pytest.mark.parametrize('adjust', ['treutler', None])
-def test_local_lko_partition_is_pyscfs(adjust):
+@pytest.mark.parametrize('spacing', [8.5, 3.0])
+def test_local_lko_partition_is_pyscfs(adjust, spacing, monkeypatch):
     """The guess's grids' partition, made box by box with the atoms in reach, is PySCF's
-    LKO partition over all atom pairs, on a chain of waters 16 Bohr apart (long enough
-    that boxes at one end leave out the atoms at the other)."""
+    LKO partition over all atom pairs: on a chain of waters 16 Bohr apart every box leaves
+    atoms out, 5.7 Bohr apart some boxes hold every atom."""
     from pyscf.dft import gen_grid, radi
-    mol = gto.M(atom='; '.join('O %g 0 0; H %g 0.76 0.59; H %g -0.76 0.59' % (8.5 * i,
-                               8.5 * i, 8.5 * i) for i in range(5)), basis='sto-3g',
+    mol = gto.M(atom='; '.join('O %g 0 0; H %g 0.76 0.59; H %g -0.76 0.59' % (
+                spacing * i, spacing * i, spacing * i) for i in range(5)), basis='sto-3g',
                 verbose=0)
     g = gen_grid.Grids(mol)
     g.level = 0
     radii = radi.treutler_atomic_radii_adjust if adjust else None
     tab = g.gen_atomic_grids(mol, g.atom_grid, g.radi_method, g.level, g.prune)
+    subsets = []
+    lko = potential._lko
+    monkeypatch.setattr(potential, '_lko', lambda *a: subsets.append(a[-1].size) or lko(*a))
     c, w = potential.lko_partition(mol, tab, radii, g.atomic_radii)
+    assert min(subsets) < mol.natm
+    assert (max(subsets) == mol.natm) == (spacing < 5)
     c_ref, w_ref = gen_grid.get_partition(mol, tab, radii, g.atomic_radii,
                                           gen_grid.becke_lko)
     assert abs(c - c_ref).max() == 0 and abs(w - w_ref).max() < 1e-12
