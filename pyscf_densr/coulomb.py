@@ -44,6 +44,12 @@ from pyscf_densr.errors import DensrError
 # the guess holds its screened single-precision 3-centre integrals where they fit in this
 # fraction of what the memory limit leaves free (the rest is for the XC's AO blocks)
 HELD_MEMORY = 0.6
+# the copy keeps the shell pairs whose Schwarz bound times the largest auxiliary one reaches
+# this (PySCF's passes keep those above mf.direct_scf_tol, 1e-13): the copy serves only the
+# guess, and the pairs it leaves out change its J by about 4x this (propranolol, def2-SVP:
+# 3.7e-8 Eh at most), below the single-precision copy's own rounding; melittin (STO-3G) keeps
+# 18% of its pairs, 10.8 GB, where 1e-13 keeps 30%, 17.6 GB
+HELD_TOL = 1e-8
 # the copy is made in blocks of at most 8x this many bytes of double-precision integrals
 # per tile
 _HELD_CHUNK = 8e6
@@ -267,6 +273,7 @@ class AuxCoulomb:
         self._block_mb = None   # the most memory (MB) a block of it takes while it is made
         self.pass_time = None   # seconds of one whole J pass, where the others are partial
         self._reads = 0         # reads of the copy on disk
+        self.copy_time = None   # seconds the copy took to make
         self._last = None
         if vjopt is not None:   # PySCF's own direct DF-J state, shared with the SCF
             self.opt = vjopt
@@ -282,7 +289,7 @@ class AuxCoulomb:
                 q_pairs = _pair_schwarz(mol, direct_scf_tol)
                 q_aux = np.sqrt(abs(j2c.diagonal()))
             keep, npair = _significant_shell_pairs(mol, q_pairs, q_aux.max(),
-                                                   direct_scf_tol)
+                                                   max(direct_scf_tol, HELD_TOL))
             nbytes = npair * auxmol.nao * 4
             self._keep = keep
             in_memory = nbytes * 1e-6 < HELD_MEMORY * free
@@ -343,6 +350,7 @@ class AuxCoulomb:
         (k, pairs) in single precision (the held functions' rows only, where only some
         fit), made in blocks of auxiliary shells."""
         if self._int3c is None:
+            t0 = time.perf_counter()
             mol, nbas = self.mol, self.mol.nbas
             fakemol = mol + self.auxmol
             if self._pairs is None:
@@ -391,6 +399,7 @@ class AuxCoulomb:
                     held[r0:r1] = out
                 a0, r0 = a1, r1
             self._int3c = held
+            self.copy_time = time.perf_counter() - t0
         return self._int3c
 
     def close(self):

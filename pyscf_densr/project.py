@@ -113,6 +113,8 @@ def density_matrix_from_delta_rho(mf, delta_rho, grid, dm_sad=None, auxbasis=DEF
     t1 = time.perf_counter()
     log.info('densr: density fit of P_SAD and delta-rho (%s, %d auxiliary functions) in '
              '%.2f s', route, aux.auxmol.nao, t1 - t0)
+    if getattr(aux, 'copy_time', None) is not None:
+        log.info('densr: of which the copy of the 3-centre integrals %.2f s', aux.copy_time)
     grids = guess_grids(mf, grids_level)
     if grids is not None and grids is not getattr(mf, 'grids', None):
         keep_ao(mf, grids)   # every build evaluates the XC on these grids
