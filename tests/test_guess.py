@@ -394,6 +394,30 @@ def test_held_copy_of_a_spread_out_molecule(monkeypatch):
     assert abs(held.coulomb(full.solve(v)) - j).max() < 1e-6 * abs(j).max()
 
 
+def test_held_copy_leaves_out_pairs_below_its_tolerance(monkeypatch):
+    """The copy keeps only the pairs above coulomb.HELD_TOL, fewer than PySCF's passes keep
+    at direct_scf_tol (1e-13), and its projection and J stay those of all the integrals
+    (to single precision; the pairs left out change J by less than 1e-7 Eh)."""
+    atoms = ';'.join('O %g 0 0; H %g 0.76 0.59; H %g -0.76 0.59' % (4 * i, 4 * i, 4 * i)
+                     for i in range(4))
+    mol = gto.M(atom=atoms, basis='6-31g', verbose=0)
+    auxmol = fit.make_auxmol(mol)
+    full = coulomb.AuxCoulomb(mol, auxmol)
+    monkeypatch.setattr(coulomb.lib, 'current_memory', lambda: (0., 0.))
+    budget = full.int3c_bytes * 1e-6 * 1.5
+    held = coulomb.AuxCoulomb(mol, auxmol, max_memory=budget)
+    monkeypatch.setattr(coulomb, 'HELD_TOL', 1e-13)
+    every = coulomb.AuxCoulomb(mol, auxmol, max_memory=budget)
+    assert held._pairs.size < every._pairs.size < mol.nao * (mol.nao + 1) // 2
+    dm = scf.RHF(mol).init_guess_by_minao()
+    v = full.project(dm)
+    assert abs(held.project(dm) - v).max() < 1e-6 * abs(v).max()
+    d = full.solve(v)
+    j = full.coulomb(d)
+    assert abs(held.coulomb(d) - j).max() < 1e-6 * abs(j).max()
+    assert 0 < abs(held.coulomb(d) - every.coulomb(d)).max() < 1e-7
+
+
 def test_memory_backed_file_systems_are_recognised(tmp_path):
     mounts = tmp_path / 'mounts'
     mounts.write_text('/dev/vda1 / ext4 rw 0 0\ntmpfs /tmp tmpfs rw 0 0\n'
