@@ -175,10 +175,9 @@ def anderson_step(mf, v1, dm1, dm_sad, pred, aux, grids=None, dm_x=None, h1e=Non
     (:func:`_anderson_coefficients`). Each build costs an XC build, two
     diagonalisations and three 3-centre contractions (the fit of its input, its J, the fit
     of its output). Where ``aux`` makes each contraction a screened 3-centre pass
-    (``aux.incore`` False) or a read of its copy from a file (``aux.on_disk``), the fitted
-    input of a build is instead the same combination of the fitted outputs (equal to first
-    order, as Pulay's density mixing takes it): two passes or reads a build, as in an SCF
-    cycle's DF-J (propranolol from a file: the same residuals to 3%, the same 5 cycles). Exact exchange stays that of ``dm_x``
+    (``aux.incore`` False), the fitted input of a build is instead the same combination of
+    the fitted outputs (equal to first order, as Pulay's density mixing takes it): two
+    passes a build, as in an SCF cycle's DF-J. Exact exchange stays that of ``dm_x``
     (``v_x``: its term, ``add_exchange(mf, 0, dm_x)``, where the caller has it).
 
     ``cycle_priced``: where ``aux`` makes the SCF's own direct DF-J passes, a build costs
@@ -226,7 +225,7 @@ def anderson_step(mf, v1, dm1, dm_sad, pred, aux, grids=None, dm_x=None, h1e=Non
     # passes are direct, the fitted outputs too (the next input combines them)
     v1 = np.asarray(v1)
     vs, rs, mrs = [v1], [d1 - pred[0]], [j1 - pred[1]]
-    linear = getattr(aux, 'incore', True) is False or getattr(aux, 'on_disk', False)
+    linear = getattr(aux, 'incore', True) is False
     outs = [(d1, j1)]
     dm, d_in, j_in = dm1, d1, j1
     coeffs = np.ones(1)

@@ -339,11 +339,6 @@ class AuxCoulomb:
         self.int3c_bytes = npair * auxmol.nao * 4
 
     @property
-    def on_disk(self):
-        """Whether every contraction reads the held copy from a file."""
-        return self._file is not None
-
-    @property
     def held_fraction(self):
         """The fraction of the auxiliary functions whose integrals are held (1 in memory)."""
         if self.incore:
