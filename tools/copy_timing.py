@@ -4,8 +4,8 @@
 
 For the first ``--shells`` auxiliary shells of the SCF's fitting basis: the integrals of
 all shell pairs at once (``mol.intor('int3c2e', aosym='s2ij')``) and then the kept pairs
-picked out, against the blocks of :func:`coulomb._pair_tiles`, which skip the pairs
-PySCF's screening drops (what ``coulomb.AuxCoulomb`` does). Prints both times and the
+picked out, against the blocks of :func:`coulomb._pair_tiles`, which skip the pairs the
+copy leaves out (below ``coulomb.HELD_TOL``: what ``coulomb.AuxCoulomb`` does). Prints both times and the
 largest difference (zero: the same integrals). One thread unless ``--threads``.
 """
 import argparse
@@ -28,7 +28,8 @@ def main(argv=None):
     aux = df.addons.make_auxmol(mol, df.addons.make_auxbasis(mol))
     q_aux = np.sqrt(abs(aux.intor('int2c2e', hermi=1).diagonal()))
     keep, npair = coulomb._significant_shell_pairs(mol, coulomb._pair_schwarz(mol),
-                                                   q_aux.max(), 1e-13)
+                                                   q_aux.max(),
+                                                   max(1e-13, coulomb.HELD_TOL))
     pairs = coulomb._pair_positions(mol, keep)
     nb, a1 = mol.nbas, min(a.shells, aux.nbas)
     fake = mol + aux
