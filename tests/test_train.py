@@ -264,10 +264,11 @@ def test_learning_rate_warms_up_then_follows_the_cosine():
 
 
 def test_run_minutes_stops_this_run_and_the_next_resumes(tiny_config, tmp_path):
-    """run_minutes ends one process's share (a lent machine's call) with a checkpoint; the
-    next run resumes from it, the schedule's clock untouched."""
+    """run_minutes ends one process's share (a batch job's time slot) with a checkpoint;
+    the next run resumes from it, the schedule's clock untouched."""
     cfg = train.load_config(str(tiny_config))
-    cfg.update(run_minutes=1e-4, steps=50, val_every=50, out=str(tmp_path / 'share'))
+    # shorter than any step, so each run makes exactly one (a tiny step can take < 6 ms)
+    cfg.update(run_minutes=1e-9, steps=50, val_every=50, out=str(tmp_path / 'share'))
     train.train(cfg, log=lambda *a: None)
     train.train(cfg, log=lambda *a: None)
     hist = [json.loads(l) for l in open(os.path.join(cfg['out'], 'history.jsonl'))]
