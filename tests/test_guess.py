@@ -373,16 +373,24 @@ def test_held_integrals_on_disk(ethanol, monkeypatch, tmp_path):
     assert abs(np.asarray(dm) - np.asarray(ref)).max() < 1e-10
 
 
-def test_held_copy_of_a_spread_out_molecule(monkeypatch):
-    """Shell pairs screened out (waters 15 Angstrom apart) are neither held nor computed:
-    every held pair made once, the same fit and J as the full integrals."""
-    atoms = ';'.join('O %g 0 0; H %g 0.76 0.59; H %g -0.76 0.59' % (15 * i, 15 * i, 15 * i)
-                     for i in range(3))
-    mol = gto.M(atom=atoms, basis='sto-3g', verbose=0)
+def _water_chain(n, spacing, basis, monkeypatch):
+    """n waters ``spacing`` Angstrom apart; their fitting basis, the engine of all their
+    3-centre integrals in double precision, and a memory limit (MB) that holds only the
+    screened single-precision copy."""
+    atoms = ';'.join('O %g 0 0; H %g 0.76 0.59; H %g -0.76 0.59' % ((spacing * i,) * 3)
+                     for i in range(n))
+    mol = gto.M(atom=atoms, basis=basis, verbose=0)
     auxmol = fit.make_auxmol(mol)
     full = coulomb.AuxCoulomb(mol, auxmol)
     monkeypatch.setattr(coulomb.lib, 'current_memory', lambda: (0., 0.))
-    held = coulomb.AuxCoulomb(mol, auxmol, max_memory=full.int3c_bytes * 1e-6 * 1.5)
+    return mol, auxmol, full, full.int3c_bytes * 1e-6 * 1.5
+
+
+def test_held_copy_of_a_spread_out_molecule(monkeypatch):
+    """Shell pairs screened out (waters 15 Angstrom apart) are neither held nor computed:
+    every held pair made once, the same fit and J as the full integrals."""
+    mol, auxmol, full, budget = _water_chain(3, 15, 'sto-3g', monkeypatch)
+    held = coulomb.AuxCoulomb(mol, auxmol, max_memory=budget)
     assert held.incore and held._pairs.size < 0.5 * mol.nao * (mol.nao + 1) / 2
     tiles = coulomb._pair_tiles(mol, held._keep, held._pairs)
     cols = np.concatenate([t[5] for t in tiles])
@@ -398,13 +406,7 @@ def test_held_copy_leaves_out_pairs_below_its_tolerance(monkeypatch):
     """The copy keeps only the pairs above coulomb.HELD_TOL, fewer than PySCF's passes keep
     at direct_scf_tol (1e-13), and its projection and J stay those of all the integrals
     (to single precision; the pairs left out change J by less than 1e-7 Eh)."""
-    atoms = ';'.join('O %g 0 0; H %g 0.76 0.59; H %g -0.76 0.59' % (4 * i, 4 * i, 4 * i)
-                     for i in range(4))
-    mol = gto.M(atom=atoms, basis='6-31g', verbose=0)
-    auxmol = fit.make_auxmol(mol)
-    full = coulomb.AuxCoulomb(mol, auxmol)
-    monkeypatch.setattr(coulomb.lib, 'current_memory', lambda: (0., 0.))
-    budget = full.int3c_bytes * 1e-6 * 1.5
+    mol, auxmol, full, budget = _water_chain(4, 4, '6-31g', monkeypatch)
     held = coulomb.AuxCoulomb(mol, auxmol, max_memory=budget)
     monkeypatch.setattr(coulomb, 'HELD_TOL', 1e-13)
     every = coulomb.AuxCoulomb(mol, auxmol, max_memory=budget)
