@@ -21,10 +21,10 @@ those come from, in this order:
    direct passes with PySCF's 3-centre J driver (the two passes of ``df.df_jk.get_j``).
 
 On both direct routes the guess first tries to hold its own copy of the 3-centre integrals
-for the length of the guess: the shell pairs PySCF's passes would not screen out, in single
-precision (contracted in double), where they fit in :data:`HELD_MEMORY` of what the memory
-limit leaves free. One integral evaluation then replaces the two or three passes of every
-Fock build (verapamil, 71 atoms: 0.9 GB, 54% of the pairs); the copy goes with the guess.
+for the length of the guess: the shell pairs above :data:`HELD_TOL`, in single precision
+(contracted in double), where they fit in :data:`HELD_MEMORY` of what the memory limit
+leaves free. One integral evaluation then replaces the two or three passes of every Fock
+build (verapamil, 71 atoms: 0.73 GB, 42% of the pairs); the copy goes with the guess.
 Where it does not fit in memory it is written to a temporary HDF5 file in PySCF's
 ``lib.param.TMPDIR`` (where PySCF keeps its own DF tensors on disk), within
 :data:`HELD_DISK` of the disk space free there, read in blocks at each contraction and

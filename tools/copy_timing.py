@@ -5,8 +5,9 @@
 For the first ``--shells`` auxiliary shells of the SCF's fitting basis: the integrals of
 all shell pairs at once (``mol.intor('int3c2e', aosym='s2ij')``) and then the kept pairs
 picked out, against the blocks of :func:`coulomb._pair_tiles`, which skip the pairs the
-copy leaves out (below ``coulomb.HELD_TOL``: what ``coulomb.AuxCoulomb`` does). Prints both times and the
-largest difference (zero: the same integrals). One thread unless ``--threads``.
+copy leaves out (below ``coulomb.HELD_TOL``: what ``coulomb.AuxCoulomb`` does). Prints
+both times and the largest difference (zero: the same integrals). One thread unless
+``--threads``.
 """
 import argparse
 import time
