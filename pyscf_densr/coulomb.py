@@ -136,6 +136,12 @@ def _significant_shell_pairs(mol, q_pairs, q_aux, tol):
     return keep, int(nf.dot(np.tril(keep, -1)).dot(nf) + diag)
 
 
+def _held_pairs(mol, q_pairs, q_aux, direct_scf_tol=1e-13):
+    """:func:`_significant_shell_pairs` of the guess's copy: those above ``HELD_TOL`` (and
+    never more than PySCF's passes keep at ``direct_scf_tol``)."""
+    return _significant_shell_pairs(mol, q_pairs, q_aux, max(direct_scf_tol, HELD_TOL))
+
+
 def _in_memory_fs(path, mounts='/proc/mounts'):
     """Whether ``path`` lies on a memory-backed file system (tmpfs, ramfs: Linux's
     ``mounts`` table), where a file takes memory, not disk."""
@@ -288,8 +294,7 @@ class AuxCoulomb:
             else:
                 q_pairs = _pair_schwarz(mol, direct_scf_tol)
                 q_aux = np.sqrt(abs(j2c.diagonal()))
-            keep, npair = _significant_shell_pairs(mol, q_pairs, q_aux.max(),
-                                                   max(direct_scf_tol, HELD_TOL))
+            keep, npair = _held_pairs(mol, q_pairs, q_aux.max(), direct_scf_tol)
             nbytes = npair * auxmol.nao * 4
             self._keep = keep
             in_memory = nbytes * 1e-6 < HELD_MEMORY * free

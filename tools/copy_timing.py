@@ -28,9 +28,7 @@ def main(argv=None):
     mol, level = _molecule.molecule(a)
     aux = df.addons.make_auxmol(mol, df.addons.make_auxbasis(mol))
     q_aux = np.sqrt(abs(aux.intor('int2c2e', hermi=1).diagonal()))
-    keep, npair = coulomb._significant_shell_pairs(mol, coulomb._pair_schwarz(mol),
-                                                   q_aux.max(),
-                                                   max(1e-13, coulomb.HELD_TOL))
+    keep, npair = coulomb._held_pairs(mol, coulomb._pair_schwarz(mol), q_aux.max())
     pairs = coulomb._pair_positions(mol, keep)
     nb, a1 = mol.nbas, min(a.shells, aux.nbas)
     fake = mol + aux
