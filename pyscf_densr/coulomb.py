@@ -25,15 +25,18 @@ for the length of the guess: the shell pairs above :data:`HELD_TOL`, in single p
 (contracted in double), where they fit in :data:`HELD_MEMORY` of what the memory limit
 leaves free. One integral evaluation then replaces the two or three passes of every Fock
 build (verapamil, 71 atoms: 0.73 GB, 42% of the pairs); the copy goes with the guess.
-Where it does not fit in memory it is written to a temporary HDF5 file in PySCF's
+Where it does not fit in memory it is written to a temporary file in PySCF's
 ``lib.param.TMPDIR`` (where PySCF keeps its own DF tensors on disk), within
-:data:`HELD_DISK` of the disk space free there, read in blocks at each contraction and
-deleted when the guess is made. Where it fits in neither, it is held in memory for as many
+:data:`HELD_DISK` of the disk space free there, read in blocks at each contraction, by
+``lib.num_threads()`` threads in parallel, and gone when the guess is made (it is removed
+from the directory as soon as it is opened). Where it fits in neither, it is held in memory for as many
 fitting functions as fit, and the passes skip those functions.
 """
 
 import os
+import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import scipy.linalg
@@ -207,30 +210,53 @@ def _pair_tiles(mol, keep, pairs):
     return tiles
 
 
-def _split_rows(rows, f):
-    """``f`` of blocks of ``rows``, one per thread of ``lib.num_threads()`` (einsum leaves
-    the GIL, a thread per block runs in parallel)."""
-    nthreads = min(lib.num_threads(), max(rows.shape[0] // 8, 1))
-    if nthreads < 2:
-        return [f(rows, slice(None))]
-    from concurrent.futures import ThreadPoolExecutor
-    edges = np.linspace(0, rows.shape[0], nthreads + 1).astype(int)
-    blocks = [slice(a, b) for a, b in zip(edges[:-1], edges[1:])]
-    with ThreadPoolExecutor(nthreads) as ex:
-        return list(ex.map(lambda s: f(rows[s], s), blocks))
-
-
 def _rows_dot(rows, v):
     """rows @ v for single-precision ``rows`` in double precision (summed in double,
     without a double-precision copy of the rows)."""
-    return np.concatenate(_split_rows(
-        rows, lambda r, s: np.einsum('kp,p->k', r, v, dtype=np.float64)))
+    return np.einsum('kp,p->k', rows, v, dtype=np.float64)
 
 
 def _dot_rows(d, rows):
     """d @ rows for single-precision ``rows`` in double precision."""
-    return sum(_split_rows(
-        rows, lambda r, s: np.einsum('k,kp->p', d[s], r, dtype=np.float64)))
+    return np.einsum('k,kp->p', d, rows, dtype=np.float64)
+
+
+class _HeldFile:
+    """The screened copy on disk: its rows of single-precision numbers, one after the other,
+    in a temporary file in PySCF's ``lib.param.TMPDIR``, removed from the directory as soon
+    as it is opened (nothing is left behind, even where the process is killed). Read with
+    ``os.preadv``, which leaves the GIL, so that threads read their rows in parallel (h5py
+    takes one lock for all its calls)."""
+    def __init__(self, shape):
+        fd, path = tempfile.mkstemp(prefix='densr-int3c-', dir=lib.param.TMPDIR)
+        os.unlink(path)
+        self.fd, self.shape = fd, shape
+
+    def _bytes(self, r0, rows):
+        return memoryview(rows).cast('B'), int(r0) * int(self.shape[1]) * 4
+
+    def write(self, r0, rows):
+        view, offset = self._bytes(r0, np.ascontiguousarray(rows, dtype=np.float32))
+        while view:
+            n = os.pwrite(self.fd, view, offset)
+            view, offset = view[n:], offset + n
+
+    def read(self, r0, out):
+        """Rows r0 .. r0 + len(out) into ``out`` (C-contiguous, single precision)."""
+        view, offset = self._bytes(r0, out)
+        while view:
+            n = os.preadv(self.fd, [view], offset)
+            if n == 0:
+                raise OSError('densr guess: its temporary file of 3-centre integrals ended '
+                              'early')
+            view, offset = view[n:], offset + n
+
+    @property
+    def size(self):
+        return os.fstat(self.fd).st_size
+
+    def close(self):
+        os.close(self.fd)
 
 
 def _factor_metric(auxmol, j2c):
@@ -302,7 +328,7 @@ class AuxCoulomb:
                 self.incore, self._pairs = True, _pair_positions(mol, keep)
                 self.int3c_bytes = nbytes
                 if not in_memory:
-                    self._file = lib.H5TmpFile()
+                    self._file = _HeldFile((auxmol.nao, self._pairs.size))
                     self._block_mb = max(0.25 * free, 1.0)
             else:
                 self._hold_part(keep, npair, HELD_MEMORY * free)
@@ -374,16 +400,20 @@ class AuxCoulomb:
             most = max((ao_loc[i1] - ao_loc[i0]) * (ao_loc[j1] - ao_loc[j0])
                        for i0, i1, j0, j1, _, _ in tiles)
             blk = max(int(_HELD_CHUNK / most), 1)
+            # the blocks of auxiliary shells are made by lib.num_threads() threads, one
+            # block each (PySCF's integral driver leaves the GIL), at least four per thread
+            nthreads = lib.num_threads()
             if self._file is None:
                 held = np.empty((nrow, npair), dtype=np.float32)
             else:
-                held = self._file.create_dataset('int3c', (nrow, npair), 'f4')
-                blk = max(min(blk, int(self._block_mb * 1e6 / (npair * 4))), 1)
+                held = self._file
+                blk = min(blk, int(self._block_mb * 1e6 / (npair * 4) / nthreads))
+            blk = max(min(blk, -(-nrow // (4 * nthreads))), 1)
             intor = fakemol._add_suffix('int3c2e')
             atm, bas, env = fakemol._atm, fakemol._bas, fakemol._env
             loc = gto.moleintor.make_loc(bas, intor)
             opt = gto.moleintor.make_cintopt(atm, bas[:nbas], env, intor)
-            a0, r0 = 0, 0
+            blocks, a0, r0 = [], 0, 0
             while a0 < self.auxmol.nbas:
                 if not shells[a0]:
                     a0 += 1
@@ -393,16 +423,27 @@ class AuxCoulomb:
                        and aux_loc[a1 + 1] - aux_loc[a0] <= blk):
                     a1 += 1
                 r1 = r0 + aux_loc[a1] - aux_loc[a0]
+                blocks.append((a0, a1, r0, r1))
+                a0, r0 = a1, r1
+
+            def make(block):
+                a0, a1, r0, r1 = block
                 out = held[r0:r1] if self._file is None else np.empty((r1 - r0, npair),
                                                                       dtype=np.float32)
-                for i0, i1, j0, j1, sel, cols in tiles:
-                    b = gto.moleintor.getints3c(intor, atm, bas, env,
-                                                (i0, i1, j0, j1, nbas + a0, nbas + a1),
-                                                1, 's1', loc, opt)
-                    out[:, cols] = b.reshape(-1, r1 - r0, order='F')[sel].T
+                with lib.with_omp_threads(1 if nthreads > 1 else None):
+                    for i0, i1, j0, j1, sel, cols in tiles:
+                        b = gto.moleintor.getints3c(intor, atm, bas, env,
+                                                    (i0, i1, j0, j1, nbas + a0, nbas + a1),
+                                                    1, 's1', loc, opt)
+                        out[:, cols] = b.reshape(-1, r1 - r0, order='F')[sel].T
                 if self._file is not None:
-                    held[r0:r1] = out
-                a0, r0 = a1, r1
+                    held.write(r0, out)
+            if nthreads > 1:
+                with ThreadPoolExecutor(nthreads) as ex:
+                    list(ex.map(make, blocks))
+            else:
+                for block in blocks:
+                    make(block)
             self._int3c = held
             self.copy_time = time.perf_counter() - t0
         return self._int3c
@@ -414,25 +455,39 @@ class AuxCoulomb:
             self._file.close()
             self._file = None
 
-    def _held_rows(self):
-        """(first row, rows) of the held copy in single precision: the copy itself in
-        memory; from disk, blocks of :data:`_HELD_READ` bytes read into one buffer (each
-        block is used before the next is read), in alternate reads last block first."""
+    def _held_blocks(self, f):
+        """``f(r0, rows)`` over blocks of the held copy in single precision (``rows`` from
+        row r0 on), on ``lib.num_threads()`` threads, each over its own rows (einsum and the
+        reads of a copy on disk leave the GIL); returns each thread's sum of what ``f``
+        returned. From disk each thread reads blocks of :data:`_HELD_READ` bytes into its
+        own buffer, every other call last block first."""
         held = self._ints()
-        if self._file is None:
-            yield 0, held
-            return
         nrow, npair = held.shape
-        step = max(1, int(_HELD_READ / (npair * 4)))
-        buf = np.empty((min(step, nrow), npair), dtype=np.float32)
-        starts = range(0, nrow, step)
-        # every other read backwards: where the file is larger than the page cache, a
-        # read then begins with the blocks the last one left there
-        self._reads += 1
-        for r0 in (starts if self._reads % 2 else reversed(starts)):
-            n = min(step, nrow - r0)
-            held.read_direct(buf, np.s_[r0:r0 + n], np.s_[:n])
-            yield r0, buf[:n]
+        nthreads = min(lib.num_threads(), max(nrow // 8, 1))
+        edges = np.linspace(0, nrow, nthreads + 1).astype(int)
+        if self._file is None:
+            def run(a, b):
+                return f(a, held[a:b])
+        else:
+            step = max(1, int(_HELD_READ / (npair * 4)))
+            # where the file is larger than the page cache, a read then begins with the
+            # blocks the last one left there
+            self._reads += 1
+            backwards = self._reads % 2 == 0
+
+            def run(a, b):
+                buf = np.empty((max(min(step, b - a), 0), npair), dtype=np.float32)
+                starts = range(a, b, step)
+                total = 0
+                for r0 in (reversed(starts) if backwards else starts):
+                    n = min(step, b - r0)
+                    held.read(r0, buf[:n])
+                    total = total + f(r0, buf[:n])
+                return total
+        if nthreads < 2:
+            return [run(0, nrow)]
+        with ThreadPoolExecutor(nthreads) as ex:
+            return list(ex.map(run, edges[:-1], edges[1:]))
 
     def _held_functions(self, r0, n):
         """The auxiliary functions of held rows r0 .. r0 + n."""
@@ -442,15 +497,17 @@ class AuxCoulomb:
         """``out`` with (k|rho[dm]) of the held functions filled in from the held rows."""
         # s2ij pairs i >= j carry P_ij + P_ji off the diagonal
         tril = lib.pack_tril(dm + dm.T - np.diag(dm.diagonal()))[self._pairs]
-        for r0, rows in self._held_rows():
+
+        def f(r0, rows):
             out[self._held_functions(r0, len(rows))] = _rows_dot(rows, tril)
+            return 0
+        self._held_blocks(f)
         return out
 
     def _held_coulomb(self, d):
         """The J matrix of the held functions' coefficients in ``d``."""
-        held = np.zeros(self._pairs.size)
-        for r0, rows in self._held_rows():
-            held += _dot_rows(d[self._held_functions(r0, len(rows))], rows)
+        held = sum(self._held_blocks(
+            lambda r0, rows: _dot_rows(d[self._held_functions(r0, len(rows))], rows)))
         tril = np.zeros(self.mol.nao * (self.mol.nao + 1) // 2)
         tril[self._pairs] = held
         return lib.unpack_tril(tril)

@@ -39,7 +39,9 @@ def keep_ao(mf, grids):
 def ao_blocks(mol, grids, deriv):
     """Yield (idx, ao, weight, coords) over blocks of ``grids``: ``ao`` (comp, n, len(idx))
     the AO values (and derivatives up to ``deriv``) of the n points at the AOs ``idx`` of
-    the shells not screened on them; from memory where :func:`keep_ao` kept them."""
+    the shells not screened on them, in PySCF's layout (each component's transpose
+    C-contiguous, as ``numint``'s C kernels take it); from memory where :func:`keep_ao`
+    kept them."""
     if grids.coords is None:
         grids.build(with_non0tab=True)
     ngrids = grids.weights.size
@@ -61,7 +63,9 @@ def ao_blocks(mol, grids, deriv):
         idx = np.nonzero(np.repeat(shells, ao_sizes))[0]
         coords = grids.coords[p0:p1]
         ao = numint.eval_ao(mol, coords, deriv=deriv, non0tab=mask, cutoff=grids.cutoff)
-        ao = np.ascontiguousarray(ao.reshape(-1, p1 - p0, mol.nao)[:, :, idx])
+        # (comp, nao, n) in memory: the AOs kept are whole rows
+        ao = (ao if ao.ndim == 3 else ao[None]).transpose(0, 2, 1)
+        ao = np.ascontiguousarray(ao[:, idx]).transpose(0, 2, 1)
         block = (idx, ao, grids.weights[p0:p1], coords)
         if kept is not None and len(kept) == i and ao.nbytes < cache['budget']:
             cache['budget'] -= ao.nbytes
@@ -70,18 +74,19 @@ def ao_blocks(mol, grids, deriv):
 
 
 def _rho(ao, dm, xctype):
-    """rho (LDA: (n,); GGA: (4, n); MGGA: (5, n), tau last) of the block's ``ao`` and the
-    matching block ``dm`` of a symmetric density matrix."""
-    c0 = lib.dot(ao[0], dm)
-    rho0 = np.einsum('pi,pi->p', c0, ao[0])
+    """rho (LDA: (n,); GGA: (4, n); MGGA: (5, n), tau last) of the block's ``ao``
+    (:func:`ao_blocks`) and the matching block ``dm`` of a symmetric density matrix."""
+    c0 = lib.dot(dm, ao[0].T).T
+    rho0 = numint._contract_rho(ao[0], c0)
     if xctype == 'LDA':
         return rho0
     rho = np.empty((5 if xctype == 'MGGA' else 4, rho0.size))
     rho[0] = rho0
     for k in range(1, 4):
-        rho[k] = 2 * np.einsum('pi,pi->p', c0, ao[k])
+        rho[k] = 2 * numint._contract_rho(ao[k], c0)
     if xctype == 'MGGA':
-        rho[4] = .5 * sum(np.einsum('pi,pi->p', lib.dot(ao[k], dm), ao[k]) for k in range(1, 4))
+        rho[4] = .5 * sum(numint._contract_rho(ao[k], lib.dot(dm, ao[k].T).T)
+                          for k in range(1, 4))
     return rho
 
 
@@ -89,15 +94,15 @@ def _vmat(ao, wv, xctype):
     """The block's contribution to the XC matrix, from the weighted potential ``wv`` (the
     layout of ``_rho``)."""
     if xctype == 'LDA':
-        return lib.dot(ao[0].T, ao[0] * wv.reshape(-1)[:, None])
-    aow = ao[0] * (.5 * wv[0])[:, None]
-    for k in range(1, 4):
-        aow += ao[k] * wv[k][:, None]
-    v = lib.dot(ao[0].T, aow)
+        aow = numint._scale_ao(ao[0], wv.reshape(-1))
+        return lib.dot(ao[0].T, aow)
+    wv = np.array(wv)
+    wv[0] *= .5
+    v = lib.dot(ao[0].T, numint._scale_ao(ao[:4], wv[:4]))
     v = v + v.T
     if xctype == 'MGGA':
         for k in range(1, 4):
-            v += lib.dot(ao[k].T, ao[k] * (.5 * wv[4])[:, None])
+            v += lib.dot(ao[k].T, numint._scale_ao(ao[k], .5 * wv[4]))
     return v
 
 
@@ -134,8 +139,7 @@ def xc_potential(mf, dm_sad, grids=None, delta_grid=None):
     for idx, ao, weight, coords in ao_blocks(mol, grids, ao_deriv):
         if idx.size == 0:
             continue
-        ix = np.ix_(idx, idx)
-        rho = [_rho(ao, d[ix], xctype) for d in dms]
+        rho = [_rho(ao, lib.take_2d(d, idx, idx), xctype) for d in dms]
         if delta_grid is not None:
             field, fgrid, sad_scale = delta_grid
             drho = grid_density(field, fgrid, coords, ao_deriv) / nset
@@ -157,7 +161,7 @@ def xc_potential(mf, dm_sad, grids=None, delta_grid=None):
         excsum += np.dot(den * weight, exc)
         vxc = vxc if spin else vxc[None]
         for s in range(nset):
-            vmat[s][ix] += _vmat(ao, weight * vxc[s], xctype)
+            lib.takebak_2d(vmat[s], _vmat(ao, weight * vxc[s], xctype), idx, idx)
     return excsum, (vmat if spin else vmat[0])
 
 

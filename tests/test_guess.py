@@ -308,21 +308,19 @@ def test_held_single_precision_integrals(ethanol, monkeypatch):
 
 
 def test_single_precision_rows_contracted_in_double():
-    """The held copy's contractions sum in double precision, on one thread or several."""
+    """The held copy's contractions sum in double precision."""
     rng = np.random.default_rng(0)
     rows = rng.standard_normal((37, 501)).astype(np.float32)
     v, d = rng.standard_normal(501), rng.standard_normal(37)
     ref_v, ref_d = rows.astype(np.float64).dot(v), d.dot(rows.astype(np.float64))
-    for n in (1, 2, 3):
-        with lib.with_omp_threads(n):
-            assert abs(coulomb._rows_dot(rows, v) - ref_v).max() < 1e-12
-            assert abs(coulomb._dot_rows(d, rows) - ref_d).max() < 1e-12
+    assert abs(coulomb._rows_dot(rows, v) - ref_v).max() < 1e-12
+    assert abs(coulomb._dot_rows(d, rows) - ref_d).max() < 1e-12
 
 
 def test_held_integrals_on_disk(ethanol, monkeypatch, tmp_path):
     """Where the screened copy does not fit in memory it is held in a temporary file in
-    PySCF's TMPDIR: the same fit and J as in memory, no screened pass, the same guess, and
-    the file deleted when the guess is made."""
+    PySCF's TMPDIR: the same fit and J as in memory, made and read by one thread or
+    several, no screened pass, the same guess, and nothing left in TMPDIR."""
     from pyscf.scf import jk
     monkeypatch.setattr(coulomb.lib.param, 'TMPDIR', str(tmp_path))
     auxmol = fit.make_auxmol(ethanol)
@@ -335,19 +333,25 @@ def test_held_integrals_on_disk(ethanol, monkeypatch, tmp_path):
     disk = coulomb.AuxCoulomb(ethanol, auxmol, max_memory=budget)
     assert disk.incore and disk._file is not None and 'on disk' in disk.route
     dm = dft.RKS(ethanol, xc='pbe').init_guess_by_minao()
-    v = mem.project(dm)
-    assert np.array_equal(disk.project(dm), v)
-    d = mem.solve(v)
-    assert np.array_equal(disk.coulomb(d), mem.coulomb(d))
-    # read in blocks (every other read last block first): the same to rounding
-    monkeypatch.setattr(coulomb, '_HELD_READ', disk._pairs.size * 4 * 7)
-    for _ in range(2):
-        assert abs(disk.project(dm) - v).max() < 1e-12 * abs(v).max()
+    with lib.with_omp_threads(3):
+        disk._ints()    # made by three threads, block by block
+    with lib.with_omp_threads(1):
+        v = mem.project(dm)
+        assert np.array_equal(disk.project(dm), v)
+        d = mem.solve(v)
         j = mem.coulomb(d)
-        assert abs(disk.coulomb(d) - j).max() < 1e-12 * abs(j).max()
-    assert len(os.listdir(tmp_path)) == 1
+        assert np.array_equal(disk.coulomb(d), j)
+    # the whole copy is in the file, which is not in TMPDIR (nothing is left behind)
+    assert disk._file.size == disk.int3c_bytes and os.listdir(tmp_path) == []
+    # read in blocks (every other read last block first), by several threads: the same to
+    # rounding, in memory too
+    monkeypatch.setattr(coulomb, '_HELD_READ', disk._pairs.size * 4 * 7)
+    for n in (1, 2, 3, 2):
+        with lib.with_omp_threads(n):
+            for engine in (disk, mem):
+                assert abs(engine.project(dm) - v).max() < 1e-12 * abs(v).max()
+                assert abs(engine.coulomb(d) - j).max() < 1e-12 * abs(j).max()
     disk.close()
-    assert os.listdir(tmp_path) == []
     monkeypatch.setattr(coulomb, 'HELD_DISK', 0)
     assert not coulomb.AuxCoulomb(ethanol, auxmol, max_memory=budget).incore
     # a memory-backed TMPDIR (tmpfs) holds nothing: a file there would take memory
@@ -366,8 +370,8 @@ def test_held_integrals_on_disk(ethanol, monkeypatch, tmp_path):
     ref = guess()
     monkeypatch.setattr(coulomb, 'HELD_MEMORY', 0)
     made = []
-    real = coulomb.lib.H5TmpFile
-    monkeypatch.setattr(coulomb.lib, 'H5TmpFile', lambda: made.append(1) or real())
+    real = coulomb._HeldFile
+    monkeypatch.setattr(coulomb, '_HeldFile', lambda shape: made.append(1) or real(shape))
     dm = guess()
     assert made and os.listdir(tmp_path) == []
     assert abs(np.asarray(dm) - np.asarray(ref)).max() < 1e-10
