@@ -1,6 +1,6 @@
 """Guess time against one SCF cycle of the same SCF, for one molecule, in one process.
 
-    python tools/guess_vs_cycle.py FILE.xyz [--charge Q] [--level pbe/sto-3g+df] [--threads 1]
+    python tools/guess_vs_cycle.py FILE.xyz|SMILES [--charge Q] [--level pbe/sto-3g+df] [--threads 1]
                                    [--log] [--guess minao] [--max-memory MB] [--parts]
 
 Times ``pyscf_densr.init_guess(mf)`` (the network already loaded), then one Fock build of
@@ -21,13 +21,12 @@ from pyscf import lib
 import pyscf_densr
 from pyscf_densr import bench, coulomb
 
+import _molecule
+
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    ap.add_argument('xyz')
-    ap.add_argument('--charge', type=int, default=0)
-    ap.add_argument('--level', default='pbe/sto-3g+df')
-    ap.add_argument('--threads', type=int, default=1)
+    _molecule.add_arguments(ap, 'pbe/sto-3g+df')
     ap.add_argument('--log', action='store_true', help="the guess's own log (each stage's time)")
     ap.add_argument('--guess', default='densr', choices=('densr', 'minao'))
     ap.add_argument('--parts', action='store_true',
@@ -46,10 +45,7 @@ def main(argv=None):
         coulomb.HELD_MEMORY = a.held_memory
     if a.held_disk is not None:
         coulomb.HELD_DISK = a.held_disk
-    lib.num_threads(a.threads)
-    level = bench.parse_level(a.level)
-    m = bench.molecules_from_xyz([a.xyz], charge=a.charge)[0]
-    mol = bench.build_mol(m, level['basis'])
+    mol, level = _molecule.molecule(a)
     mf = bench.make_scf(mol, level)
     if a.max_memory:
         mol.max_memory = mf.max_memory = a.max_memory
@@ -68,7 +64,7 @@ def main(argv=None):
     t1 = time.perf_counter()
     mf.verbose = 0
     print('%s, %s: %d atoms, %d basis functions, %d thread(s), max_memory %.0f MB' % (
-        m['name'], a.level, mol.natm, mol.nao, lib.num_threads(), mf.max_memory))
+        a.xyz, a.level, mol.natm, mol.nao, lib.num_threads(), mf.max_memory))
     print('%s guess %.1f s (%d Fock builds); peak memory %.0f MB' % (
         a.guess, t1 - t0, made.get('fock_builds', 0),
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024), flush=True)
