@@ -27,10 +27,11 @@ leaves free. One integral evaluation then replaces the two or three passes of ev
 build (verapamil, 71 atoms: 0.73 GB, 42% of the pairs); the copy goes with the guess.
 Where it does not fit in memory it is written to a temporary file in PySCF's
 ``lib.param.TMPDIR`` (where PySCF keeps its own DF tensors on disk), within
-:data:`HELD_DISK` of the disk space free there, read in blocks at each contraction, by
+:data:`HELD_DISK` of the disk space free there, read in blocks at each contraction by
 ``lib.num_threads()`` threads in parallel, and gone when the guess is made (it is removed
-from the directory as soon as it is opened). Where it fits in neither, it is held in memory for as many
-fitting functions as fit, and the passes skip those functions.
+from the directory as soon as it is opened). Where it fits in neither, it is held in
+memory for as many fitting functions as fit, and the passes skip those functions. The copy
+is made one block of fitting functions per thread.
 """
 
 import os
@@ -250,10 +251,6 @@ class _HeldFile:
                 raise OSError('densr guess: its temporary file of 3-centre integrals ended '
                               'early')
             view, offset = view[n:], offset + n
-
-    @property
-    def size(self):
-        return os.fstat(self.fd).st_size
 
     def close(self):
         os.close(self.fd)

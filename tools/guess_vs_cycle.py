@@ -1,7 +1,8 @@
 """Guess time against one SCF cycle of the same SCF, for one molecule, in one process.
 
-    python tools/guess_vs_cycle.py FILE.xyz|SMILES [--charge Q] [--level pbe/sto-3g+df] [--threads 1]
-                                   [--log] [--guess minao] [--max-memory MB] [--parts]
+    python tools/guess_vs_cycle.py FILE.xyz|SMILES [--charge Q] [--level pbe/sto-3g+df]
+                                   [--threads 1] [--log] [--guess minao] [--max-memory MB]
+                                   [--parts]
 
 Times ``pyscf_densr.init_guess(mf)`` (the network already loaded), then one Fock build of
 the same SCF object at the guess (``mf.get_veff``: J and XC on the SCF's own grids, after
