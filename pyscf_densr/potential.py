@@ -21,11 +21,17 @@ from pyscf_densr.fit import grid_density
 # the AO values of the guess's coarse grids, which every Fock build of the guess evaluates
 # again, are kept in memory (at most this share of what mf.max_memory leaves free; the
 # blocks that do not fit are evaluated at each build), each block of AO_BLOCK points
-# restricted to the AOs of the shells not screened there (PySCF's non0tab); smaller blocks
-# keep fewer AOs each (erythromycin, def2-SVP, one thread: an XC build 1.93 s and 1.47 GB
-# kept with blocks of 16 x BLKSIZE points, 1.64 s and 1.23 GB with 4 x, 1.64 s with 2 x)
+# restricted to the AOs of the shells not screened there (PySCF's non0tab). Smaller blocks
+# keep fewer AOs each but cost more calls: from AO_BLOCK_ATOMS atoms on the blocks are of
+# AO_BLOCK_LARGE points (erythromycin, 118 atoms, def2-SVP, one thread: an XC build 1.93 s
+# and 1.47 GB kept with blocks of 16 x BLKSIZE points, 1.64 s and 1.23 GB with 4 x, 1.64 s
+# with 2 x; YGGFLG, 84 atoms: 0.79 and 0.70 s with 16 x and 4 x), below it of AO_BLOCK
+# (the ethanol guess on two threads: 1.69 s with 16 x, 1.81 s with 4 x; propranolol's XC
+# build 0.10 and 0.12 s)
 AO_CACHE_MEMORY = 0.3
-AO_BLOCK = 4 * numint.BLKSIZE
+AO_BLOCK = 16 * numint.BLKSIZE
+AO_BLOCK_LARGE = 4 * numint.BLKSIZE
+AO_BLOCK_ATOMS = 64
 _AO_CACHE = weakref.WeakKeyDictionary()
 
 
@@ -56,7 +62,8 @@ def ao_blocks(mol, grids, deriv):
     kept = None
     if cache is not None:
         kept = cache.setdefault(deriv, [])
-    for i, (p0, p1) in enumerate(lib.prange(0, ngrids, AO_BLOCK)):
+    size = AO_BLOCK_LARGE if mol.natm >= AO_BLOCK_ATOMS else AO_BLOCK
+    for i, (p0, p1) in enumerate(lib.prange(0, ngrids, size)):
         if kept is not None and i < len(kept):
             yield kept[i]
             continue

@@ -686,7 +686,7 @@ def test_guess_grids_partition_and_fallback(monkeypatch):
     assert potential.guess_grids(mf, mf.grids.level) is mf.grids
 
 
-def test_guess_xc_on_kept_and_screened_ao_blocks():
+def test_guess_xc_on_kept_and_screened_ao_blocks(monkeypatch):
     """The AO values the guess keeps for its coarse grids, each block restricted to the AOs
     not screened there, give PySCF's XC, build after build."""
     mol = gto.M(atom=WATER + '; O 12 0 0; H 12 0.76 0.59; H 12 -0.76 0.59', basis='6-31g',
@@ -703,6 +703,12 @@ def test_guess_xc_on_kept_and_screened_ao_blocks():
         assert abs(e - e_ref) < 1e-10 and abs(v - v_ref).max() < 1e-10
     kept = potential._AO_CACHE[g][1]
     assert len(kept) == len(sizes)
+    # the smaller blocks of large molecules
+    g4 = potential.guess_grids(mf, 0)
+    monkeypatch.setattr(potential, 'AO_BLOCK_ATOMS', mol.natm)
+    assert len(list(potential.ao_blocks(mol, g4, 1))) > len(sizes)
+    assert abs(potential.xc_potential(mf, dm, g4)[1] - v_ref).max() < 1e-10
+    monkeypatch.undo()
     # nothing kept where the memory does not allow it
     mf.max_memory = 1
     g2 = potential.guess_grids(mf, 0)
