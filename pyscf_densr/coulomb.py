@@ -24,7 +24,7 @@ On both direct routes the guess first tries to hold its own copy of the 3-centre
 for the length of the guess: the shell pairs above :data:`HELD_TOL`, in single precision
 (contracted in double), where they fit in :data:`HELD_MEMORY` of what the memory limit
 leaves free. One integral evaluation then replaces the two or three passes of every Fock
-build (verapamil, 71 atoms: 0.73 GB, 42% of the pairs); the copy goes with the guess.
+build (verapamil, 71 atoms: 0.68 GB, 39% of the pairs); the copy goes with the guess.
 Where it does not fit in memory it is written to a temporary file in PySCF's
 ``lib.param.TMPDIR`` (where PySCF keeps its own DF tensors on disk), within
 :data:`HELD_DISK` of the disk space free there, read in blocks at each contraction by
@@ -50,13 +50,16 @@ from pyscf_densr.errors import DensrError
 HELD_MEMORY = 0.6
 # the copy keeps the shell pairs whose Schwarz bound times the largest auxiliary one reaches
 # this (PySCF's passes keep those above mf.direct_scf_tol, 1e-13): the copy serves only the
-# guess, and the pairs it leaves out change its J by about 4x this (propranolol, def2-SVP:
-# 3.7e-8 Eh at most), below the single-precision copy's own rounding; melittin (STO-3G) keeps
-# 18% of its pairs, 10.8 GB, where 1e-13 keeps 30%, 17.6 GB
-HELD_TOL = 1e-8
+# guess, and the pairs it leaves out change its J by no more than the single-precision
+# copy's own rounding (propranolol, def2-SVP: 3.9e-7 Eh at most against the rounding's
+# 5.1e-7; 1e-6 would be 3.6e-6); melittin (STO-3G) keeps 16% of its pairs, where 1e-8
+# kept 18% and 1e-13 30%
+HELD_TOL = 1e-7
 # the copy is made in blocks of at most 8x this many bytes of double-precision integrals
 # per tile
 _HELD_CHUNK = 8e6
+# rows of the copy converted to double precision at a time (bytes) for their BLAS sums
+_DOUBLE_CHUNK = 8e6
 # rows of a copy on disk read at a time (bytes, single precision)
 _HELD_READ = 32e6
 # where the copy does not fit in memory, it is written to a temporary file in PySCF's
@@ -211,15 +214,38 @@ def _pair_tiles(mol, keep, pairs):
     return tiles
 
 
+def _double_chunks(rows):
+    """(r0, rows r0.. in double precision) in chunks of about :data:`_DOUBLE_CHUNK` bytes,
+    each converted into one reused buffer, so that the sums are made in double precision
+    without a double-precision copy of all the rows. Summed in single precision instead,
+    the sums' rounding (about 1e-7 relative) changes from build to build and stalls the
+    guess's builds at residuals near 1e-2 (verapamil)."""
+    k, p = rows.shape
+    n = max(1, min(k, int(_DOUBLE_CHUNK // (8 * max(p, 1)))))
+    buf = np.empty((n, p))
+    for r0 in range(0, k, n):
+        b = buf[:min(n, k - r0)]
+        np.copyto(b, rows[r0:r0 + len(b)])
+        yield r0, b
+
+
+# einsum, not BLAS: numpy's BLAS starts its own threads inside each of the guess's and
+# they contend (two threads on two cores: 3x slower); einsum on the converted chunks is
+# 1.5x numpy.einsum on the single-precision rows, which casts element by element
 def _rows_dot(rows, v):
-    """rows @ v for single-precision ``rows`` in double precision (summed in double,
-    without a double-precision copy of the rows)."""
-    return np.einsum('kp,p->k', rows, v, dtype=np.float64)
+    """rows @ v for single-precision ``rows``, in double precision."""
+    out = np.empty(len(rows))
+    for r0, b in _double_chunks(rows):
+        out[r0:r0 + len(b)] = np.einsum('kp,p->k', b, v)
+    return out
 
 
 def _dot_rows(d, rows):
-    """d @ rows for single-precision ``rows`` in double precision."""
-    return np.einsum('k,kp->p', d, rows, dtype=np.float64)
+    """d @ rows for single-precision ``rows``, in double precision."""
+    out = np.zeros(rows.shape[1])
+    for r0, b in _double_chunks(rows):
+        out += np.einsum('k,kp->p', d[r0:r0 + len(b)], b)
+    return out
 
 
 class _HeldFile:
@@ -454,7 +480,7 @@ class AuxCoulomb:
 
     def _held_blocks(self, f):
         """``f(r0, rows)`` over blocks of the held copy in single precision (``rows`` from
-        row r0 on), on ``lib.num_threads()`` threads, each over its own rows (einsum and the
+        row r0 on), on ``lib.num_threads()`` threads, each over its own rows (BLAS and the
         reads of a copy on disk leave the GIL); returns each thread's sum of what ``f``
         returned. From disk each thread reads blocks of :data:`_HELD_READ` bytes into its
         own buffer, every other call last block first."""
@@ -536,7 +562,7 @@ class AuxCoulomb:
 
     def solve(self, v):
         if self.cho is not None:
-            return scipy.linalg.cho_solve(self.cho, v)
+            return scipy.linalg.cho_solve(self.cho, v, check_finite=False)
         return scipy.linalg.lstsq(self.metric, v, cond=1e-12)[0]
 
     @classmethod
