@@ -19,8 +19,10 @@ from pyscf_densr.fit import grid_density
 
 
 # the AO values of the guess's coarse grids, which every Fock build of the guess evaluates
-# again, are kept in memory (at most this share of what mf.max_memory leaves free; the
-# blocks that do not fit are evaluated at each build), each block of AO_BLOCK points
+# again, are kept in memory (at most this share of what mf.max_memory leaves free once the
+# guess holds its 3-centre integrals; the blocks that do not fit are evaluated at each
+# build: melittin 1-13, STO-3G, 1.13 GB of AO values, an XC build 0.99 s with all kept,
+# 2.55 s with none), each block of AO_BLOCK points
 # restricted to the AOs of the shells not screened there (PySCF's non0tab). Smaller blocks
 # keep fewer AOs each but cost more calls: from AO_BLOCK_ATOMS atoms on the blocks are of
 # AO_BLOCK_LARGE points (erythromycin, 118 atoms, def2-SVP, one thread: an XC build 1.93 s
@@ -28,7 +30,7 @@ from pyscf_densr.fit import grid_density
 # with 2 x; YGGFLG, 84 atoms: 0.79 and 0.70 s with 16 x and 4 x), below it of AO_BLOCK
 # (the ethanol guess on two threads: 1.69 s with 16 x, 1.81 s with 4 x; propranolol's XC
 # build 0.10 and 0.12 s)
-AO_CACHE_MEMORY = 0.3
+AO_CACHE_MEMORY = 0.6
 AO_BLOCK = 16 * numint.BLKSIZE
 AO_BLOCK_LARGE = 4 * numint.BLKSIZE
 AO_BLOCK_ATOMS = 64
