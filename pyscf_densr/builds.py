@@ -11,8 +11,10 @@ of the first step's overshoot. ``mix_with_sad``: an optional damping towards P_S
 import time
 
 import numpy as np
+import scipy.linalg
 from pyscf import lib
 from pyscf.lib import logger
+from pyscf.scf import hf
 
 from pyscf_densr.errors import SCFOwnError
 from pyscf_densr.potential import add_exchange, xc_potential
@@ -70,8 +72,27 @@ def orthogonalizer(mf, s1e):
         return None
 
 
+def _eigh_orth(h, s, overwrite=False, x=None):
+    """PySCF's ``SCF._eigh`` (the solver its SCF classes share): with the orthogonalizer
+    ``x`` the same standard problem, its two products on PySCF's threads (``lib.dot``) and
+    LAPACK's divide-and-conquer solver (``driver='evd'``) in place of numpy's products and
+    scipy's default MRRR: verapamil (652 functions), 0.16 -> 0.08 s a diagonalisation, two
+    per build."""
+    if x is None:
+        return hf.eig(h, s.astype(h.dtype) if h.dtype != s.dtype else s, overwrite)
+    e, c = scipy.linalg.eigh(lib.dot(x.conj().T, lib.dot(h, x)), driver='evd',
+                             overwrite_a=True, check_finite=False)
+    return e, hf._adjust_phase_(lib.dot(x, c))
+
+
 def _eig(mf, fock, s1e, x):
     if x is not None:
+        if getattr(type(mf), '_eigh', None) is hf.SCF._eigh and '_eigh' not in vars(mf):
+            mf._eigh = _eigh_orth
+            try:
+                return mf.eig(fock, s1e, x=x)
+            finally:
+                del mf._eigh
         try:
             return mf.eig(fock, s1e, x=x)
         except TypeError:  # an eig without the x keyword (older PySCF, custom classes)
