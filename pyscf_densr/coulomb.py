@@ -58,7 +58,7 @@ HELD_TOL = 1e-7
 # the copy is made in blocks of at most 8x this many bytes of double-precision integrals
 # per tile
 _HELD_CHUNK = 8e6
-# rows of the copy converted to double precision at a time (bytes) for their BLAS sums
+# rows of the copy converted to double precision at a time (bytes) for their sums
 _DOUBLE_CHUNK = 8e6
 # rows of a copy on disk read at a time (bytes, single precision)
 _HELD_READ = 32e6
@@ -480,7 +480,7 @@ class AuxCoulomb:
 
     def _held_blocks(self, f):
         """``f(r0, rows)`` over blocks of the held copy in single precision (``rows`` from
-        row r0 on), on ``lib.num_threads()`` threads, each over its own rows (BLAS and the
+        row r0 on), on ``lib.num_threads()`` threads, each over its own rows (einsum and the
         reads of a copy on disk leave the GIL); returns each thread's sum of what ``f``
         returned. From disk each thread reads blocks of :data:`_HELD_READ` bytes into its
         own buffer, every other call last block first."""
