@@ -255,6 +255,22 @@ def test_guess_diagonalisation_is_the_scfs(ethanol, kind, monkeypatch):
     assert np.allclose(builds._eig(own, fock, s1e, x)[0], e_ref, atol=1e-10) and calls
 
 
+def test_guess_diagonalisation_of_a_symmetry_adapted_scf(monkeypatch):
+    """A symmetry-adapted SCF solves irrep by irrep through the shared solver: the guess's
+    solver gives its eigenvalues; called without an orthogonalizer it is PySCF's eig."""
+    monkeypatch.setattr(builds, 'EIGH_MIN_NAO', 0)
+    mol = gto.M(atom='O 0 0 0; H 0 0.76 0.59; H 0 -0.76 0.59', basis='def2-svp',
+                symmetry=True, verbose=0)
+    mf = dft.RKS(mol, xc='pbe')
+    s1e, h1e = mf.get_ovlp(), mf.get_hcore()
+    x = builds.orthogonalizer(mf, s1e)
+    e_ref = mf.eig(h1e, s1e, x=x)[0]
+    assert np.allclose(builds._eig(mf, h1e, s1e, x)[0], e_ref, atol=1e-10)
+    e, c = builds._eigh_orth(h1e, s1e)
+    e0, c0 = scf.hf.eig(h1e, s1e)
+    assert np.allclose(e, e0, atol=1e-12) and np.allclose(abs(c), abs(c0), atol=1e-8)
+
+
 def test_anderson_coefficients_minimise_the_residual():
     """The mixing coefficients sum to 1 and minimise the metric norm of the combined
     residual (checked against a dense scan); a residual history that is linear in the
