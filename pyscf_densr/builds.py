@@ -27,9 +27,15 @@ MAX_FOCK_BUILDS = 6
 # many estimated SCF cycles
 BUILD_GAINS = (1.7, 0.5, 0.4, 0.2, 0.2)
 # the guess's builds corrected to the SCF's grids (:func:`refine`): at most this many, until
-# the Coulomb norm of a build's residual is below REFINE_TOL
+# the Coulomb norm of a build's residual is below REFINE_TOL (REFINE_TOL_EXCHANGE for
+# methods with exact exchange, which those builds hold fixed). Below about 3e-4 the SCF's
+# first gradient is set by its finer grids, not by the builds (verapamil, PBE/def2-SVP+DF:
+# |g| 3.4e-4 in its first cycle from builds stopped at 1e-4 and at 1e-5, 5 cycles either
+# way; stopped at 1e-3, 6); with exact exchange 3e-4 cost one of three held-out molecules
+# a cycle (docs/method.md, step 8)
 REFINE_BUILDS = 12
-REFINE_TOL = 1e-4
+REFINE_TOL = 3e-4
+REFINE_TOL_EXCHANGE = 1e-4
 # grid level of the correction (the SCF's own grids where they are not finer)
 REFINE_GRIDS_LEVEL = 1
 # where the guess's builds make the SCF's direct DF-J passes, the corrected builds are made

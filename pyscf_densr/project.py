@@ -210,9 +210,10 @@ def density_matrix_from_delta_rho(mf, delta_rho, grid, dm_sad=None, auxbasis=DEF
             v_x = v_k + v_s
         first = []
         coarse = dm
+        tol = builds.REFINE_TOL_EXCHANGE if has_x else builds.REFINE_TOL
         dm, more, shift = refine(mf, dm, dm_sad, aux, grids, fine, refine_builds, dm_x, h1e,
-                                 s1e, x, log, v_x, sym, limit=norms[0] if norms else None,
-                                 norms=first)
+                                 s1e, x, log, v_x, sym, tol=tol,
+                                 limit=norms[0] if norms else None, norms=first)
         made += more
         # no exchange rounds where refine kept the coarse builds' result
         rounds = builds.EXCHANGE_ROUNDS if exchange == 'iterate' and dm is not coarse else 0
@@ -224,7 +225,7 @@ def density_matrix_from_delta_rho(mf, delta_rho, grid, dm_sad=None, auxbasis=DEF
             v_x = add_exchange(mf, zero, dm_x) + (0 if v_s is None else v_s)
             first = []
             dm, n, _ = refine(mf, dm, dm_sad, aux, grids, fine, refine_builds, dm_x, h1e, s1e,
-                              x, log, v_x, sym, shift=shift, norms=first)
+                              x, log, v_x, sym, tol=tol, shift=shift, norms=first)
             log.info('densr: exchange rebuilt from the corrected builds\' result; %d more '
                      'corrected builds', n)
             made += 1 + n
