@@ -57,16 +57,18 @@ def main(argv=None):
         mols = bench.molecules_from_smiles([ln[0] for ln in lines],
                                            names=[ln[1] if len(ln) > 1 else None for ln in lines])
     level = bench.parse_level(a.level)
-    done = {}
+    done, fields = {}, FIELDS
     if os.path.exists(a.csv):
         with open(a.csv, newline='') as f:
             rows = csv.DictReader(f)
-            if rows.fieldnames and tuple(rows.fieldnames) != FIELDS:
+            fields = tuple(rows.fieldnames or FIELDS)
+            # files written before the last two columns: resumed at the package's tolerance
+            if fields not in (FIELDS, FIELDS[:-2]) or (fields != FIELDS and a.refine_tol):
                 raise SystemExit('%s has other columns than %s' % (a.csv, ', '.join(FIELDS)))
             done = {(r['molecule'], r['guess'], r['builds'], r['refine'], r['rounds'],
-                     r['refine_tol']): r for r in rows}
+                     r.get('refine_tol', '0')): r for r in rows}
     out = open(a.csv, 'a', newline='')
-    w = csv.DictWriter(out, FIELDS)
+    w = csv.DictWriter(out, fields, extrasaction='ignore')
     if not done:
         w.writeheader()
     pyscf_densr.load_model()
