@@ -49,14 +49,6 @@ EXCHANGE_ROUNDS = 2
 EXCHANGE_ROUND_TOL = 1e-3
 # Fock builds combined by the Anderson step (the newest; PySCF's DIIS keeps 8 too)
 HISTORY = 8
-# the corrected builds (:func:`refine`), which start near their fixed point, take as each
-# build's input the Anderson combination of the earlier builds' output matrices (Pulay's
-# density mixing; linear there) instead of the aufbau matrix of the combined potential:
-# one diagonalisation and one 3-centre contraction a build fewer; the returned matrix is
-# still the aufbau matrix of the combined potential. The coarse builds, which start far
-# from it, keep the aufbau step (melittin's coarse residuals 84, 56, 20 with fitted
-# combinations against 84, 6.5, 2.7)
-MIX_CORRECTED = True
 # orbital energies (Eh) closer than this to the highest occupied one share its shell's
 # electrons (:func:`spread_degenerate`)
 DEGENERATE_TOL = 1e-6
@@ -220,12 +212,8 @@ def anderson_step(mf, v1, dm1, dm_sad, pred, aux, grids=None, dm_x=None, h1e=Non
     of its output). Where ``aux`` makes each contraction a screened 3-centre pass
     (``aux.incore`` False), the fitted input of a build is instead the same combination of
     the fitted outputs (equal to first order, as Pulay's density mixing takes it): two
-    passes a build, as in an SCF cycle's DF-J. The corrected builds (``xc_shift`` given,
-    :data:`MIX_CORRECTED`) take as input the same combination of the output matrices and
-    of their fits: one diagonalisation and two contractions a build, and the aufbau
-    matrix of the combined potential only for the matrix returned. Exact exchange stays
-    that of ``dm_x`` (``v_x``: its term, ``add_exchange(mf, 0, dm_x)``, where the caller
-    has it).
+    passes a build, as in an SCF cycle's DF-J. Exact exchange stays that of ``dm_x``
+    (``v_x``: its term, ``add_exchange(mf, 0, dm_x)``, where the caller has it).
 
     ``cycle_priced``: where ``aux`` makes the SCF's own direct DF-J passes, a build costs
     two passes and a coarse XC build, an SCF cycle two passes and XC on ``mf.grids``; each
@@ -275,9 +263,6 @@ def anderson_step(mf, v1, dm1, dm_sad, pred, aux, grids=None, dm_x=None, h1e=Non
     linear = getattr(aux, 'incore', True) is False
     outs = [(d1, j1)]
     dm, d_in, j_in = dm1, d1, j1
-    # the corrected builds mix densities (see MIX_CORRECTED): their output matrices
-    mixing = MIX_CORRECTED and xc_shift is not None
-    dm_outs = [np.asarray(dm1)] if mixing else None
     coeffs = np.ones(1)
     ratio = scf_grid_ratio(mf, grids) if cycle_priced else None
     norms = [] if norms is None else norms
@@ -317,20 +302,6 @@ def anderson_step(mf, v1, dm1, dm_sad, pred, aux, grids=None, dm_x=None, h1e=Non
         log.info('densr: %sFock build %d; Coulomb norm of its residual %.3g; Anderson '
                  'coefficients %s', '' if xc_shift is None else 'corrected ', k, norm,
                  np.array2string(coeffs, precision=3))
-        if mixing:
-            dm_outs.append(np.asarray(dm_out))
-            del dm_outs[:-HISTORY]
-            last = (k >= builds or norm < tol
-                    or (limit is not None and len(norms) - first == 1 and norm > limit)
-                    or (stall and len(norms) - first > STALL_BUILDS
-                        and norm > STALL_RATIO * norms[-STALL_BUILDS - 1]))
-            if not last:
-                # the next input: the same combination of the output matrices and of their
-                # fits, no diagonalisation and no contraction
-                dm = sum(a * x for a, x in zip(coeffs, dm_outs))
-                d_in = sum(a * o[0] for a, o in zip(coeffs, outs))
-                j_in = sum(a * o[1] for a, o in zip(coeffs, outs))
-                continue
         if not coeffs[1:].any() and vs[0] is v1:
             dm = dm1   # beta clamped to 0: the first build's matrix itself
         else:

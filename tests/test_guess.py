@@ -1146,35 +1146,6 @@ def test_direct_df_j_state_is_shared_with_the_scf(ethanol, monkeypatch):
     assert abs(mf.e_tot - minao.e_tot) < 1e-6 and mf.cycles < minao.cycles
 
 
-def test_corrected_builds_mix_densities(ethanol, monkeypatch):
-    """The corrected builds take the combination of their output matrices as the next
-    input (MIX_CORRECTED): the same builds and residuals to the builds' tolerance as the
-    aufbau matrix of the combined potential, one diagonalisation and one contraction a
-    build fewer, and the SCF in minao's state in fewer cycles."""
-    import io
-    minao = _run(dft.RKS(ethanol, xc='pbe').density_fit(), 'minao')
-    diags, runs = [], {}
-    real = builds.density_matrix_from_veff
-    monkeypatch.setattr(builds, 'density_matrix_from_veff',
-                        lambda *a, **k: diags.append(1) or real(*a, **k))
-    for mix in (False, True):
-        monkeypatch.setattr(builds, 'MIX_CORRECTED', mix)
-        mf = dft.RKS(ethanol, xc='pbe').density_fit()
-        mf.stdout, mf.verbose = io.StringIO(), 4
-        del diags[:]
-        dm = pyscf_densr.init_guess(mf, fallback='error')
-        res = [float(m) for m in re.findall(r'corrected Fock build \d+; Coulomb norm of its '
-                                            r'residual (\S+);', mf.stdout.getvalue())]
-        runs[mix] = dm, res, len(diags)
-        mf.kernel(dm0=dm)
-        assert abs(mf.e_tot - minao.e_tot) < 1e-6 and mf.cycles < minao.cycles
-    (dm0, res0, n0), (dm1, res1, n1) = runs[False], runs[True]
-    assert len(res0) == len(res1) >= 3
-    assert np.allclose(res0, res1, rtol=0.1, atol=0)
-    assert abs(np.asarray(dm1) - np.asarray(dm0)).max() < 1e-4
-    assert n0 - n1 == len(res1) - 1   # every corrected build but the last
-
-
 def test_held_integrals_replace_the_scfs_direct_passes(ethanol, monkeypatch):
     """A pure functional whose DF tensor does not fit, whose screened single-precision
     3-centre integrals do: the guess's builds make no screened pass, PySCF's direct DF-J
