@@ -139,6 +139,21 @@ def test_builds_that_stall_are_not_continued(ethanol, monkeypatch):
     assert made < coarse + hook.guess_refine_builds()
 
 
+def test_corrected_builds_tolerance_of_exact_exchange(ethanol, monkeypatch):
+    """The corrected builds stop at REFINE_TOL for a pure functional and at
+    REFINE_TOL_EXCHANGE where the method has exact exchange (which they hold fixed)."""
+    import io
+    monkeypatch.setattr(builds, 'REFINE_TOL', 1e3)   # met by the first residual
+    monkeypatch.setattr(builds, 'EXCHANGE_ROUNDS', 0)
+    made = {}
+    for xc in ('pbe', 'b3lyp'):
+        mf = dft.RKS(ethanol, xc=xc)
+        mf.stdout, mf.verbose = io.StringIO(), 4
+        pyscf_densr.init_guess(mf, fallback='error')
+        made[xc] = mf.stdout.getvalue().count('corrected Fock build')
+    assert made['pbe'] == 1 and made['b3lyp'] > 2
+
+
 def test_corrected_builds_for_exact_exchange_where_it_is_rebuilt(ethanol):
     """Hybrids get corrected builds by default, after one more exchange build, in no more
     SCF cycles than without them and in minao's state; with the exchange frozen at
