@@ -1339,3 +1339,22 @@ def test_degenerate_shell_at_the_fermi_level_shares_its_electrons():
     for occ in ([2.0, 2, 1, 0, 0], [1.0, 1, 1, 1, 0], [1.0, 1, 0, 0, 0]):
         # ROHF's open shell, a filled shell, a gap at the Fermi level: as aufbau made them
         assert np.allclose(builds.spread_degenerate(e, np.array(occ)), occ)
+
+
+def test_numpy_blas_on_one_thread_during_the_guess(ethanol, monkeypatch):
+    """numpy's and scipy's BLAS run on one thread inside the guess (their threads would
+    fight PySCF's OpenMP threads) and get their setting back after it."""
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    def blas_threads():
+        return {i['filepath']: i['num_threads'] for i in threadpool_info()
+                if i['user_api'] == 'blas'}
+    seen = []
+    real = project.density_matrix_from_delta_rho
+    monkeypatch.setattr(project, 'density_matrix_from_delta_rho',
+                        lambda *a, **k: seen.append(blas_threads()) or real(*a, **k))
+    with threadpool_limits(limits=2, user_api='blas'):
+        before = blas_threads()
+        pyscf_densr.init_guess(dft.RKS(ethanol, xc='pbe'), fallback='error')
+        assert blas_threads() == before
+    assert seen and set(seen[0].values()) == {1}
