@@ -69,12 +69,12 @@ import threading
 
 import numpy as np
 from pyscf import lib, gto
+from pyscf.lib import logger
+from pyscf.scf import hf
 # the guess runs numpy's and scipy's BLAS on one thread (PySCF's own is serial already):
 # their threads woken by each small product or eigensolve fight PySCF's OpenMP threads for
 # the cores (ethanol on two threads, guess 1.5 s against 0.4 s with them on one)
 from threadpoolctl import threadpool_limits
-from pyscf.lib import logger
-from pyscf.scf import hf
 
 from pyscf_densr import grid as grid_mod
 
