@@ -78,19 +78,15 @@ def orthogonalizer(mf, s1e):
         return None
 
 
-# the guess's own solver (:func:`_eigh_orth`) only from this many basis functions: below,
-# its lib.dot calls, each waking PySCF's OpenMP threads while scipy's BLAS threads still
-# spin, cost more than they save on two threads (72 functions: 14 ms a diagonalisation
-# against PySCF's 0.4 ms; 300: 23 against 37 ms; 652: 66 against 119 ms)
-EIGH_MIN_NAO = 256
-
-
 def _eigh_orth(h, s, overwrite=False, x=None):
     """PySCF's ``SCF._eigh`` (the solver its SCF classes share): with the orthogonalizer
     ``x`` the same standard problem, its two products on PySCF's threads (``lib.dot``) and
     LAPACK's divide-and-conquer solver (``driver='evd'``) in place of numpy's products and
     scipy's default MRRR: verapamil (652 functions), a diagonalisation and its matrix
-    0.16 -> 0.11 s on one thread, 0.20 -> 0.10 s on two; two per build."""
+    0.16 -> 0.11 s on one thread, 0.20 -> 0.10 s on two; two per build. With scipy's BLAS
+    on one thread (as in the guess, :func:`hook.init_guess`) no slower at any size (two
+    threads, random matrices: 72 functions 0.3 against 0.4 ms, 300: 7.5 against 10.2 ms,
+    652: 52 against 77 ms)."""
     if x is None:
         return hf.eig(h, s.astype(h.dtype) if h.dtype != s.dtype else s, overwrite)
     e, c = scipy.linalg.eigh(lib.dot(x.conj().T, lib.dot(h, x)), driver='evd',
@@ -100,8 +96,7 @@ def _eigh_orth(h, s, overwrite=False, x=None):
 
 def _eig(mf, fock, s1e, x):
     if x is not None:
-        if (x.shape[0] >= EIGH_MIN_NAO and getattr(type(mf), '_eigh', None) is hf.SCF._eigh
-                and '_eigh' not in vars(mf)):
+        if getattr(type(mf), '_eigh', None) is hf.SCF._eigh and '_eigh' not in vars(mf):
             mf._eigh = _eigh_orth
             try:
                 return mf.eig(fock, s1e, x=x)

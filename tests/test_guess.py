@@ -246,7 +246,6 @@ def test_guess_diagonalisation_is_the_scfs(ethanol, kind, monkeypatch):
     """The guess's diagonalisation with the SCF's orthogonalizer: PySCF's own eigenvalues
     and occupied space (its products and solver replaced by faster ones only where the
     SCF class keeps PySCF's shared solver), and a class's own solver used as it is."""
-    monkeypatch.setattr(builds, 'EIGH_MIN_NAO', 0)     # ethanol has 72 functions
     swapped = []
     monkeypatch.setattr(builds, '_eigh_orth',
                         lambda *a, **k: swapped.append(1) or _EIGH_ORTH(*a, **k))
@@ -270,10 +269,9 @@ def test_guess_diagonalisation_is_the_scfs(ethanol, kind, monkeypatch):
     assert np.allclose(builds._eig(own, fock, s1e, x)[0], e_ref, atol=1e-10) and calls
 
 
-def test_guess_diagonalisation_of_a_symmetry_adapted_scf(monkeypatch):
+def test_guess_diagonalisation_of_a_symmetry_adapted_scf():
     """A symmetry-adapted SCF solves irrep by irrep through the shared solver: the guess's
     solver gives its eigenvalues; called without an orthogonalizer it is PySCF's eig."""
-    monkeypatch.setattr(builds, 'EIGH_MIN_NAO', 0)
     mol = gto.M(atom='O 0 0 0; H 0 0.76 0.59; H 0 -0.76 0.59', basis='def2-svp',
                 symmetry=True, verbose=0)
     mf = dft.RKS(mol, xc='pbe')
