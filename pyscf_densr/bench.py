@@ -47,8 +47,10 @@ Columns of a row (:data:`COLUMNS`; energies in Hartree, times in seconds, NMAE i
                              (``docs/method.md``, step 7), plus one exchange
                              build for methods with exact exchange; PySCF's guesses and a
                              densr guess that handed over to minao: 0), and the total
-                             with the SCF's cycles: the count a guess cannot hide builds from
-``cycle_time``               scf_time / cycles: one SCF cycle of this run, seconds
+                             with the SCF's own (:func:`scf_fock_builds`: one a cycle and
+                             two more): the count a guess cannot hide builds from
+``cycle_time``               scf_time / the SCF's Fock builds: one SCF cycle of this run,
+                             seconds (its set-up, grids or integrals, spread over them)
 ``peak_mem_mb``              the process's peak resident memory during guess and SCF (MB;
                              Linux VmHWM, reset before each row; blank elsewhere)
 ``proj_score``               Tr(P_conv S P_guess S) / N_electrons (Lehtola, JCTC 2019), spin
@@ -440,6 +442,23 @@ def make_guess(mf, guess, ref=None, model=None, device=None, exchange=None):
 # --------------------------------------------------------------------------------------------
 # the run
 
+def scf_fock_builds(cycles, converged, conv_check=True):
+    """Fock builds of ``mf.kernel``: one of dm0 before its first cycle, one a cycle, and,
+    once converged, one in PySCF's extra cycle (``conv_check``)."""
+    return int(cycles) + 1 + int(bool(converged and conv_check))
+
+
+def _count_builds(row, conv_check=True):
+    """``fock_builds`` and ``cycle_time`` of a row from its cycles, guess builds and SCF
+    time (also for CSVs written before they counted the SCF's own builds)."""
+    if row.get('cycles') is None or row.get('scf_time') is None:
+        return row
+    n = scf_fock_builds(row['cycles'], row.get('converged'), conv_check)
+    row['fock_builds'] = n + (row.get('guess_builds') or 0)
+    row['cycle_time'] = row['scf_time'] / n
+    return row
+
+
 def _blank_row(molecule, level, guess, mol):
     row = dict.fromkeys(COLUMNS)
     row.update(molecule=molecule['name'], level=level['name'], guess=guess, natm=mol.natm,
@@ -533,8 +552,7 @@ def bench_molecule(molecule, level, guesses=DEFAULT_GUESSES, model=None, device=
         row['cycles'] = int(mf.cycles)
         row['e_tot'] = float(mf.e_tot)
         row['guess_builds'] = info.get('guess_builds', 0)
-        row['fock_builds'] = row['cycles'] + row['guess_builds']
-        row['cycle_time'] = row['scf_time'] / max(row['cycles'], 1)
+        _count_builds(row, mf.conv_check)
         return mf, row, dm0, info
 
     if not reference:
@@ -892,7 +910,8 @@ def _parse_value(key, text):
 def read_csv(path):
     """Rows of a benchmark CSV, typed (ints, floats, bools; blanks are None)."""
     with open(path, newline='') as f:
-        return [{k: _parse_value(k, r.get(k)) for k in COLUMNS} for r in csv.DictReader(f)]
+        return [_count_builds({k: _parse_value(k, r.get(k)) for k in COLUMNS})
+                for r in csv.DictReader(f)]
 
 
 def write_csv(path, rows):

@@ -361,17 +361,38 @@ def test_cli_help(capsys):
     assert bench.main([]) == 2   # no molecules: a usage error, not a crash
 
 
-def test_fock_builds_and_memory_columns(water_run):
-    """Builds inside the guess count with the cycles; PySCF's guesses make none."""
+def test_fock_builds_and_memory_columns(water_run, tmp_path):
+    """Builds inside the guess count with the SCF's own; PySCF's guesses make none; a
+    cycle's time is the SCF's time over its builds, also read back from a CSV."""
     rows = {r['guess']: r for r in water_run['rows']}
     assert rows['minao']['guess_builds'] == 0
-    assert rows['minao']['fock_builds'] == rows['minao']['cycles']
+    assert rows['minao']['fock_builds'] == rows['minao']['cycles'] + 2
     d = rows['densr']
     n = hook.guess_fock_builds(hook.load_model())
     assert n <= d['guess_builds'] <= n + hook.guess_refine_builds()   # corrected builds
-    assert d['fock_builds'] == d['cycles'] + d['guess_builds']
-    assert abs(d['cycle_time'] * d['cycles'] - d['scf_time']) < 1e-9
+    assert d['fock_builds'] == d['cycles'] + 2 + d['guess_builds']
+    assert d['cycle_time'] * (d['cycles'] + 2) == pytest.approx(d['scf_time'], abs=1e-9)
     assert d['peak_mem_mb'] is None or d['peak_mem_mb'] > 50
+    path = tmp_path / 'rows.csv'
+    bench.write_csv(path, [dict(d, fock_builds=d['cycles'], cycle_time=1.0)])
+    back = bench.read_csv(path)[0]
+    assert back['fock_builds'] == d['fock_builds']
+    assert back['cycle_time'] == pytest.approx(d['cycle_time'])
+
+
+def test_scf_fock_builds_counts_pyscf_kernel():
+    """scf_fock_builds(cycles, converged) is the number of get_veff calls of mf.kernel,
+    converged and not, with and without PySCF's extra cycle."""
+    mol = gto.M(atom=WATER, basis='sto-3g', verbose=0)
+    for max_cycle, conv_check in ((50, True), (50, False), (2, True)):
+        mf = scf.RHF(mol)
+        mf.max_cycle, mf.conv_check = max_cycle, conv_check
+        calls = []
+        get_veff = mf.get_veff
+        mf.get_veff = lambda *a, **k: calls.append(1) or get_veff(*a, **k)
+        mf.kernel()
+        assert mf.converged == (max_cycle == 50)
+        assert bench.scf_fock_builds(mf.cycles, mf.converged, conv_check) == len(calls)
 
 
 def test_markdown_table(water_run):
