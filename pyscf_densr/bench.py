@@ -607,10 +607,12 @@ def bench_molecule(molecule, level, guesses=DEFAULT_GUESSES, model=None, device=
 
     if 'minao' in todo:
         finish(mf_ref, row_ref, dm_sad, {})
-    # PySCF keeps the 4-centre integrals in memory only while nao**4 bytes plus the
-    # process's memory fit in max_memory; minao's copy, held on, would push the next
-    # guesses of a borderline molecule to the direct (much slower) route
+    # PySCF keeps the 4-centre integrals or the DF tensor in memory only while they fit
+    # in max_memory beside the process's memory; minao's, held on, would push the next
+    # guesses of a borderline molecule to a slower route (a DF tensor on disk)
     mf_ref._eri = None
+    if getattr(mf_ref, 'with_df', None) is not None:
+        mf_ref.with_df.reset()
     for g in todo:
         if g == 'minao':
             continue

@@ -400,3 +400,26 @@ def test_markdown_table(water_run):
     lines = text.splitlines()
     assert lines[0].startswith('| molecule | level |') and len(lines) == 3
     assert '| water | pbe/def2-svp |' in lines[2] and lines[2].endswith('| yes |')
+
+
+def test_reference_integrals_released_before_the_next_guess(tmp_path, monkeypatch):
+    """minao's DF tensor (and 4-centre integrals) are freed before the next guess runs, so
+    each guess sees the memory a fresh process would."""
+    import gc
+    from pyscf import df
+    molecule = bench.molecules_from_xyz([_xyz(tmp_path)])[0]
+    held = []
+    make_guess = bench.make_guess
+
+    def spy(mf, guess, *a, **k):
+        if guess != 'minao':
+            gc.collect()
+            held.append([o for o in gc.get_objects() if isinstance(o, df.DF)
+                         and o is not getattr(mf, 'with_df', None) and o._cderi is not None])
+        return make_guess(mf, guess, *a, **k)
+    monkeypatch.setattr(bench, 'make_guess', spy)
+    rows = bench.bench_molecule(molecule, bench.parse_level('b3lyp/sto-3g+df'),
+                                guesses=['minao', 'atom'], nmae_mode='none')
+    assert [r['guess'] for r in rows] == ['minao', 'atom']
+    assert rows[0]['jk_route'] == 'df-tensor' and rows[1]['same_state']
+    assert held == [[]]
