@@ -47,6 +47,10 @@ REFINE_PRICE = 0.3
 # was above EXCHANGE_ROUND_TOL (its K then still moved the density)
 EXCHANGE_ROUNDS = 2
 EXCHANGE_ROUND_TOL = 1e-3
+# the corrected builds that another exchange round follows stop at this residual: the new
+# K moves the density by about 1e-2 (the next round's first residual), so converging them
+# below that is lost
+REFINE_TOL_ROUND = 1e-3
 # Fock builds combined by the Anderson step (the newest; PySCF's DIIS keeps 8 too)
 HISTORY = 8
 # orbital energies (Eh) closer than this to the highest occupied one share its shell's
@@ -185,7 +189,7 @@ def scf_grid_ratio(mf, grids):
 def anderson_step(mf, v1, dm1, dm_sad, pred, aux, grids=None, dm_x=None, h1e=None, s1e=None,
                   x=None, log=None, builds=2, v_x=None, sym=None, cycle_priced=False,
                   xc_shift=None, tol=0.0, costs=None, norms=None, stall=False,
-                  limit=None):
+                  limit=None, tol_then=None):
     """More Fock builds (``builds`` in all, counting the first), and the Anderson combination
     of the Fock matrices.
 
@@ -226,7 +230,9 @@ def anderson_step(mf, v1, dm1, dm_sad, pred, aux, grids=None, dm_x=None, h1e=Non
     was; the combination uses at most the :data:`HISTORY` newest builds. Where the first
     build's residual (rho[dm1] - rho_pred) or the second's is above ``limit`` no more
     builds are made. ``norms``: a list that receives the residual norms of the builds after
-    the first (and the first's, where it stops them).
+    the first (and the first's, where it stops them). ``tol_then`` = (above, loose): where
+    the second build's residual is above ``above`` the builds stop at ``loose`` instead
+    (an exchange round follows them, :func:`project.density_matrix_from_delta_rho`).
     Returns (dm, the coefficients of the newest builds, the number of builds made).
     """
     mol = mf.mol
@@ -301,6 +307,8 @@ def anderson_step(mf, v1, dm1, dm_sad, pred, aux, grids=None, dm_x=None, h1e=Non
             dm = dm1   # beta clamped to 0: the first build's matrix itself
         else:
             dm = fock_dm(sum(a * v for a, v in zip(coeffs, vs)))
+        if tol_then is not None and len(norms) - first == 1 and norm > tol_then[0]:
+            tol = max(tol, tol_then[1])
         if norm < tol:
             log.info('densr: Fock builds converged (residual %.3g below %.3g)', norm, tol)
             break
@@ -338,7 +346,7 @@ def anderson_step(mf, v1, dm1, dm_sad, pred, aux, grids=None, dm_x=None, h1e=Non
 
 def refine(mf, dm, dm_sad, aux, grids, fine_grids, builds, dm_x=None, h1e=None, s1e=None,
            x=None, log=None, v_x=None, sym=None, tol=None, limit=None, shift=None,
-           norms=None):
+           norms=None, tol_then=None):
     """Fock builds on the coarse guess ``grids`` corrected to the XC of ``fine_grids``.
 
     The guess's builds converge the Kohn-Sham problem whose XC lives on its coarse grids,
@@ -354,7 +362,8 @@ def refine(mf, dm, dm_sad, aux, grids, fine_grids, builds, dm_x=None, h1e=None, 
     returned. ``shift``: the correction returned by an earlier call, reused where only the
     exact exchange has changed since (the exchange rounds of
     :func:`project.density_matrix_from_delta_rho`);
-    ``norms``: a list that receives the residual norms.
+    ``norms``: a list that receives the residual norms; ``tol_then``: see
+    :func:`anderson_step`.
     Returns (dm, builds made, shift).
     """
     mol = mf.mol
@@ -389,7 +398,8 @@ def refine(mf, dm, dm_sad, aux, grids, fine_grids, builds, dm_x=None, h1e=None, 
     norms = [] if norms is None else norms
     dm_out, _, made = anderson_step(mf, v, dm1, dm_sad, (d, j), aux, grids, dm_x, h1e, s1e,
                                     x, log, builds, v_x, sym, xc_shift=shift, tol=tol,
-                                    stall=True, norms=norms, limit=limit)
+                                    stall=True, norms=norms, limit=limit,
+                                    tol_then=tol_then)
     if limit is not None and norms and norms[0] > limit:
         log.info('densr: the corrected builds move away (residual %.3g, the coarse builds '
                  'started at %.3g); the coarse builds\' result is kept', norms[0], limit)

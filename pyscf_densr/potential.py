@@ -117,7 +117,7 @@ def _vmat(ao, wv, xctype):
     return v
 
 
-def xc_potential(mf, dm_sad, grids=None, delta_grid=None):
+def xc_potential(mf, dm_sad, grids=None, delta_grid=None, slater=0.0):
     """XC energy and potential matrix of rho_guess = rho[dm_sad] + delta-rho.
 
     ``dm_sad`` is (nao, nao) for a restricted calculation or (2, nao, nao) for alpha/beta;
@@ -130,7 +130,9 @@ def xc_potential(mf, dm_sad, grids=None, delta_grid=None):
     block's density and matrix from the rows and columns of its unscreened AOs: with the
     AO values kept (:func:`keep_ao`) a build on the coarse grids costs a fifth (40-84
     atoms) to two fifths (206) of PySCF's ``nr_vxc`` there (``tools/xc_timing.py``).
-    Returns (exc, vxc) in Hartree.
+    ``slater``: also ``slater`` times the potential of Slater's (LDA) exchange of the same
+    density, from the same pass (:func:`exchange_stand_in`).
+    Returns (exc, vxc) in Hartree; with ``slater``, (exc, vxc, v_slater).
     """
     mol = mf.mol
     ni = mf._numint
@@ -146,6 +148,7 @@ def xc_potential(mf, dm_sad, grids=None, delta_grid=None):
     nao = mol.nao
     ao_deriv = 0 if xctype == 'LDA' else 1
     vmat = np.zeros((nset, nao, nao))
+    vslater = np.zeros((nset, nao, nao)) if slater else None
     excsum = 0.0
     for idx, ao, weight, coords in ao_blocks(mol, grids, ao_deriv):
         if idx.size == 0:
@@ -173,6 +176,14 @@ def xc_potential(mf, dm_sad, grids=None, delta_grid=None):
         vxc = vxc if spin else vxc[None]
         for s in range(nset):
             lib.takebak_2d(vmat[s], _vmat(ao, weight * vxc[s], xctype), idx, idx)
+        if slater:
+            rho0 = rho if xctype == 'LDA' else rho[..., 0, :]
+            vx = ni.eval_xc_eff('LDA_X', rho0, deriv=1, xctype='LDA', spin=spin)[1]
+            vx = vx.reshape(nset, -1)
+            for s in range(nset):
+                lib.takebak_2d(vslater[s], _vmat(ao, slater * weight * vx[s], 'LDA'), idx, idx)
+    if slater:
+        return excsum, (vmat if spin else vmat[0]), (vslater if spin else vslater[0])
     return excsum, (vmat if spin else vmat[0])
 
 
@@ -217,19 +228,43 @@ def exchange_potential(mf, dm):
     return vk
 
 
-def local_potential(mf, dm_sad, d_pred, delta_grid, aux, grids=None):
+def local_potential(mf, dm_sad, d_pred, delta_grid, aux, grids=None, stand_in=False):
     """Coulomb + XC potential (Hartree) of the guess density; same shape as ``dm_sad``.
 
     Coulomb: ``aux.coulomb(d_pred)``, ``d_pred`` the guess density in the terms of the
     Coulomb engine ``aux`` (:func:`coulomb.coulomb_engine`): the fit of P_SAD plus the
     network's delta-rho. XC: :func:`xc_potential` of rho[P_SAD] and ``delta_grid``.
+    ``stand_in``: also return :func:`exchange_stand_in`'s potential of the same density,
+    made in the same XC pass (None where it has none).
     """
     v = aux.coulomb(d_pred)
     if np.asarray(dm_sad).ndim == 3:
         v = np.array((v, v))
+    c = exchange_stand_in(mf) if stand_in else 0.0
+    v_x = None
     if hasattr(mf, 'xc'):
-        v = v + xc_potential(mf, dm_sad, grids, delta_grid)[1]
-    return v
+        out = xc_potential(mf, dm_sad, grids, delta_grid, slater=c)
+        v = v + out[1]
+        v_x = out[2] if c else None
+    return (v, v_x) if stand_in else v
+
+
+def exchange_stand_in(mf):
+    """The weight of Slater's exchange that stands in for a hybrid's exact exchange in the
+    guess's first diagonalisation (:func:`project.density_matrix_from_delta_rho`): the
+    fraction of exact exchange at short range, ``hyb`` of ``rsh_and_hybrid_coeff`` (the
+    global fraction of a global hybrid); 0 for Hartree-Fock, pure and long-range-only
+    functionals.
+
+    The first diagonalisation needs some exchange for the matrix whose K the guess builds
+    next; K of P_SAD, which it took before, costs about twice a later K (P_SAD's rank is
+    the atoms' minimal basis; oseltamivir, B3LYP/def2-SVP+DF: 5 s of a 50 s guess), and the
+    guess ends at the same place (same SCF cycles) from the stand-in, with fewer corrected
+    builds (docs/method.md, step 5)."""
+    if not hasattr(mf, 'xc'):
+        return 0.0
+    omega, alpha, hyb = _exchange_coeffs(mf)
+    return float(hyb)
 
 
 def solvent_potential(mf, dm):

@@ -41,9 +41,11 @@ def density_matrix_from_delta_rho(mf, delta_rho, grid, dm_sad=None, auxbasis=DEF
         dm_sad: the SAD density matrix (``mf.init_guess_by_minao()`` if None).
         auxbasis: the auxiliary basis of the guess's Coulomb builds where the SCF has no
             DF tensor to lend (a density-fitted SCF lends its own, :mod:`coulomb`).
-        exchange: 'sad' builds exact exchange from P_SAD; 'iterate' rebuilds it once from
-            the first diagonalisation (one more K build); 'auto' iterates when the method
-            has exact exchange.
+        exchange: 'sad' builds exact exchange from P_SAD; 'iterate' builds it from the
+            first diagonalisation (one more K build), which takes Slater's exchange in its
+            place for DFT hybrids (:func:`potential.exchange_stand_in`) and K of P_SAD for
+            Hartree-Fock and long-range-only hybrids; 'auto' iterates when the method has
+            exact exchange.
         grids_level: level of the molecular grids for the guess's XC (see :func:`guess_grids`).
         charge: electrons the fitted delta-rho carries; default N - Tr(P_SAD S), so that the
             guess density holds exactly N electrons.
@@ -118,7 +120,17 @@ def density_matrix_from_delta_rho(mf, delta_rho, grid, dm_sad=None, auxbasis=DEF
     grids = guess_grids(mf, grids_level)
     if grids is not None and grids is not getattr(mf, 'grids', None):
         keep_ao(mf, grids)   # every build evaluates the XC on these grids
-    v_local = local_potential(mf, dm_sad, pred[0], (delta_rho, grid, sad_scale), aux, grids)
+    omega, alpha, hyb = _exchange_coeffs(mf)
+    if exchange == 'auto':
+        exchange = 'iterate' if (abs(hyb) > 1e-14 or abs(alpha) > 1e-14) else 'sad'
+    if exchange not in ('sad', 'iterate'):
+        raise ValueError("exchange must be 'auto', 'sad' or 'iterate', not %r" % exchange)
+    # where K is rebuilt from the first diagonalisation, Slater's exchange stands in for it
+    # there (exchange_stand_in); K of P_SAD only where it stays
+    v_local, v_stand = local_potential(mf, dm_sad, pred[0], (delta_rho, grid, sad_scale), aux,
+                                       grids, stand_in=exchange == 'iterate'), None
+    if exchange == 'iterate':
+        v_local, v_stand = v_local
     # an implicit solvent: its reaction potential, as fixed as the exchange of dm_x (one
     # solvent build costs about an SCF cycle's Fock build): made from P_SAD, then from the
     # exchange's density where that is rebuilt, and from the builds' result before the
@@ -133,17 +145,13 @@ def density_matrix_from_delta_rho(mf, delta_rho, grid, dm_sad=None, auxbasis=DEF
         log.info('densr: the guess is averaged over the %d operations of the point group',
                  sym.order)
     zero = np.zeros_like(np.asarray(v_local))
-    v_k = add_exchange(mf, zero, dm_sad)
+    v_k = v_stand if v_stand is not None else add_exchange(mf, zero, dm_sad)
     v_x = v_k if v_s is None else v_k + v_s
     dm = density_matrix_from_veff(mf, v_local + v_x, dm_sad, h1e, s1e, x, sym)
     t2 = time.perf_counter()
-    log.info('densr: Coulomb + XC of the guess density, Fock build and diagonalisation '
-             'in %.2f s', t2 - t1)
-    omega, alpha, hyb = _exchange_coeffs(mf)
-    if exchange == 'auto':
-        exchange = 'iterate' if (abs(hyb) > 1e-14 or abs(alpha) > 1e-14) else 'sad'
-    if exchange not in ('sad', 'iterate'):
-        raise ValueError("exchange must be 'auto', 'sad' or 'iterate', not %r" % exchange)
+    log.info('densr: Coulomb + XC of the guess density%s, Fock build and diagonalisation '
+             'in %.2f s', ' (Slater\'s exchange standing in for K)' if v_stand is not None
+             else '', t2 - t1)
     dm_x = dm_sad
     if exchange == 'iterate':
         dm_x = np.asarray(dm)
@@ -211,12 +219,17 @@ def density_matrix_from_delta_rho(mf, delta_rho, grid, dm_sad=None, auxbasis=DEF
         first = []
         coarse = dm
         tol = builds.REFINE_TOL_EXCHANGE if has_x else builds.REFINE_TOL
+        rounds = builds.EXCHANGE_ROUNDS if exchange == 'iterate' else 0
+
+        def then(rounds):   # looser where another exchange round would follow
+            return (builds.EXCHANGE_ROUND_TOL, builds.REFINE_TOL_ROUND) if rounds else None
         dm, more, shift = refine(mf, dm, dm_sad, aux, grids, fine, refine_builds, dm_x, h1e,
                                  s1e, x, log, v_x, sym, tol=tol,
-                                 limit=norms[0] if norms else None, norms=first)
+                                 limit=norms[0] if norms else None, norms=first,
+                                 tol_then=then(rounds))
         made += more
         # no exchange rounds where refine kept the coarse builds' result
-        rounds = builds.EXCHANGE_ROUNDS if exchange == 'iterate' and dm is not coarse else 0
+        rounds = rounds if dm is not coarse else 0
         while rounds and more > 1 and first and first[0] > builds.EXCHANGE_ROUND_TOL:
             # the exchange of the corrected builds' result, and those builds again: the
             # exact exchange is the one part they hold fixed; the XC correction is reused
@@ -225,7 +238,8 @@ def density_matrix_from_delta_rho(mf, delta_rho, grid, dm_sad=None, auxbasis=DEF
             v_x = add_exchange(mf, zero, dm_x) + (0 if v_s is None else v_s)
             first = []
             dm, n, _ = refine(mf, dm, dm_sad, aux, grids, fine, refine_builds, dm_x, h1e, s1e,
-                              x, log, v_x, sym, tol=tol, shift=shift, norms=first)
+                              x, log, v_x, sym, tol=tol, shift=shift, norms=first,
+                              tol_then=then(rounds))
             log.info('densr: exchange rebuilt from the corrected builds\' result; %d more '
                      'corrected builds', n)
             made += 1 + n
