@@ -225,7 +225,7 @@ def density_matrix_from_delta_rho(mf, delta_rho, grid, dm_sad=None, auxbasis=DEF
             return (builds.EXCHANGE_ROUND_TOL, builds.REFINE_TOL_ROUND) if rounds else None
         dm, more, shift = refine(mf, dm, dm_sad, aux, grids, fine, refine_builds, dm_x, h1e,
                                  s1e, x, log, v_x, sym, tol=tol,
-                                 limit=norms[0] if norms else None, norms=first,
+                                 limit=builds.REFINE_LIMIT * norms[0] if norms else None, norms=first,
                                  tol_then=then(rounds))
         made += more
         # no exchange rounds where refine kept the coarse builds' result
