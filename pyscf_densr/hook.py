@@ -48,7 +48,8 @@ there is one (for what a user cannot set in code), else the model's setting.
 ``densr_mix``          the returned guess is P_SAD + mix (P_Fock - P_SAD), mix in (0, 1];
                        default the model's ``guess_mix``
 ``densr_exchange``     ``auto`` (default), ``sad`` or ``iterate``: exact exchange of the
-                       guess from P_SAD or rebuilt once from the first diagonalisation
+                       guess from P_SAD or built from the first diagonalisation (which,
+                       for DFT hybrids, takes Slater's exchange in its place)
 ``densr_metals``       False (default): molecules with open-shell d/f metals get minao's
                        guess, with a warning (one Fock build and an aufbau occupation send
                        PySCF's DIIS astray for such complexes: Fe(CO)5, PBE/def2-SVP, no

@@ -257,10 +257,9 @@ def exchange_stand_in(mf):
     functionals.
 
     The first diagonalisation needs some exchange for the matrix whose K the guess builds
-    next; K of P_SAD, which it took before, costs about twice a later K (P_SAD's rank is
-    the atoms' minimal basis; oseltamivir, B3LYP/def2-SVP+DF: 5 s of a 50 s guess), and the
-    guess ends at the same place (same SCF cycles) from the stand-in, with fewer corrected
-    builds (docs/method.md, step 5)."""
+    next; K of P_SAD costs about twice a later K (P_SAD's rank is the atoms' minimal
+    basis; oseltamivir, B3LYP/def2-SVP+DF: 5 s against 2.8 s), and from the stand-in the
+    guess ends about as near in fewer builds (docs/method.md, step 5)."""
     if not hasattr(mf, 'xc'):
         return 0.0
     omega, alpha, hyb = _exchange_coeffs(mf)
