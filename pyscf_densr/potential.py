@@ -229,24 +229,22 @@ def exchange_potential(mf, dm):
 
 
 def local_potential(mf, dm_sad, d_pred, delta_grid, aux, grids=None, stand_in=False):
-    """Coulomb + XC potential (Hartree) of the guess density; same shape as ``dm_sad``.
+    """Coulomb + XC potential (Hartree) of the guess density, same shape as ``dm_sad``,
+    and, with ``stand_in``, :func:`exchange_stand_in`'s potential of that density from the
+    same XC pass (else, or where the method has none, None).
 
     Coulomb: ``aux.coulomb(d_pred)``, ``d_pred`` the guess density in the terms of the
     Coulomb engine ``aux`` (:func:`coulomb.coulomb_engine`): the fit of P_SAD plus the
     network's delta-rho. XC: :func:`xc_potential` of rho[P_SAD] and ``delta_grid``.
-    ``stand_in``: also return :func:`exchange_stand_in`'s potential of the same density,
-    made in the same XC pass (None where it has none).
     """
     v = aux.coulomb(d_pred)
     if np.asarray(dm_sad).ndim == 3:
         v = np.array((v, v))
     c = exchange_stand_in(mf) if stand_in else 0.0
-    v_x = None
-    if hasattr(mf, 'xc'):
-        out = xc_potential(mf, dm_sad, grids, delta_grid, slater=c)
-        v = v + out[1]
-        v_x = out[2] if c else None
-    return (v, v_x) if stand_in else v
+    if not hasattr(mf, 'xc'):
+        return v, None
+    out = xc_potential(mf, dm_sad, grids, delta_grid, slater=c)
+    return v + out[1], (out[2] if c else None)
 
 
 def exchange_stand_in(mf):
@@ -262,8 +260,7 @@ def exchange_stand_in(mf):
     guess ends about as near in fewer builds (docs/method.md, step 5)."""
     if not hasattr(mf, 'xc'):
         return 0.0
-    omega, alpha, hyb = _exchange_coeffs(mf)
-    return float(hyb)
+    return float(_exchange_coeffs(mf)[2])
 
 
 def solvent_potential(mf, dm):

@@ -128,9 +128,7 @@ def density_matrix_from_delta_rho(mf, delta_rho, grid, dm_sad=None, auxbasis=DEF
     # where K is rebuilt from the first diagonalisation, Slater's exchange stands in for it
     # there (exchange_stand_in); K of P_SAD only where it stays
     v_local, v_stand = local_potential(mf, dm_sad, pred[0], (delta_rho, grid, sad_scale), aux,
-                                       grids, stand_in=exchange == 'iterate'), None
-    if exchange == 'iterate':
-        v_local, v_stand = v_local
+                                       grids, stand_in=exchange == 'iterate')
     # an implicit solvent: its reaction potential, as fixed as the exchange of dm_x (one
     # solvent build costs about an SCF cycle's Fock build): made from P_SAD, then from the
     # exchange's density where that is rebuilt, and from the builds' result before the
@@ -223,9 +221,9 @@ def density_matrix_from_delta_rho(mf, delta_rho, grid, dm_sad=None, auxbasis=DEF
 
         def then(rounds):   # looser where another exchange round would follow
             return (builds.EXCHANGE_ROUND_TOL, builds.REFINE_TOL_ROUND) if rounds else None
+        limit = builds.REFINE_LIMIT * norms[0] if norms else None
         dm, more, shift = refine(mf, dm, dm_sad, aux, grids, fine, refine_builds, dm_x, h1e,
-                                 s1e, x, log, v_x, sym, tol=tol,
-                                 limit=builds.REFINE_LIMIT * norms[0] if norms else None, norms=first,
+                                 s1e, x, log, v_x, sym, tol=tol, limit=limit, norms=first,
                                  tol_then=then(rounds))
         made += more
         # no exchange rounds where refine kept the coarse builds' result
