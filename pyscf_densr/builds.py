@@ -363,7 +363,8 @@ def refine(mf, dm, dm_sad, aux, grids, fine_grids, builds, dm_x=None, h1e=None, 
     first build is the fine potential of ``dm`` itself; up to ``builds`` in all, stopped
     once a residual's Coulomb norm is below ``tol`` (default :data:`REFINE_TOL`) or where
     the builds stall (:func:`anderson_step`). Where the first or second residual is above
-    ``limit`` (the coarse builds' first) the builds stop there and ``dm`` itself is
+    ``limit`` (the projection passes :data:`REFINE_LIMIT` times the coarse builds' first)
+    the builds stop there and ``dm`` itself is
     returned. ``shift``: the correction returned by an earlier call, reused where only the
     exact exchange has changed since (the exchange rounds of
     :func:`project.density_matrix_from_delta_rho`);
@@ -406,8 +407,9 @@ def refine(mf, dm, dm_sad, aux, grids, fine_grids, builds, dm_x=None, h1e=None, 
                                     stall=True, norms=norms, limit=limit,
                                     tol_then=tol_then)
     if limit is not None and norms and norms[0] > limit:
-        log.info('densr: the corrected builds move away (residual %.3g, the coarse builds '
-                 'started at %.3g); the coarse builds\' result is kept', norms[0], limit)
+        log.info('densr: the corrected builds move away (residual %.3g, above the limit '
+                 '%.3g set by the coarse builds\' first); the coarse builds\' result is kept',
+                 norms[0], limit)
         return dm, made, shift
     return dm_out, made, shift
 

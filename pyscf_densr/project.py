@@ -218,13 +218,12 @@ def density_matrix_from_delta_rho(mf, delta_rho, grid, dm_sad=None, auxbasis=DEF
         coarse = dm
         tol = builds.REFINE_TOL_EXCHANGE if has_x else builds.REFINE_TOL
         rounds = builds.EXCHANGE_ROUNDS if exchange == 'iterate' else 0
-
-        def then(rounds):   # looser where another exchange round would follow
-            return (builds.EXCHANGE_ROUND_TOL, builds.REFINE_TOL_ROUND) if rounds else None
+        # looser where another exchange round would follow
+        loose = (builds.EXCHANGE_ROUND_TOL, builds.REFINE_TOL_ROUND)
         limit = builds.REFINE_LIMIT * norms[0] if norms else None
         dm, more, shift = refine(mf, dm, dm_sad, aux, grids, fine, refine_builds, dm_x, h1e,
                                  s1e, x, log, v_x, sym, tol=tol, limit=limit, norms=first,
-                                 tol_then=then(rounds))
+                                 tol_then=loose if rounds else None)
         made += more
         # no exchange rounds where refine kept the coarse builds' result
         rounds = rounds if dm is not coarse else 0
@@ -237,7 +236,7 @@ def density_matrix_from_delta_rho(mf, delta_rho, grid, dm_sad=None, auxbasis=DEF
             first = []
             dm, n, _ = refine(mf, dm, dm_sad, aux, grids, fine, refine_builds, dm_x, h1e, s1e,
                               x, log, v_x, sym, tol=tol, shift=shift, norms=first,
-                              tol_then=then(rounds))
+                              tol_then=loose if rounds else None)
             log.info('densr: exchange rebuilt from the corrected builds\' result; %d more '
                      'corrected builds', n)
             made += 1 + n
