@@ -16,6 +16,7 @@ from pyscf import lib
 from pyscf.lib import logger
 from pyscf.scf import hf
 
+from pyscf_densr.coulomb import fit_and_coulomb
 from pyscf_densr.errors import SCFOwnError
 from pyscf_densr.potential import add_exchange, xc_potential
 
@@ -51,6 +52,9 @@ EXCHANGE_ROUND_TOL = 1e-3
 # K moves the density by about 1e-2 (the next round's first residual), so converging them
 # below that is lost
 REFINE_TOL_ROUND = 1e-3
+# the corrected builds of an exchange round combine the last round's builds with their own
+# (anderson_step's ``carry``)
+CARRY_HISTORY = True
 # Fock builds combined by the Anderson step (the newest; PySCF's DIIS keeps 8 too)
 HISTORY = 8
 # orbital energies (Eh) closer than this to the highest occupied one share its shell's
@@ -194,7 +198,7 @@ def scf_grid_ratio(mf, grids):
 def anderson_step(mf, v1, dm1, dm_sad, pred, aux, grids=None, dm_x=None, h1e=None, s1e=None,
                   x=None, log=None, builds=2, v_x=None, sym=None, cycle_priced=False,
                   xc_shift=None, tol=0.0, costs=None, norms=None, stall=False,
-                  limit=None, tol_then=None):
+                  limit=None, tol_then=None, carry=None):
     """More Fock builds (``builds`` in all, counting the first), and the Anderson combination
     of the Fock matrices.
 
@@ -260,13 +264,16 @@ def anderson_step(mf, v1, dm1, dm_sad, pred, aux, grids=None, dm_x=None, h1e=Non
             v = v + v_x
         return density_matrix_from_veff(mf, v, dm_sad, h1e, s1e, x, sym)
 
-    d1, j1 = aux.fit(total(dm1))
+    linear = getattr(aux, 'incore', True) is False
+    # the next build's J in the same pass where the engine can
+    d1, j1, v_in = fit_and_coulomb(aux, total(dm1))
     # history of input potentials and the residuals of their output densities, with the
     # residuals' metric images (k|l) r, so that norms need no second metric; where the
     # passes are direct, the fitted outputs too (the next input combines them)
     v1 = np.asarray(v1)
     vs, rs, mrs = [v1], [d1 - pred[0]], [j1 - pred[1]]
-    linear = getattr(aux, 'incore', True) is False
+    old = carry.get('builds') if carry else None
+    old = old if old and old['vs'][0].shape == v1.shape else None
     outs = [(d1, j1)]
     dm, d_in, j_in = dm1, d1, j1
     coeffs = np.ones(1)
@@ -283,7 +290,8 @@ def anderson_step(mf, v1, dm1, dm_sad, pred, aux, grids=None, dm_x=None, h1e=Non
     while k < builds:
         k += 1
         t0 = time.perf_counter()
-        v = aux.coulomb(d_in)
+        v = aux.coulomb(d_in) if v_in is None else v_in
+        v_in = None
         t_j = time.perf_counter() - t0
         if np.asarray(dm).ndim == 3:
             v = np.array((v, v))
@@ -302,16 +310,24 @@ def anderson_step(mf, v1, dm1, dm_sad, pred, aux, grids=None, dm_x=None, h1e=Non
         rs.append(aux.solve(mrs[-1]))
         outs.append((d_in + rs[-1], j_out))
         del vs[:-HISTORY], rs[:-HISTORY], mrs[:-HISTORY], outs[:-HISTORY]
-        coeffs = _anderson_coefficients(rs, mrs)
+        if carry is not None:
+            carry['next'] = {'vs': list(vs), 'rs': list(rs), 'mrs': list(mrs),
+                             'outs': list(outs)}
+        if old:
+            both = _anderson_coefficients(old['rs'] + rs, old['mrs'] + mrs, len(old['rs']))
+            coeffs, c_old = both[len(old['rs']):], both[:len(old['rs'])]
+        else:
+            coeffs, c_old = _anderson_coefficients(rs, mrs), ()
         norm = np.sqrt(max(float(rs[-1].dot(mrs[-1])), 0))
         norms.append(norm)
         log.info('densr: %sFock build %d; Coulomb norm of its residual %.3g; Anderson '
                  'coefficients %s', '' if xc_shift is None else 'corrected ', k, norm,
                  np.array2string(coeffs, precision=3))
-        if not coeffs[1:].any() and vs[0] is v1:
+        if not coeffs[1:].any() and vs[0] is v1 and not np.any(c_old):
             dm = dm1   # beta clamped to 0: the first build's matrix itself
         else:
-            dm = fock_dm(sum(a * v for a, v in zip(coeffs, vs)))
+            dm = fock_dm(sum(a * v for a, v in zip(coeffs, vs))
+                         + sum(a * v for a, v in zip(c_old, old['vs'] if old else ())))
         if tol_then is not None and len(norms) - first == 1 and norm > tol_then[0]:
             tol = max(tol, tol_then[1])
         if norm < tol:
@@ -342,16 +358,19 @@ def anderson_step(mf, v1, dm1, dm_sad, pred, aux, grids=None, dm_x=None, h1e=Non
                          t_build, t_build / t_cycle, t_cycle, BUILD_GAINS[k - 1])
                 break
         if k < builds and linear:
-            d_in = sum(a * o[0] for a, o in zip(coeffs, outs))
-            j_in = sum(a * o[1] for a, o in zip(coeffs, outs))
+            both = list(zip(coeffs, outs)) + list(zip(c_old, old['outs'] if old else ()))
+            d_in = sum(a * o[0] for a, o in both)
+            j_in = sum(a * o[1] for a, o in both)
         elif k < builds:
-            d_in, j_in = aux.fit(total(dm))
+            d_in, j_in, v_in = fit_and_coulomb(aux, total(dm))
+    if carry is not None:
+        carry['builds'] = carry.pop('next', None)
     return dm, coeffs, k
 
 
 def refine(mf, dm, dm_sad, aux, grids, fine_grids, builds, dm_x=None, h1e=None, s1e=None,
            x=None, log=None, v_x=None, sym=None, tol=None, limit=None, shift=None,
-           norms=None, tol_then=None):
+           norms=None, tol_then=None, carry=None):
     """Fock builds on the coarse guess ``grids`` corrected to the XC of ``fine_grids``.
 
     The guess's builds converge the Kohn-Sham problem whose XC lives on its coarse grids,
@@ -368,8 +387,8 @@ def refine(mf, dm, dm_sad, aux, grids, fine_grids, builds, dm_x=None, h1e=None, 
     returned. ``shift``: the correction returned by an earlier call, reused where only the
     exact exchange has changed since (the exchange rounds of
     :func:`project.density_matrix_from_delta_rho`);
-    ``norms``: a list that receives the residual norms; ``tol_then``: see
-    :func:`anderson_step`.
+    ``norms``: a list that receives the residual norms; ``tol_then``, ``carry``: see
+    :func:`anderson_step` (the exchange rounds pass one ``carry`` and the same ``shift``).
     Returns (dm, builds made, shift).
     """
     mol = mf.mol
@@ -389,8 +408,9 @@ def refine(mf, dm, dm_sad, aux, grids, fine_grids, builds, dm_x=None, h1e=None, 
     else:
         v_fine = xc_potential(mf, dm, grids)[1] + shift
     t1 = time.perf_counter()
-    d, j = aux.fit(dm_tot)
-    v = aux.coulomb(d)
+    d, j, v = fit_and_coulomb(aux, dm_tot)
+    if v is None:
+        v = aux.coulomb(d)
     if np.asarray(dm).ndim == 3:
         v = np.array((v, v))
     v = v + v_fine
@@ -405,7 +425,7 @@ def refine(mf, dm, dm_sad, aux, grids, fine_grids, builds, dm_x=None, h1e=None, 
     dm_out, _, made = anderson_step(mf, v, dm1, dm_sad, (d, j), aux, grids, dm_x, h1e, s1e,
                                     x, log, builds, v_x, sym, xc_shift=shift, tol=tol,
                                     stall=True, norms=norms, limit=limit,
-                                    tol_then=tol_then)
+                                    tol_then=tol_then, carry=carry)
     if limit is not None and norms and norms[0] > limit:
         log.info('densr: the corrected builds move away (residual %.3g, above the limit '
                  '%.3g set by the coarse builds\' first); the coarse builds\' result is kept',
@@ -414,8 +434,10 @@ def refine(mf, dm, dm_sad, aux, grids, fine_grids, builds, dm_x=None, h1e=None, 
     return dm_out, made, shift
 
 
-def _anderson_coefficients(rs, mrs):
-    """Coefficients a (sum 1) minimising the Coulomb norm of sum_i a_i r_i.
+def _anderson_coefficients(rs, mrs, carried=0):
+    """Coefficients a minimising the Coulomb norm of sum_i a_i r_i: those of the points
+    after the first ``carried`` sum to 1, those of the ``carried`` first (another round's
+    builds, :func:`anderson_step`) to 0.
 
     Two points: a = (1 - beta, beta) with beta kept in [0, 1]. More: the constrained least
     squares of Pulay's DIIS; where it asks for extrapolation beyond twice the history's span
@@ -424,15 +446,19 @@ def _anderson_coefficients(rs, mrs):
     n = len(rs)
     b = np.array([[float(ri.dot(mj)) for mj in mrs] for ri in rs])
     b = (b + b.T) / 2
-    if n == 2:
+    if n == 2 and not carried:
         den = b[0, 0] - 2 * b[0, 1] + b[1, 1]
         beta = min(max((b[0, 0] - b[0, 1]) / den, 0.0), 1.0) if den > 1e-14 else 0.0
         return np.array((1 - beta, beta))
     scale = np.abs(np.diag(b)).max() or 1.0
+    groups = [np.r_[np.zeros(carried), np.ones(n - carried)]]
+    if carried:
+        groups.append(np.r_[np.ones(carried), np.zeros(n - carried)])
+    c = np.array(groups)
+    m = len(groups)
     try:
-        a = np.linalg.solve(np.block([[b / scale, np.ones((n, 1))],
-                                      [np.ones((1, n)), np.zeros((1, 1))]]),
-                            np.r_[np.zeros(n), 1.0])[:n]
+        a = np.linalg.solve(np.block([[b / scale, c.T], [c, np.zeros((m, m))]]),
+                            np.r_[np.zeros(n), 1.0, np.zeros(m - 1)])[:n]
     except np.linalg.LinAlgError:   # two equal residuals (a build that changed nothing)
         a = np.full(n, np.nan)
     if not np.all(np.isfinite(a)) or a.max() > 2 or a.min() < -1:

@@ -18,7 +18,6 @@ from pyscf_densr import grid as grid_mod
 from pyscf_densr.coulomb import _cart2sph_sparse
 
 DEFAULT_AUXBASIS = 'def2-universal-jkfit'
-EIGH_MAX = 2500  # auxiliary functions up to which the grid fit uses a full eigendecomposition
 GRID_FIT_MAX = 6000  # auxiliary functions up to which delta-rho is fitted to the grid values
 
 
@@ -89,12 +88,15 @@ def _solve_metric(metric, rhs, cond, solver='auto', overwrite=False):
 
     'eigh' inverts in the subspace of eigenvalues above ``cond`` times the largest; 'cholesky'
     adds ``cond`` times the largest diagonal element to the diagonal (Tikhonov) and solves by
-    Cholesky, about 20 times faster for large metrics and without a second (n, n) matrix when
-    ``overwrite``. 'auto' takes 'eigh' up to :data:`EIGH_MAX` functions.
+    Cholesky, 3-20 times faster (oseltamivir's 2166 functions: 0.5 s against 1.5 s) and
+    without a second (n, n) matrix when ``overwrite``. 'auto' is 'cholesky': the two fits
+    differ by 1e-6 of the fitted density's Coulomb norm (held-out QM9 and drug-like
+    molecules); :func:`fit_delta_rho` turns to 'eigh' where Cholesky meets an indefinite
+    metric.
     """
     n = len(metric)
     if solver == 'auto':
-        solver = 'eigh' if n <= EIGH_MAX else 'cholesky'
+        solver = 'cholesky'
     if solver == 'eigh':
         w, u = scipy.linalg.eigh(metric)
         keep = w > cond * w[-1]

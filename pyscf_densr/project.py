@@ -67,7 +67,9 @@ def density_matrix_from_delta_rho(mf, delta_rho, grid, dm_sad=None, auxbasis=DEF
         refine_exchange: make them also where the exact exchange stays that of P_SAD
             (``exchange`` 'sad').
         details: a dict that receives ``fock_builds``, the Fock builds made (the exchange
-            rebuild counted), and ``minao`` True where the guess is ``dm_sad``.
+            rebuild counted), ``minao`` True where the guess is ``dm_sad``, and
+            ``scf_setup_time``, the seconds spent making the SCF's own DF tensor or direct
+            DF-J state, which the SCF then reuses (0 where it had them).
     Returns:
         dm with ``mo_coeff``/``mo_occ`` attached; ``dm_sad`` itself, logged as a warning,
         where the Fock builds do not converge (their last residual above
@@ -87,6 +89,8 @@ def density_matrix_from_delta_rho(mf, delta_rho, grid, dm_sad=None, auxbasis=DEF
     t0 = time.perf_counter()
     fitmol = make_auxmol(mol, auxbasis or DEFAULT_AUXBASIS)
     aux = coulomb_engine(mf, fitmol, log)
+    if details is not None:
+        details['scf_setup_time'] = getattr(aux, 'scf_setup_time', 0.0)
     log.info('densr: Coulomb builds of the guess on %s (%s, %d functions)', aux.route,
              aux.auxmol.basis if isinstance(aux.auxmol.basis, str) else 'fitting basis',
              aux.auxmol.nao)
@@ -221,9 +225,11 @@ def density_matrix_from_delta_rho(mf, delta_rho, grid, dm_sad=None, auxbasis=DEF
         # looser where another exchange round would follow
         loose = (builds.EXCHANGE_ROUND_TOL, builds.REFINE_TOL_ROUND)
         limit = builds.REFINE_LIMIT * norms[0] if norms else None
+        # each exchange round's corrected builds start with the last round's history
+        carry = {} if rounds and builds.CARRY_HISTORY else None
         dm, more, shift = refine(mf, dm, dm_sad, aux, grids, fine, refine_builds, dm_x, h1e,
                                  s1e, x, log, v_x, sym, tol=tol, limit=limit, norms=first,
-                                 tol_then=loose if rounds else None)
+                                 tol_then=loose if rounds else None, carry=carry)
         made += more
         # no exchange rounds where refine kept the coarse builds' result
         rounds = rounds if dm is not coarse else 0
@@ -236,7 +242,7 @@ def density_matrix_from_delta_rho(mf, delta_rho, grid, dm_sad=None, auxbasis=DEF
             first = []
             dm, n, _ = refine(mf, dm, dm_sad, aux, grids, fine, refine_builds, dm_x, h1e, s1e,
                               x, log, v_x, sym, tol=tol, shift=shift, norms=first,
-                              tol_then=loose if rounds else None)
+                              tol_then=loose if rounds else None, carry=carry)
             log.info('densr: exchange rebuilt from the corrected builds\' result; %d more '
                      'corrected builds', n)
             made += 1 + n

@@ -415,6 +415,13 @@ def test_markdown_table(water_run):
     lines = text.splitlines()
     assert lines[0].startswith('| molecule | level |') and len(lines) == 3
     assert '| water | pbe/def2-svp |' in lines[2] and lines[2].endswith('| yes |')
+    assert 'set-up' not in lines[0]   # no DF set-up made in the guess: no such column
+    rows = [dict(r, guess_setup_time=1.25) if r['guess'] == 'densr' else r
+            for r in water_run['rows']]
+    lines = bench.format_markdown(rows).splitlines()
+    assert "| of it the SCF's DF set-up / s |" in lines[0]
+    assert len(lines[0].split('|')) == len(lines[1].split('|')) == len(lines[2].split('|'))
+    assert '| 1.2 |' in lines[2]
 
 
 def test_reference_integrals_released_before_the_next_guess(tmp_path, monkeypatch):
