@@ -217,10 +217,11 @@ def anderson_step(mf, v1, dm1, dm_sad, pred, aux, grids=None, dm_x=None, h1e=Non
     build k-1's combined matrix, and the combination uses the whole history
     (:func:`_anderson_coefficients`). Each build costs an XC build, two
     diagonalisations and three 3-centre contractions (the fit of its input, its J, the fit
-    of its output). Where ``aux`` makes each contraction a screened 3-centre pass
-    (``aux.incore`` False), the fitted input of a build is instead the same combination of
-    the fitted outputs (equal to first order, as Pulay's density mixing takes it): two
-    passes a build, as in an SCF cycle's DF-J. Exact exchange stays that of ``dm_x``
+    of its output; the first two in one pass where the engine can,
+    :func:`coulomb.fit_and_coulomb`). Where ``aux`` makes each contraction a screened
+    3-centre pass (``aux.incore`` False), the fitted input of a build is instead the same
+    combination of the fitted outputs (equal to first order, as Pulay's density mixing
+    takes it): two passes a build, as in an SCF cycle's DF-J. Exact exchange stays that of ``dm_x``
     (``v_x``: its term, ``add_exchange(mf, 0, dm_x)``, where the caller has it).
 
     ``cycle_priced``: where ``aux`` makes the SCF's own direct DF-J passes, a build costs
