@@ -967,8 +967,9 @@ def plot(rows, folder):
 
     ``cycles.png``: SCF cycles per guess (box plot, one panel per level).
     ``time_vs_size.png``: total time (filled) and guess time (open) against basis size.
-    ``guess_vs_cycle.png``: guess time of densr/oracle/control and the time of one SCF cycle
-    (minao's run) against atoms, log-log.
+    ``guess_vs_cycle.png``: guess time of densr/oracle/control (open: less the SCF's DF
+    set-up it made, where recorded) and the time of one SCF cycle (minao's run) against
+    atoms, log-log.
     ``guess_time_vs_voxels.png``: guess time of densr/oracle/control against fine-grid points.
     """
     import matplotlib
@@ -1032,6 +1033,12 @@ def plot(rows, folder):
         if g in GRID_GUESSES and rr:
             ax.scatter([r['natm'] for r in rr], [max(r['guess_time'], 1e-4) for r in rr],
                        color=colors[g], marker='s', s=18, label='%s: guess' % g)
+            own = [r for r in rr if r.get('guess_setup_time')]
+            if own:
+                ax.scatter([r['natm'] for r in own],
+                           [max(r['guess_time'] - r['guess_setup_time'], 1e-4) for r in own],
+                           facecolors='none', edgecolors=colors[g], marker='s', s=18,
+                           label="%s: guess without the SCF's DF set-up" % g)
         if g == 'minao' and rr:
             ax.scatter([r['natm'] for r in rr], [r['cycle_time'] for r in rr], color='k',
                        s=18, label='one SCF cycle (minao run)')

@@ -114,6 +114,22 @@ def test_plots_are_png(water_run):
             assert f.read(8) == b'\x89PNG\r\n\x1a\n'
 
 
+def test_guess_plot_shows_the_guess_without_the_scf_setup(water_run, tmp_path, monkeypatch):
+    """Where rows record the SCF's DF set-up made inside the guess, guess_vs_cycle.png adds
+    the guess without it as its own series."""
+    import matplotlib.axes
+    series = []
+    real = matplotlib.axes.Axes.scatter
+    monkeypatch.setattr(matplotlib.axes.Axes, 'scatter', lambda ax, x, y, *a, **k: (
+        series.append((k.get('label'), list(y))), real(ax, x, y, *a, **k))[1])
+    rows = [dict(r, guess_setup_time=0.25 * r['guess_time']) if r['guess'] == 'densr' else r
+            for r in water_run['rows']]
+    bench.plot(rows, str(tmp_path))
+    d = [r for r in rows if r['guess'] == 'densr'][0]
+    own = [y for label, y in series if label and 'without the SCF' in label]
+    assert own == [[pytest.approx(0.75 * d['guess_time'])]]
+
+
 def test_terminal_table(water_run, capsys):
     rows = water_run['rows']
     print(bench.format_rows(rows))
