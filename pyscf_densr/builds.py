@@ -274,7 +274,6 @@ def anderson_step(mf, v1, dm1, dm_sad, pred, aux, grids=None, dm_x=None, h1e=Non
     v1 = np.asarray(v1)
     vs, rs, mrs = [v1], [d1 - pred[0]], [j1 - pred[1]]
     old = carry.get('builds') if carry else None
-    old = old if old and old['vs'][0].shape == v1.shape else None
     outs = [(d1, j1)]
     dm, d_in, j_in = dm1, d1, j1
     coeffs = np.ones(1)
@@ -311,9 +310,6 @@ def anderson_step(mf, v1, dm1, dm_sad, pred, aux, grids=None, dm_x=None, h1e=Non
         rs.append(aux.solve(mrs[-1]))
         outs.append((d_in + rs[-1], j_out))
         del vs[:-HISTORY], rs[:-HISTORY], mrs[:-HISTORY], outs[:-HISTORY]
-        if carry is not None:
-            carry['next'] = {'vs': list(vs), 'rs': list(rs), 'mrs': list(mrs),
-                             'outs': list(outs)}
         if old:
             both = _anderson_coefficients(old['rs'] + rs, old['mrs'] + mrs, len(old['rs']))
             coeffs, c_old = both[len(old['rs']):], both[:len(old['rs'])]
@@ -364,8 +360,8 @@ def anderson_step(mf, v1, dm1, dm_sad, pred, aux, grids=None, dm_x=None, h1e=Non
             j_in = sum(a * o[1] for a, o in both)
         elif k < builds:
             d_in, j_in, v_in = fit_and_coulomb(aux, total(dm))
-    if carry is not None:
-        carry['builds'] = carry.pop('next', None)
+    if carry is not None:   # this call's builds, for the next round
+        carry['builds'] = dict(vs=vs, rs=rs, mrs=mrs, outs=outs) if len(vs) > 1 else None
     return dm, coeffs, k
 
 
